@@ -1,0 +1,382 @@
+//! The YAML configuration, parsed once into typed structs with defaults, then validated.
+//!
+//! Every field is documented in `config/reference.yaml`. The rest of the crate only ever sees a
+//! [`Config`] that passed [`Config::from_yaml`] (which runs validation and expands `${VARS}`).
+
+mod units;
+mod validate;
+
+pub use units::{ByteSize, EnvString};
+pub use validate::FieldError;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a configuration could not be used. `Invalid` lists every problem found, by field path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", FieldError::join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the proxy accepts application traffic.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "default_listener_name")]
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default: metrics and `/config` are for the pod, not the network.
+    #[serde(default = "default_admin_address")]
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter: `info`, `debug`, `sidelight=debug,hyper=info`, ... `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// One line per request at target `sidelight::access`.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+    /// Header names, beyond the built-in secret ones, whose values are never logged or shown.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests with a larger body are answered 413 (routes may override).
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: ByteSize,
+    /// Past this many requests in flight across all listeners, new ones get 503 (overloaded).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_requests: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URLs (`https://api.openai.com`, `http://10.0.0.5:8123/base`); `${VARS}` allowed.
+    pub endpoints: Vec<EnvString>,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Headers added to (or overriding) every request sent to this upstream; `${VARS}` allowed.
+    /// A header is not sent when a variable it references is empty or unset with an empty
+    /// default, so `Bearer ${OPENAI_API_KEY:-}` means "send the key when there is one".
+    #[serde(default)]
+    pub headers: BTreeMap<String, EnvString>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    /// Below Node.js's 5 s keep-alive default, the lowest common upstream value, so that a pooled
+    /// socket is dropped by us before the server closes it under us (a classic source of 502s).
+    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// `https`: offer h2 by ALPN. `http`: speak h2c with prior knowledge.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect plus TLS handshake.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending the request to receiving response headers (non-streaming LLM calls wait for
+    /// the whole generation here, hence the generous default).
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte: Duration,
+    /// Longest gap between two response body chunks.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle: Duration,
+    /// Whole request, from arrival to the last response byte.
+    #[serde(default = "default_total_timeout", with = "humantime_serde")]
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Extra PEM CA certificates trusted for this upstream, on top of the built-in web PKI roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Used as the `route` metric label; defaults to the upstream's name.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    pub upstream: String,
+    /// Remove the matched prefix before forwarding (`/openai/v1/x` -> `/v1/x`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched prefix with this one (`/openai/` -> `/v1/`).
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Overrides `limits.max_request_body_bytes` for this route.
+    #[serde(default)]
+    pub max_request_body_bytes: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Matches whole path segments: `/openai` matches `/openai` and `/openai/v1`, not `/openaix`.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Exact host (port ignored, case-insensitive) or `*.example.com`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Only on this listener (by name); all listeners when absent.
+    #[serde(default)]
+    pub listener: Option<String>,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        MatchConfig {
+            path_prefix: default_prefix(),
+            host: None,
+            listener: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file, expanding `${VARS}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text; `env` resolves `${VARS}`.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            ConfigError::Invalid(vec![FieldError::new(
+                if path == "." { String::new() } else { path },
+                message,
+            )])
+        })?;
+        let errors = validate::validate(&mut config, env);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The effective config as YAML for `/config`: defaults filled in, `${VARS}` shown as written,
+    /// and literal values of secret headers replaced.
+    pub fn redacted_yaml(&self) -> String {
+        let mut shown = self.clone();
+        for upstream in &mut shown.upstreams {
+            for (name, value) in upstream.headers.iter_mut() {
+                if !value.uses_env() && self.is_secret_header(name) {
+                    *value = EnvString::literal("<redacted>");
+                }
+            }
+        }
+        serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Headers whose values never appear in logs or `/config`.
+    pub fn is_secret_header(&self, name: &str) -> bool {
+        const BUILT_IN: &[&str] = &[
+            "authorization",
+            "proxy-authorization",
+            "x-api-key",
+            "api-key",
+            "cookie",
+            "set-cookie",
+        ];
+        BUILT_IN.iter().any(|h| h.eq_ignore_ascii_case(name))
+            || self
+                .log
+                .redact_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+    }
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig {
+        name: default_listener_name(),
+        address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+    }]
+}
+fn default_listener_name() -> String {
+    "main".into()
+}
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(10)
+}
+fn default_max_in_flight() -> usize {
+    10_000
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_idle() -> usize {
+    64
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_total_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_prefix() -> String {
+    "/".into()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: default_admin_address(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+            access_log: true,
+            redact_headers: Vec::new(),
+        }
+    }
+}
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_body_bytes: default_max_body(),
+            max_in_flight_requests: default_max_in_flight(),
+        }
+    }
+}
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_idle_per_endpoint: default_max_idle(),
+            idle_timeout: default_pool_idle(),
+            http2: false,
+        }
+    }
+}
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: default_connect_timeout(),
+            first_byte: default_first_byte_timeout(),
+            idle: default_idle_timeout(),
+            total: default_total_timeout(),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Semantic checks that serde cannot express. Every problem is collected (not just the first) and
+//! reported with its field path, e.g. `routes[2].upstream: unknown upstream "opneai"`.
+
+use super::{Config, EnvString};
+use std::collections::HashSet;
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn join(errors: &[FieldError]) -> String {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError::new(path, message));
+    }
+}
+
+pub(super) fn validate(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<FieldError> {
+    let mut errs = Errors(Vec::new());
+    check_listeners(config, &mut errs);
+    check_log(config, &mut errs);
+    check_upstreams(config, env, &mut errs);
+    check_routes(config, &mut errs);
+    if config.limits.max_in_flight_requests == 0 {
+        errs.add("limits.max_in_flight_requests", "must be at least 1");
+    }
+    errs.0
+}
+
+fn check_listeners(config: &Config, errs: &mut Errors) {
+    if config.listeners.is_empty() {
+        errs.add("listeners", "at least one listener is required");
+    }
+    let mut names = HashSet::new();
+    let mut addrs = HashSet::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if !names.insert(l.name.as_str()) {
+            errs.add(format!("listeners[{i}].name"), format!("duplicate listener name {:?}", l.name));
+        }
+        if l.address.port() != 0 && !addrs.insert(l.address) {
+            errs.add(format!("listeners[{i}].address"), format!("address {} is used twice", l.address));
+        }
+        if l.address.port() != 0 && l.address == config.admin.address {
+            errs.add(format!("listeners[{i}].address"), "same address as admin.address");
+        }
+    }
+}
+
+fn check_log(config: &Config, errs: &mut Errors) {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        errs.add("log.level", format!("invalid filter {:?}: {e}", config.log.level));
+    }
+}
+
+fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, errs: &mut Errors) {
+    let mut names = HashSet::new();
+    for (i, up) in config.upstreams.iter_mut().enumerate() {
+        let at = format!("upstreams[{i}]");
+        if up.name.is_empty() {
+            errs.add(format!("{at}.name"), "must not be empty");
+        } else if !names.insert(up.name.clone()) {
+            errs.add(format!("{at}.name"), format!("duplicate upstream name {:?}", up.name));
+        }
+        if up.endpoints.is_empty() {
+            errs.add(format!("{at}.endpoints"), "at least one endpoint URL is required");
+        }
+        for (j, endpoint) in up.endpoints.iter_mut().enumerate() {
+            let path = format!("{at}.endpoints[{j}]");
+            if let Err(e) = expand(endpoint, env) {
+                errs.add(path, e);
+            } else if let Err(e) = check_endpoint_url(&endpoint.value) {
+                errs.add(path, e);
+            }
+        }
+        for (name, value) in up.headers.iter_mut() {
+            let path = format!("{at}.headers.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                errs.add(path, format!("invalid header name {name:?}"));
+            } else if let Err(e) = expand(value, env) {
+                errs.add(path, e);
+            } else if http::HeaderValue::from_str(&value.value).is_err() {
+                errs.add(path, "value contains characters not allowed in a header");
+            }
+        }
+        let t = &up.timeouts;
+        for (field, d) in [("connect", t.connect), ("first_byte", t.first_byte), ("idle", t.idle), ("total", t.total)] {
+            if d.is_zero() {
+                errs.add(format!("{at}.timeouts.{field}"), "must be greater than 0");
+            }
+        }
+        if up.pool.idle_timeout.is_zero() {
+            errs.add(format!("{at}.pool.idle_timeout"), "must be greater than 0 (set max_idle_per_endpoint: 0 to disable pooling)");
+        }
+        if let Some(ca) = &up.tls.ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                errs.add(format!("{at}.tls.ca_file"), format!("cannot read {}: {e}", ca.display()));
+            }
+        }
+    }
+}
+
+fn expand(s: &mut EnvString, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+    s.expand(env)
+}
+
+fn check_endpoint_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("URL {url:?} must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("URL {url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("URL {url:?} must not have a query string"));
+    }
+    Ok(())
+}
+
+fn check_routes(config: &mut Config, errs: &mut Errors) {
+    let upstream_names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+    let mut route_names = HashSet::new();
+    let mut matchers = HashSet::new();
+    if config.routes.is_empty() {
+        errs.add("routes", "at least one route is required");
+    }
+    for (i, route) in config.routes.iter_mut().enumerate() {
+        let at = format!("routes[{i}]");
+        if !upstream_names.contains(&route.upstream) {
+            let hint = closest(&route.upstream, &upstream_names)
+                .map(|n| format!(" (did you mean {n:?}?)"))
+                .unwrap_or_default();
+            errs.add(format!("{at}.upstream"), format!("unknown upstream {:?}{hint}", route.upstream));
+        }
+        if route.name.is_empty() {
+            route.name = route.upstream.clone();
+        }
+        if !route_names.insert(route.name.clone()) {
+            errs.add(
+                format!("{at}.name"),
+                format!("duplicate route name {:?} (names label metrics; give each route its own)", route.name),
+            );
+        }
+        let m = &route.matcher;
+        if !m.path_prefix.starts_with('/') {
+            errs.add(format!("{at}.match.path_prefix"), format!("must start with '/', got {:?}", m.path_prefix));
+        }
+        if let Some(l) = &m.listener {
+            if !listener_names.contains(l) {
+                errs.add(format!("{at}.match.listener"), format!("unknown listener {l:?}"));
+            }
+        }
+        if let Some(h) = &m.host {
+            if h.is_empty() || h.contains('/') {
+                errs.add(format!("{at}.match.host"), format!("invalid host {h:?}"));
+            }
+        }
+        let key = (m.path_prefix.clone(), m.host.clone().map(|h| h.to_ascii_lowercase()), m.listener.clone());
+        if !matchers.insert(key) {
+            errs.add(format!("{at}.match"), "an earlier route has the same match; this route would never be used");
+        }
+        if route.strip_prefix && route.prefix_rewrite.is_some() {
+            errs.add(format!("{at}.prefix_rewrite"), "set either strip_prefix or prefix_rewrite, not both");
+        }
+        if let Some(p) = &route.prefix_rewrite {
+            if !p.starts_with('/') {
+                errs.add(format!("{at}.prefix_rewrite"), format!("must start with '/', got {p:?}"));
+            }
+        }
+    }
+}
+
+/// The configured name closest to a misspelt one, for "did you mean" hints.
+fn closest<'a>(wanted: &str, names: &'a [String]) -> Option<&'a str> {
+    names
+        .iter()
+        .map(|n| (edit_distance(wanted, n), n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n.as_str())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml, &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(list)) => list.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn lists_every_problem_by_path() {
+        let errs = errors(
+            r#"
+upstreams:
+  - name: openai
+    endpoints: ["ftp://x"]
+    headers: { authorization: "Bearer ${OPENAI_API_KEY}" }
+routes:
+  - { upstream: openai, match: { path_prefix: /a } }
+  - { upstream: openai, name: b, match: { path_prefix: /b } }
+  - { upstream: opneai, name: c, match: { path_prefix: nope } }
+"#,
+        );
+        assert!(errs.contains(&r#"routes[2].upstream: unknown upstream "opneai" (did you mean "openai"?)"#.to_string()), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("upstreams[0].endpoints[0]: URL \"ftp://x\"")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("upstreams[0].headers.authorization: environment variable OPENAI_API_KEY is not set")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("routes[2].match.path_prefix")), "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let errs = errors("upstreams:\n  - name: a\n    endpoints: [http://a]\n    timeouts: { connect: soon }\nroutes: [{ upstream: a }]\n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("upstreams[0].timeouts.connect:"), "{errs:?}");
+        let errs = errors("routes: [{ upstream: a, upstrem: b }]\n");
+        assert!(errs[0].starts_with("routes[0]: unknown field `upstrem`"), "{errs:?}");
+    }
+
+    #[test]
+    fn defaults_and_env() {
+        let config = Config::from_yaml(
+            "upstreams:\n  - name: a\n    endpoints: ['${BASE:-http://127.0.0.1:9}']\n    headers: { authorization: 'Bearer ${KEY:-}' }\nroutes: [{ upstream: a }]\n",
+            &|_| None,
+        )
+        .expect("valid");
+        assert_eq!(config.routes[0].name, "a");
+        assert_eq!(config.upstreams[0].endpoints[0].value, "http://127.0.0.1:9");
+        assert_eq!(config.upstreams[0].pool.idle_timeout.as_secs(), 4);
+        assert_eq!(config.admin.address.to_string(), "127.0.0.1:9901");
+    }
+}

@@ -1,0 +1,116 @@
+//! sidelight's own errors, and the one place where they become HTTP responses.
+//!
+//! Every response sidelight generates itself carries `x-sidelight-error: <type>` and a JSON body
+//! shaped like the OpenAI error object (`{"error": {"type", "message", "request_id"}}`), so LLM
+//! SDKs surface it readably and a user can tell it apart from an upstream's own error.
+
+use crate::proxy::body::{full, ProxyBody};
+use http::{header, HeaderValue, Response, StatusCode};
+use std::time::Duration;
+
+pub const ERROR_HEADER: &str = "x-sidelight-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches {0}")]
+    NoRoute(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("reading the request body failed: {0}")]
+    ClientBody(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("sidelight is overloaded ({limit} requests in flight)")]
+    Overloaded { limit: usize },
+    #[error("cannot connect to upstream {upstream}: {detail}")]
+    UpstreamConnect { upstream: String, detail: String },
+    #[error("upstream {upstream} closed the connection before sending response headers: {detail}")]
+    UpstreamReset { upstream: String, detail: String },
+    #[error("connecting to upstream {upstream} took longer than {timeout:?}")]
+    ConnectTimeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} sent no response headers within {timeout:?}")]
+    FirstByteTimeout { upstream: String, timeout: Duration },
+    #[error("request to upstream {upstream} exceeded its total timeout of {timeout:?}")]
+    TotalTimeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} sent nothing for {timeout:?} in the middle of the response body")]
+    IdleTimeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} response body failed: {detail}")]
+    UpstreamBody { upstream: String, detail: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The stable, documented `type` of the error (also the `x-sidelight-error` header).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute(_) => "no_route",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::ClientBody(_) => "client_body_error",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
+            ProxyError::UpstreamReset { .. } => "upstream_reset",
+            ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
+            ProxyError::FirstByteTimeout { .. } => "upstream_first_byte_timeout",
+            ProxyError::TotalTimeout { .. } => "upstream_total_timeout",
+            ProxyError::IdleTimeout { .. } => "upstream_idle_timeout",
+            ProxyError::UpstreamBody { .. } => "upstream_body_error",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout { .. }
+            | ProxyError::FirstByteTimeout { .. }
+            | ProxyError::TotalTimeout { .. }
+            | ProxyError::IdleTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// False for errors sidelight answers on its own, without waiting on an upstream.
+    pub fn involves_upstream(&self) -> bool {
+        !matches!(
+            self,
+            ProxyError::NoRoute(_)
+                | ProxyError::BodyTooLarge { .. }
+                | ProxyError::ClientBody(_)
+                | ProxyError::BadRequest(_)
+                | ProxyError::Overloaded { .. }
+                | ProxyError::Internal(_)
+        )
+    }
+
+    /// The response a client receives for this error.
+    pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": {
+                "type": self.kind(),
+                "message": self.to_string(),
+                "source": "sidelight",
+                "request_id": request_id.and_then(|v| v.to_str().ok()),
+            }
+        });
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind()));
+        if let Some(id) = request_id {
+            headers.insert(crate::proxy::headers::REQUEST_ID, id.clone());
+        }
+        if matches!(self, ProxyError::Overloaded { .. }) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,17 @@
+//! sidelight: an observability-first sidecar proxy for LLM APIs and databases.
+//!
+//! The binary (`src/main.rs`) is a thin shell around [`server::Sidelight`]; integration tests
+//! and benchmarks start the same thing in-process.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+pub mod testing;
+pub mod upstream;
+
+/// The error type boxed through hyper/tower bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,213 @@
+//! Every metric sidelight exports, in one place: names, help texts, labels and buckets.
+//!
+//! Conventions: names start with `sidelight_`, values are in base units (seconds, bytes), and
+//! every label comes from a closed set (configured route/upstream/listener names, status classes,
+//! a fixed list of methods and error kinds) so cardinality stays bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// From 1 ms to 5 minutes: fast database calls and slow LLM generations in one histogram.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// What the sidecar itself costs is measured in microseconds.
+pub const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0,
+];
+
+/// Route label for requests that matched no route.
+pub const NO_ROUTE: &str = "_none";
+
+/// Error kinds for connection failures: a closed set.
+pub const CONNECT_ERROR_KINDS: [&str; 4] = ["refused", "dns", "tls", "other"];
+/// Timeout kinds: a closed set.
+pub const TIMEOUT_KINDS: &[&str] = &["connect", "first_byte", "idle", "total"];
+/// Failures of an established upstream exchange: a closed set.
+pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "body"];
+
+/// The method label: the standard methods, anything else is `other`.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub overhead: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub upstream_response: HistogramVec,
+    pub upstream_connections_opened: IntCounterVec,
+    pub upstream_connections_closed: IntCounterVec,
+    pub upstream_connections_open: IntGaugeVec,
+    pub upstream_connect_errors: IntCounterVec,
+    pub upstream_timeouts: IntCounterVec,
+    pub upstream_failures: IntCounterVec,
+    pub downstream_connections: IntCounterVec,
+    pub downstream_connections_open: IntGaugeVec,
+    pub overloaded: IntCounter,
+    pub build_info: IntGaugeVec,
+    pub ready: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    registry
+        .register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    h
+}
+
+impl Metrics {
+    /// Builds the registry. Names and labels are constants, so a failure here is a programming
+    /// error caught by every test, never something a request can trigger.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            requests: counter(&r, "sidelight_requests_total", "Requests answered, by route, upstream, method and status class.", &["route", "upstream", "method", "status_class"]),
+            request_duration: histogram(&r, "sidelight_request_duration_seconds", "Time from request arrival to the last response byte.", &["route"], LATENCY_BUCKETS),
+            overhead: histogram(&r, "sidelight_overhead_seconds", "Time sidelight adds before response headers: time to headers minus time waiting on the upstream.", &["route"], OVERHEAD_BUCKETS),
+            in_flight: gauge(&r, "sidelight_requests_in_flight", "Requests currently being handled.", &["route"]),
+            request_bytes: counter(&r, "sidelight_request_bytes_total", "Request body bytes received from clients.", &["route"]),
+            response_bytes: counter(&r, "sidelight_response_bytes_total", "Response body bytes sent to clients.", &["route"]),
+            errors: counter(&r, "sidelight_errors_total", "Responses generated by sidelight itself, by error type.", &["route", "type"]),
+            upstream_response: histogram(&r, "sidelight_upstream_response_seconds", "Time from sending a request upstream to receiving its response headers.", &["upstream"], LATENCY_BUCKETS),
+            upstream_connections_opened: counter(&r, "sidelight_upstream_connections_opened_total", "Connections opened to upstream endpoints.", &["upstream"]),
+            upstream_connections_closed: counter(&r, "sidelight_upstream_connections_closed_total", "Upstream connections closed.", &["upstream"]),
+            upstream_connections_open: gauge(&r, "sidelight_upstream_connections_open", "Upstream connections currently open (idle in the pool or busy).", &["upstream"]),
+            upstream_connect_errors: counter(&r, "sidelight_upstream_connect_errors_total", "Failed attempts to connect to an upstream, by kind (refused, dns, tls, other).", &["upstream", "kind"]),
+            upstream_timeouts: counter(&r, "sidelight_upstream_timeouts_total", "Upstream timeouts, by kind (connect, first_byte, idle, total).", &["upstream", "kind"]),
+            upstream_failures: counter(&r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, or body error after.", &["upstream", "kind"]),
+            downstream_connections: counter(&r, "sidelight_downstream_connections_total", "Client connections accepted.", &["listener"]),
+            downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
+            overloaded: {
+                let c = IntCounter::new("sidelight_overloaded_total", "Requests refused with 503 because max_in_flight_requests was reached.")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
+                c
+            },
+            build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
+            ready: {
+                let g = IntGauge::new("sidelight_ready", "1 when listeners are bound and the config is loaded, 0 while starting or draining.")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
+                g
+            },
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// Creates the series of closed label sets up front, so dashboards and `rate()` see zeros
+    /// instead of missing series before the first event.
+    pub fn init_route(&self, route: &str) {
+        self.in_flight.with_label_values(&[route]);
+        self.request_bytes.with_label_values(&[route]);
+        self.response_bytes.with_label_values(&[route]);
+    }
+
+    pub fn init_upstream(&self, upstream: &str) {
+        self.upstream_connections_opened.with_label_values(&[upstream]);
+        self.upstream_connections_closed.with_label_values(&[upstream]);
+        self.upstream_connections_open.with_label_values(&[upstream]);
+        for kind in CONNECT_ERROR_KINDS {
+            self.upstream_connect_errors.with_label_values(&[upstream, kind]);
+        }
+        for kind in TIMEOUT_KINDS {
+            self.upstream_timeouts.with_label_values(&[upstream, kind]);
+        }
+        for kind in UPSTREAM_FAILURE_KINDS {
+            self.upstream_failures.with_label_values(&[upstream, kind]);
+        }
+    }
+
+    pub fn init_listener(&self, listener: &str) {
+        self.downstream_connections.with_label_values(&[listener]);
+        self.downstream_connections_open.with_label_values(&[listener]);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A per-route handle on the metrics a request always touches, resolved once at start-up so the
+/// hot path does no label hashing for them.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub duration: Histogram,
+    pub overhead: Histogram,
+    pub in_flight: IntGauge,
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Metrics, route: &str) -> Self {
+        metrics.init_route(route);
+        RouteMetrics {
+            duration: metrics.request_duration.with_label_values(&[route]),
+            overhead: metrics.overhead.with_label_values(&[route]),
+            in_flight: metrics.in_flight.with_label_values(&[route]),
+            request_bytes: metrics.request_bytes.with_label_values(&[route]),
+            response_bytes: metrics.response_bytes.with_label_values(&[route]),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Where a client's request enters: it gets its request id, finds its route, and runs through
+//! that route's stack. Also where the stacks are assembled from the config.
+
+use super::forward::{Forward, PathRewrite};
+use super::limit::{BodyLimitLayer, OverloadLayer};
+use super::observe::ObserveLayer;
+use super::router::{Route, Router};
+use super::timeout::{TimeoutLayer, Timeouts};
+use super::{headers, ProxyResponse, RequestMeta, RouteService};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, NO_ROUTE};
+use crate::upstream::Upstream;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+use tower::{Service, ServiceBuilder};
+
+#[derive(Clone)]
+pub struct Entry {
+    router: Arc<Router>,
+}
+
+impl Entry {
+    /// Builds every route's stack. Upstreams are built once and shared by their routes.
+    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Entry, crate::upstream::BuildError> {
+        let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
+        for u in &config.upstreams {
+            upstreams.insert(u.name.as_str(), Arc::new(Upstream::build(u, metrics)?));
+        }
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let overload = OverloadLayer::new(
+            in_flight,
+            config.limits.max_in_flight_requests,
+            metrics.overloaded.clone(),
+        );
+        let access_log = config.log.access_log;
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            // Validation guarantees the upstream exists.
+            let Some(upstream) = upstreams.get(r.upstream.as_str()).cloned() else {
+                continue;
+            };
+            let rewrite = PathRewrite {
+                prefix: r.matcher.path_prefix.clone(),
+                replacement: if r.strip_prefix {
+                    Some("/".into())
+                } else {
+                    r.prefix_rewrite.clone()
+                },
+            };
+            let limit = r.max_request_body_bytes.unwrap_or(config.limits.max_request_body_bytes);
+            let timeouts = Timeouts {
+                upstream: upstream.name.clone(),
+                first_byte: upstream.timeouts.first_byte,
+                idle: upstream.timeouts.idle,
+                total: upstream.timeouts.total,
+                metrics: upstream.metrics.clone(),
+            };
+            let stack = ServiceBuilder::new()
+                .layer(ObserveLayer::new(&r.name, &r.upstream, metrics.clone(), access_log))
+                .layer(overload.clone())
+                .layer(BodyLimitLayer::new(limit.0))
+                .layer(TimeoutLayer::new(timeouts))
+                .service(Forward::new(upstream, rewrite));
+            let listener = r
+                .matcher
+                .listener
+                .as_ref()
+                .and_then(|name| config.listeners.iter().position(|l| &l.name == name));
+            routes.push(Route::new(
+                r.name.clone(),
+                r.matcher.path_prefix.clone(),
+                r.matcher.host.clone(),
+                listener,
+                RouteService::new(stack),
+            ));
+        }
+        let unmatched = ServiceBuilder::new()
+            .layer(ObserveLayer::new(NO_ROUTE, "", metrics.clone(), access_log))
+            .service_fn(|req: super::ProxyRequest| -> super::ProxyFuture {
+                let path = req.uri().path().to_string();
+                Box::pin(async move { Err(ProxyError::NoRoute(path)) })
+            });
+        Ok(Entry {
+            router: Arc::new(Router::new(routes, RouteService::new(unmatched))),
+        })
+    }
+
+    /// Handles one request from `client` on listener number `listener`. Never fails: every
+    /// error has become a response by now.
+    pub fn handle(
+        &self,
+        req: Request<Incoming>,
+        listener: usize,
+        client: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = ProxyResponse> + Send>> {
+        let id = headers::request_id(req.headers());
+        let mut req = req.map(|body| body.map_err(crate::BoxError::from).boxed_unsync());
+        req.headers_mut().insert(headers::REQUEST_ID, id.clone());
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .map(str::to_owned);
+        req.extensions_mut().insert(RequestMeta {
+            id: id.clone(),
+            start: Instant::now(),
+            client,
+        });
+        let mut service = match self.router.find(listener, host.as_deref(), req.uri().path()) {
+            Some(route) => route.service.clone(),
+            None => self.router.unmatched.clone(),
+        };
+        // Every layer is always ready (limits answer with errors, not backpressure), so the
+        // stack is called without polling readiness first.
+        let response = service.call(req);
+        Box::pin(async move {
+            match response.await {
+                Ok(response) => response,
+                Err(e) => e.to_response(Some(&id)),
+            }
+        })
+    }
+}

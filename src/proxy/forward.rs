@@ -1,0 +1,200 @@
+//! The innermost service: rewrites the request for its upstream and sends it over the pool.
+
+use super::headers;
+use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
+use crate::error::ProxyError;
+use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, Upstream};
+use crate::BoxError;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Uri, Version};
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tower::Service;
+
+/// How a route turns its request path into the upstream's.
+#[derive(Clone, Debug)]
+pub struct PathRewrite {
+    /// The route's matched prefix.
+    pub prefix: String,
+    /// What replaces the prefix; `None` keeps the path as it is.
+    pub replacement: Option<String>,
+}
+
+impl PathRewrite {
+    /// The upstream path-and-query for `uri` on `endpoint`.
+    pub fn apply(&self, endpoint: &Endpoint, uri: &Uri) -> String {
+        let path = uri.path();
+        let rewritten: std::borrow::Cow<str> = match &self.replacement {
+            Some(replacement) => {
+                let rest = path.strip_prefix(self.prefix.as_str()).unwrap_or(path);
+                join(replacement, rest).into()
+            }
+            None => path.into(),
+        };
+        let mut out = String::with_capacity(endpoint.base_path.len() + rewritten.len() + 32);
+        out.push_str(&endpoint.base_path);
+        if !rewritten.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(&rewritten);
+        if let Some(q) = uri.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+/// Joins two path pieces with exactly one slash between them.
+fn join(a: &str, b: &str) -> String {
+    match (a.ends_with('/'), b.starts_with('/')) {
+        (true, true) => format!("{a}{}", &b[1..]),
+        (false, false) if !a.is_empty() && !b.is_empty() => format!("{a}/{b}"),
+        _ => format!("{a}{b}"),
+    }
+}
+
+#[derive(Clone)]
+pub struct Forward {
+    upstream: Arc<Upstream>,
+    rewrite: Arc<PathRewrite>,
+}
+
+impl Forward {
+    pub fn new(upstream: Arc<Upstream>, rewrite: PathRewrite) -> Self {
+        Forward {
+            upstream,
+            rewrite: Arc::new(rewrite),
+        }
+    }
+}
+
+impl Service<ProxyRequest> for Forward {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
+        let upstream = self.upstream.clone();
+        let endpoint = upstream.pick();
+        let path = self.rewrite.apply(endpoint, req.uri());
+        let uri = PathAndQuery::try_from(path)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot rewrite the path: {e}")))
+            .and_then(|pq| {
+                Uri::builder()
+                    .scheme(endpoint.scheme.clone())
+                    .authority(endpoint.authority.clone())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+            });
+        let uri = match uri {
+            Ok(uri) => uri,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let (client_addr, request_id) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (meta.client, meta.id.clone()),
+            None => (std::net::SocketAddr::from(([0, 0, 0, 0], 0)), HeaderValue::from_static("-")),
+        };
+        *req.uri_mut() = uri;
+        // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version is irrelevant.
+        *req.version_mut() = Version::HTTP_11;
+        headers::to_upstream(req.headers_mut(), client_addr, &upstream.headers);
+
+        Box::pin(async move {
+            let sent = Instant::now();
+            let result = upstream.client().request(req).await;
+            let wait = sent.elapsed();
+            let metrics = &upstream.metrics;
+            match result {
+                Ok(response) => {
+                    metrics.response_time.observe(wait.as_secs_f64());
+                    let body_errors = metrics.body_errors.clone();
+                    let name = upstream.name.clone();
+                    let mut response = response.map(move |body| {
+                        body.map_err(move |e| {
+                            body_errors.inc();
+                            BoxError::from(ProxyError::UpstreamBody {
+                                upstream: name.to_string(),
+                                detail: e.to_string(),
+                            })
+                        })
+                        .boxed_unsync()
+                    });
+                    headers::to_client(response.headers_mut(), &request_id);
+                    response.extensions_mut().insert(UpstreamWait(wait));
+                    Ok(response)
+                }
+                Err(err) => Err(classify(&upstream, err)),
+            }
+        })
+    }
+}
+
+fn classify(upstream: &Upstream, err: hyper_util::client::legacy::Error) -> ProxyError {
+    let name = upstream.name.to_string();
+    match find_connect_failure(&err) {
+        Some(ConnectFailure::Timeout(timeout)) => ProxyError::ConnectTimeout {
+            upstream: name,
+            timeout: *timeout,
+        },
+        Some(failure) => ProxyError::UpstreamConnect {
+            upstream: name,
+            detail: failure.to_string(),
+        },
+        None => {
+            upstream.metrics.reset.inc();
+            ProxyError::UpstreamReset {
+                upstream: name,
+                detail: error_chain(&err),
+            }
+        }
+    }
+}
+
+/// "outer: inner: innermost", since hyper's top-level messages alone say little.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(base: &str) -> Endpoint {
+        Endpoint {
+            scheme: http::uri::Scheme::HTTP,
+            authority: "up:80".parse().unwrap(),
+            base_path: base.into(),
+        }
+    }
+
+    #[test]
+    fn rewrites() {
+        let uri: Uri = "/openai/v1/chat?x=1".parse().unwrap();
+        let keep = PathRewrite { prefix: "/openai".into(), replacement: None };
+        assert_eq!(keep.apply(&endpoint(""), &uri), "/openai/v1/chat?x=1");
+        let strip = PathRewrite { prefix: "/openai".into(), replacement: Some("/".into()) };
+        assert_eq!(strip.apply(&endpoint(""), &uri), "/v1/chat?x=1");
+        assert_eq!(strip.apply(&endpoint("/base"), &uri), "/base/v1/chat?x=1");
+        let strip_slash = PathRewrite { prefix: "/openai/".into(), replacement: Some("/".into()) };
+        assert_eq!(strip_slash.apply(&endpoint(""), &uri), "/v1/chat?x=1");
+        let replace = PathRewrite { prefix: "/openai".into(), replacement: Some("/api/v2".into()) };
+        assert_eq!(replace.apply(&endpoint(""), &uri), "/api/v2/v1/chat?x=1");
+        let exact: Uri = "/openai".parse().unwrap();
+        assert_eq!(strip.apply(&endpoint(""), &exact), "/");
+    }
+}

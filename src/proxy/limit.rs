@@ -1,0 +1,214 @@
+//! Limits sidelight enforces on itself: requests in flight (503) and request body size (413).
+
+use super::body::{BodyObserver, Observed, ProxyBody};
+use super::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::error::ProxyError;
+use crate::BoxError;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Refuses new requests with 503 once `limit` are in flight (across all routes and listeners);
+/// a request stays in flight until its response body is done.
+#[derive(Clone)]
+pub struct OverloadLayer {
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+    refused: IntCounter,
+}
+
+impl OverloadLayer {
+    pub fn new(in_flight: Arc<AtomicUsize>, limit: usize, refused: IntCounter) -> Self {
+        OverloadLayer {
+            in_flight,
+            limit,
+            refused,
+        }
+    }
+}
+
+impl<S> Layer<S> for OverloadLayer {
+    type Service = Overload<S>;
+    fn layer(&self, inner: S) -> Overload<S> {
+        Overload {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Overload<S> {
+    inner: S,
+    layer: OverloadLayer,
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl BodyObserver for InFlight {}
+
+impl<S> Service<ProxyRequest> for Overload<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let limit = self.layer.limit;
+        let guard = InFlight(self.layer.in_flight.clone());
+        if self.layer.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
+            drop(guard);
+            self.layer.refused.inc();
+            return Box::pin(async move { Err(ProxyError::Overloaded { limit }) });
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            Ok(response.map(|body| Observed::boxed(body, guard)))
+        })
+    }
+}
+
+/// Answers 413 when the request body is larger than the route's limit: at once when
+/// `Content-Length` says so, or as soon as a streamed body crosses it.
+#[derive(Clone)]
+pub struct BodyLimitLayer {
+    limit: u64,
+}
+
+impl BodyLimitLayer {
+    pub fn new(limit: u64) -> Self {
+        BodyLimitLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+    fn layer(&self, inner: S) -> BodyLimit<S> {
+        BodyLimit {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BodyLimit<S> {
+    inner: S,
+    limit: u64,
+}
+
+const BODY_OK: u8 = 0;
+const BODY_TOO_LARGE: u8 = 1;
+const BODY_CLIENT_ERROR: u8 = 2;
+
+impl<S> Service<ProxyRequest> for BodyLimit<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let limit = self.limit;
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Box::pin(async move { Err(ProxyError::BodyTooLarge { limit }) });
+        }
+        if req.body().is_end_stream() {
+            return self.inner.call(req);
+        }
+        let state = Arc::new(AtomicU8::new(BODY_OK));
+        let req = req.map(|body| {
+            Limited {
+                inner: body,
+                remaining: limit,
+                limit,
+                state: state.clone(),
+            }
+            .boxed_unsync()
+        });
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            // The upstream call fails when our body wrapper fails it; say why, not "upstream reset".
+            match state.load(Ordering::Acquire) {
+                BODY_TOO_LARGE => Err(ProxyError::BodyTooLarge { limit }),
+                BODY_CLIENT_ERROR if result.is_err() => Err(ProxyError::ClientBody(
+                    "the client stopped sending the request body".into(),
+                )),
+                _ => result,
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Limited {
+        #[pin]
+        inner: ProxyBody,
+        remaining: u64,
+        limit: u64,
+        state: Arc<AtomicU8>,
+    }
+}
+
+impl Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > *this.remaining {
+                    this.state.store(BODY_TOO_LARGE, Ordering::Release);
+                    return Poll::Ready(Some(Err(ProxyError::BodyTooLarge { limit: *this.limit }.into())));
+                }
+                *this.remaining -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.state.store(BODY_CLIENT_ERROR, Ordering::Release);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,48 @@
+//! The HTTP request path.
+//!
+//! A request goes through [`entry::Entry`] (request id, routing) and then through its route's
+//! stack of tower layers, outermost first, one concern each:
+//!
+//! 1. [`observe`]: metrics, access log, and turning errors into responses (via [`crate::error`]);
+//! 2. [`limit::OverloadLayer`]: 503 past `limits.max_in_flight_requests`;
+//! 3. [`limit::BodyLimitLayer`]: 413 past the request body limit;
+//! 4. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
+//! 5. [`forward`]: header hygiene and the pooled upstream call.
+
+pub mod body;
+pub mod entry;
+pub mod forward;
+pub mod headers;
+pub mod limit;
+pub mod listener;
+pub mod observe;
+pub mod router;
+pub mod timeout;
+
+use crate::error::ProxyError;
+use body::ProxyBody;
+use http::{HeaderValue, Request, Response};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+pub type ProxyRequest = Request<ProxyBody>;
+pub type ProxyResponse = Response<ProxyBody>;
+pub type ProxyFuture = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
+
+/// A route's whole stack, as stored in the router.
+pub type RouteService = tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>;
+
+/// Facts about a request set once by the entry service, read by the layers.
+#[derive(Clone, Debug)]
+pub struct RequestMeta {
+    pub id: HeaderValue,
+    pub start: Instant,
+    pub client: SocketAddr,
+}
+
+/// Set by the forwarding service on responses it got from upstream: how long sidelight waited
+/// for the upstream's headers, so the observe layer can compute sidelight's own overhead.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamWait(pub Duration);

@@ -1,0 +1,235 @@
+//! The outermost route layer: per-request metrics, the access log line, and the conversion of
+//! errors from inner layers into responses (through [`ProxyError::to_response`], the one place
+//! that maps errors to statuses).
+
+use super::body::{BodyObserver, Observed};
+use super::{ProxyFuture, ProxyRequest, RequestMeta, UpstreamWait};
+use crate::error::ProxyError;
+use crate::metrics::{method_label, status_class, Metrics, RouteMetrics};
+use crate::BoxError;
+use http::{HeaderValue, Method, StatusCode};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tower::{Layer, Service};
+
+/// What every request of a route shares.
+struct RouteInfo {
+    route: Arc<str>,
+    upstream: Arc<str>,
+    metrics: Arc<Metrics>,
+    route_metrics: RouteMetrics,
+    access_log: bool,
+}
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    info: Arc<RouteInfo>,
+}
+
+impl ObserveLayer {
+    pub fn new(route: &str, upstream: &str, metrics: Arc<Metrics>, access_log: bool) -> Self {
+        let route_metrics = RouteMetrics::new(&metrics, route);
+        ObserveLayer {
+            info: Arc::new(RouteInfo {
+                route: Arc::from(route),
+                upstream: Arc::from(upstream),
+                metrics,
+                route_metrics,
+                access_log,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            info: self.info.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    info: Arc<RouteInfo>,
+}
+
+impl<S> Service<ProxyRequest> for Observe<S>
+where
+    S: Service<ProxyRequest, Response = super::ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = super::ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let info = self.info.clone();
+        let (id, start) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (meta.id.clone(), meta.start),
+            None => (HeaderValue::from_static("-"), Instant::now()),
+        };
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let mut record = Record {
+            info: info.clone(),
+            id: id.clone(),
+            start,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            status: None,
+            error: None,
+            request_bytes: request_bytes.clone(),
+            response_bytes: 0,
+            outcome: Outcome::Cancelled,
+        };
+        info.route_metrics.in_flight.inc();
+        let req = req.map(|body| {
+            Observed::boxed(
+                body,
+                CountBytes {
+                    counter: info.route_metrics.request_bytes.clone(),
+                    total: request_bytes,
+                },
+            )
+        });
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let result = inner.call(req).await;
+            let headers_at = start.elapsed();
+            let response = match result {
+                Ok(response) => {
+                    if let Some(UpstreamWait(wait)) = response.extensions().get::<UpstreamWait>() {
+                        info.route_metrics.overhead.observe(headers_at.saturating_sub(*wait).as_secs_f64());
+                    }
+                    response
+                }
+                Err(err) => {
+                    // Errors answered without an upstream exchange are all sidelight's time.
+                    if !err.involves_upstream() {
+                        info.route_metrics.overhead.observe(headers_at.as_secs_f64());
+                    }
+                    info.metrics.errors.with_label_values(&[&info.route, err.kind()]).inc();
+                    tracing::debug!(request_id = ?id, error = %err, "request failed");
+                    record.error = Some(err.kind());
+                    err.to_response(Some(&id))
+                }
+            };
+            record.status = Some(response.status());
+            let class = status_class(response.status());
+            info.metrics
+                .requests
+                .with_label_values(&[&info.route, &info.upstream, method_label(&record.method), class])
+                .inc();
+            record.outcome = Outcome::Streaming;
+            Ok(response.map(|body| Observed::boxed(body, record)))
+        })
+    }
+}
+
+struct CountBytes {
+    counter: prometheus::IntCounter,
+    total: Arc<AtomicU64>,
+}
+
+impl BodyObserver for CountBytes {
+    fn on_data(&mut self, len: usize) {
+        self.counter.inc_by(len as u64);
+        self.total.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The client went away before response headers.
+    Cancelled,
+    /// Headers sent, body not finished (if dropped so, the client went away mid-body).
+    Streaming,
+    Complete,
+    /// The response body ended with an error (timeout, upstream reset).
+    Failed,
+}
+
+/// One request's bookkeeping; finalised when dropped, however the request ended.
+struct Record {
+    info: Arc<RouteInfo>,
+    id: HeaderValue,
+    start: Instant,
+    method: Method,
+    path: String,
+    status: Option<StatusCode>,
+    error: Option<&'static str>,
+    request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+    outcome: Outcome,
+}
+
+impl BodyObserver for Record {
+    fn on_data(&mut self, len: usize) {
+        self.response_bytes += len as u64;
+    }
+
+    fn on_end(&mut self, result: Result<(), &BoxError>) {
+        match result {
+            Ok(()) => self.outcome = Outcome::Complete,
+            Err(e) => {
+                self.outcome = Outcome::Failed;
+                if let Some(err) = e.downcast_ref::<ProxyError>() {
+                    self.error = Some(err.kind());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let info = &self.info;
+        let elapsed = self.start.elapsed();
+        let m = &info.route_metrics;
+        m.in_flight.dec();
+        m.duration.observe(elapsed.as_secs_f64());
+        m.response_bytes.inc_by(self.response_bytes);
+        if self.outcome == Outcome::Cancelled {
+            // Counted like nginx's 499 so that abandoned requests are visible in rates.
+            info.metrics
+                .requests
+                .with_label_values(&[&info.route, &info.upstream, method_label(&self.method), "4xx"])
+                .inc();
+        }
+        if !info.access_log {
+            return;
+        }
+        let outcome = match self.outcome {
+            Outcome::Cancelled => "client_closed_before_response",
+            Outcome::Streaming => "client_closed_during_response",
+            Outcome::Complete => "complete",
+            Outcome::Failed => "response_failed",
+        };
+        let status = self.status.map_or(499, |s| s.as_u16());
+        tracing::info!(
+            target: "sidelight::access",
+            request_id = self.id.to_str().unwrap_or("-"),
+            route = &*info.route,
+            upstream = &*info.upstream,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_bytes = self.request_bytes.load(Ordering::Relaxed),
+            response_bytes = self.response_bytes,
+            outcome,
+            error = self.error.unwrap_or(""),
+        );
+    }
+}

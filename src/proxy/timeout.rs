@@ -1,0 +1,238 @@
+//! Upstream timeouts, split like linkerd's: until response headers (`first_byte`), between two
+//! body chunks (`idle`), and for the whole request (`total`, counted from its arrival). The
+//! connect timeout lives in the connector. A body cut by a timeout ends with an error, so the
+//! client sees an incomplete response rather than a clean end.
+
+use super::body::ProxyBody;
+use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use crate::error::ProxyError;
+use crate::upstream::UpstreamMetrics;
+use crate::BoxError;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+#[derive(Clone)]
+pub struct Timeouts {
+    pub upstream: Arc<str>,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+    pub metrics: UpstreamMetrics,
+}
+
+#[derive(Clone)]
+pub struct TimeoutLayer {
+    timeouts: Arc<Timeouts>,
+}
+
+impl TimeoutLayer {
+    pub fn new(timeouts: Timeouts) -> Self {
+        TimeoutLayer {
+            timeouts: Arc::new(timeouts),
+        }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            timeouts: self.timeouts.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    timeouts: Arc<Timeouts>,
+}
+
+impl<S> Service<ProxyRequest> for Timeout<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let t = self.timeouts.clone();
+        let now = Instant::now();
+        // The total budget started when the request arrived, not when it reached this layer.
+        let arrived = req
+            .extensions()
+            .get::<RequestMeta>()
+            .map_or(now, |m| Instant::from_std(m.start));
+        let deadline = arrived + t.total;
+        let headers_by = (now + t.first_byte).min(deadline);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout_at(headers_by, fut).await {
+                Ok(Ok(response)) => Ok(response.map(|body| {
+                    TimedBody {
+                        inner: body,
+                        sleep: Box::pin(tokio::time::sleep_until((Instant::now() + t.idle).min(deadline))),
+                        deadline,
+                        timeouts: t.clone(),
+                    }
+                    .boxed_unsync()
+                })),
+                Ok(Err(e)) => Err(e),
+                Err(_) if headers_by == deadline => {
+                    t.metrics.total_timeouts.inc();
+                    Err(ProxyError::TotalTimeout {
+                        upstream: t.upstream.to_string(),
+                        timeout: t.total,
+                    })
+                }
+                Err(_) => {
+                    t.metrics.first_byte_timeouts.inc();
+                    Err(ProxyError::FirstByteTimeout {
+                        upstream: t.upstream.to_string(),
+                        timeout: t.first_byte,
+                    })
+                }
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body under the idle and total deadlines. One timer serves both: it is set to
+    /// whichever comes first and moved on after every chunk.
+    struct TimedBody {
+        #[pin]
+        inner: ProxyBody,
+        sleep: Pin<Box<Sleep>>,
+        deadline: Instant,
+        timeouts: Arc<Timeouts>,
+    }
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = (Instant::now() + this.timeouts.idle).min(*this.deadline);
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => {
+                    let t = &this.timeouts;
+                    let err = if Instant::now() >= *this.deadline {
+                        t.metrics.total_timeouts.inc();
+                        ProxyError::TotalTimeout {
+                            upstream: t.upstream.to_string(),
+                            timeout: t.total,
+                        }
+                    } else {
+                        t.metrics.idle_timeouts.inc();
+                        ProxyError::IdleTimeout {
+                            upstream: t.upstream.to_string(),
+                            timeout: t.idle,
+                        }
+                    };
+                    tracing::warn!(error = %err, "response body cut");
+                    Poll::Ready(Some(Err(err.into())))
+                }
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::body::full;
+    use http_body_util::StreamBody;
+
+    fn timeouts(first_byte: u64, idle: u64, total: u64) -> Timeouts {
+        let metrics = crate::metrics::Metrics::new();
+        let name = "u";
+        Timeouts {
+            upstream: Arc::from(name),
+            first_byte: Duration::from_millis(first_byte),
+            idle: Duration::from_millis(idle),
+            total: Duration::from_millis(total),
+            metrics: UpstreamMetrics {
+                response_time: metrics.upstream_response.with_label_values(&[name]),
+                reset: metrics.upstream_failures.with_label_values(&[name, "reset"]),
+                body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
+                first_byte_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "first_byte"]),
+                idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
+                total_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "total"]),
+            },
+        }
+    }
+
+    /// A service whose response headers come after `headers_after`, then one chunk every `gap`.
+    fn upstream(headers_after: u64, gap: u64, chunks: usize) -> tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError> {
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: ProxyRequest| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(headers_after)).await;
+                let stream = futures_util::stream::unfold(0, move |i| async move {
+                    if i == chunks {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(gap)).await;
+                    Some((Ok::<_, BoxError>(Frame::data(Bytes::from("x"))), i + 1))
+                });
+                Ok(http::Response::new(StreamBody::new(stream).boxed_unsync()))
+            }) as ProxyFuture
+        }))
+    }
+
+    async fn run(t: Timeouts, svc: tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>) -> Result<usize, String> {
+        let mut svc = TimeoutLayer::new(t).layer(svc);
+        let response = svc.call(http::Request::new(full(""))).await.map_err(|e| e.kind().to_string())?;
+        let mut body = response.into_body();
+        let mut n = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(_) => n += 1,
+                Err(e) => return Err(e.downcast_ref::<ProxyError>().map_or("?".into(), |e| e.kind().to_string())),
+            }
+        }
+        Ok(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_timeout_kind() {
+        assert_eq!(run(timeouts(100, 50, 10_000), upstream(10, 10, 5)).await, Ok(5));
+        assert_eq!(run(timeouts(100, 50, 10_000), upstream(200, 10, 5)).await, Err("upstream_first_byte_timeout".into()));
+        assert_eq!(run(timeouts(100, 50, 10_000), upstream(10, 80, 5)).await, Err("upstream_idle_timeout".into()));
+        // Each gap is fine, the sum is not.
+        assert_eq!(run(timeouts(100, 50, 200), upstream(10, 40, 10)).await, Err("upstream_total_timeout".into()));
+        // The total deadline also bounds the wait for headers.
+        assert_eq!(run(timeouts(1000, 50, 200), upstream(500, 10, 1)).await, Err("upstream_total_timeout".into()));
+    }
+}

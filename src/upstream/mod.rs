@@ -1,0 +1,208 @@
+//! Upstreams: named sets of endpoints reached through one pooled hyper-util client each.
+
+mod connector;
+
+pub use connector::{find_connect_failure, ConnectFailure};
+
+use crate::config::{TimeoutsConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
+use connector::{ConnMetrics, CountingConnector};
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::{Histogram, IntCounter};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("upstream {upstream}: endpoint {endpoint:?}: {message}")]
+    Endpoint {
+        upstream: String,
+        endpoint: String,
+        message: String,
+    },
+    #[error("upstream {upstream}: TLS: {message}")]
+    Tls { upstream: String, message: String },
+}
+
+/// One base URL of an upstream.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of the base URL without a trailing slash (`""` for `https://host`).
+    pub base_path: String,
+}
+
+/// Metrics an upstream touches per request, resolved once.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub response_time: Histogram,
+    pub reset: IntCounter,
+    pub body_errors: IntCounter,
+    pub first_byte_timeouts: IntCounter,
+    pub idle_timeouts: IntCounter,
+    pub total_timeouts: IntCounter,
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub endpoints: Vec<Endpoint>,
+    pub timeouts: TimeoutsConfig,
+    /// Added to every request; headers whose `${VAR}` was empty are left out.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub metrics: UpstreamMetrics,
+    client: Client<CountingConnector, ProxyBody>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn build(config: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, BuildError> {
+        let name = config.name.as_str();
+        metrics.init_upstream(name);
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| parse_endpoint(name, &e.value))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut headers = Vec::new();
+        for (key, value) in &config.headers {
+            if value.has_empty_var {
+                continue;
+            }
+            // Validation already checked both; a failure here would be a bug, reported not panicked.
+            let bad = |message: &str| BuildError::Endpoint {
+                upstream: name.into(),
+                endpoint: key.clone(),
+                message: message.into(),
+            };
+            let header_name = HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad("invalid header name"))?;
+            let mut header_value = HeaderValue::from_str(&value.value).map_err(|_| bad("invalid header value"))?;
+            header_value.set_sensitive(true);
+            headers.push((header_name, header_value));
+        }
+
+        let tls = tls_config(config).map_err(|message| BuildError::Tls {
+            upstream: name.into(),
+            message,
+        })?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1();
+        let https = if config.pool.http2 {
+            https.enable_http2().wrap_connector(http)
+        } else {
+            https.wrap_connector(http)
+        };
+        let conn_metrics = ConnMetrics {
+            opened: metrics.upstream_connections_opened.with_label_values(&[name]),
+            closed: metrics.upstream_connections_closed.with_label_values(&[name]),
+            open: metrics.upstream_connections_open.with_label_values(&[name]),
+            errors: crate::metrics::CONNECT_ERROR_KINDS
+                .map(|kind| metrics.upstream_connect_errors.with_label_values(&[name, kind])),
+            timeouts: metrics.upstream_timeouts.with_label_values(&[name, "connect"]),
+        };
+        let connector = CountingConnector::new(https, config.timeouts.connect, conn_metrics);
+        // Plain-http upstreams with http2 on speak h2c with prior knowledge; https ones negotiate
+        // by ALPN, which the client follows on its own.
+        let h2c = config.pool.http2 && endpoints.iter().all(|e| e.scheme == Scheme::HTTP);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool.idle_timeout)
+            .pool_max_idle_per_host(config.pool.max_idle_per_endpoint)
+            // Without a timer hyper-util never expires idle pooled connections.
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(h2c)
+            .set_host(true)
+            .build(connector);
+
+        let upstream_metrics = UpstreamMetrics {
+            response_time: metrics.upstream_response.with_label_values(&[name]),
+            reset: metrics.upstream_failures.with_label_values(&[name, "reset"]),
+            body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
+            first_byte_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "first_byte"]),
+            idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
+            total_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "total"]),
+        };
+        Ok(Upstream {
+            name: Arc::from(name),
+            endpoints,
+            timeouts: config.timeouts.clone(),
+            headers,
+            metrics: upstream_metrics,
+            client,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Round robin over the endpoints (health-aware balancing comes with traffic control).
+    pub fn pick(&self) -> &Endpoint {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.endpoints[i % self.endpoints.len()]
+    }
+
+    pub fn client(&self) -> &Client<CountingConnector, ProxyBody> {
+        &self.client
+    }
+}
+
+fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
+    let bad = |message: String| BuildError::Endpoint {
+        upstream: upstream.into(),
+        endpoint: url.into(),
+        message,
+    };
+    let uri: http::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+    let parts = uri.into_parts();
+    let scheme = parts.scheme.ok_or_else(|| bad("no scheme".into()))?;
+    let authority = parts.authority.ok_or_else(|| bad("no host".into()))?;
+    let base_path = parts
+        .path_and_query
+        .map(|p| p.path().trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    Ok(Endpoint {
+        scheme,
+        authority,
+        base_path,
+    })
+}
+
+fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &config.tls.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("no PEM certificate found in {}", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tls)
+}
