@@ -114,3 +114,19 @@ impl ProxyError {
         response
     }
 }
+
+/// "outer: inner: innermost", since hyper's top-level messages alone say little. Repeated
+/// messages (io::Error repeats the error it wraps) are shown once.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    out
+}

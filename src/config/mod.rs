@@ -227,6 +227,11 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
+            // serde_yaml prefixes its own (shorter) path; ours is the complete one.
+            let message = match message.split_once(": ") {
+                Some((head, rest)) if !head.contains(' ') => rest.to_string(),
+                _ => message,
+            };
             ConfigError::Invalid(vec![FieldError::new(
                 if path == "." { String::new() } else { path },
                 message,

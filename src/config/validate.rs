@@ -266,7 +266,7 @@ routes:
         assert_eq!(errs.len(), 1);
         assert!(errs[0].starts_with("upstreams[0].timeouts.connect:"), "{errs:?}");
         let errs = errors("routes: [{ upstream: a, upstrem: b }]\n");
-        assert!(errs[0].starts_with("routes[0]: unknown field `upstrem`"), "{errs:?}");
+        assert!(errs[0].starts_with("routes[0].upstrem: unknown field `upstrem`, expected one of"), "{errs:?}");
     }
 
     #[test]

@@ -152,22 +152,10 @@ fn classify(upstream: &Upstream, err: hyper_util::client::legacy::Error) -> Prox
             upstream.metrics.reset.inc();
             ProxyError::UpstreamReset {
                 upstream: name,
-                detail: error_chain(&err),
+                detail: crate::error::chain(&err),
             }
         }
     }
-}
-
-/// "outer: inner: innermost", since hyper's top-level messages alone say little.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -52,7 +52,10 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         // Slowloris guard: a client gets this long to send its request headers.
         .header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so that those still busy at the drain deadline can be cut.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break,
@@ -77,19 +80,29 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let conn = graceful.watch(conn);
         let open = open.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
+            let _open = GaugeGuard(open);
             if let Err(e) = conn.await {
                 tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
             }
-            open.dec();
         });
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => true,
         _ = tokio::time::sleep(drain) => {
-            tracing::warn!(listener = %name, "drain timeout reached with requests still in flight");
+            tracing::warn!(listener = %name, connections = connections.len(), "drain timeout reached; closing connections with requests still in flight");
+            connections.shutdown().await;
             false
         }
+    }
+}
+
+/// Decrements the open-connections gauge however the connection task ends (even aborted).
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -21,12 +21,21 @@ use tokio::net::TcpStream;
 pub enum ConnectFailure {
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    #[error("{kind} error: {source}")]
+    #[error("{}: {}", describe(kind), crate::error::chain(source.as_ref()))]
     Failed {
         kind: &'static str,
         #[source]
         source: BoxError,
     },
+}
+
+fn describe(kind: &str) -> &'static str {
+    match kind {
+        "refused" => "connection refused",
+        "dns" => "name resolution failed",
+        "tls" => "TLS handshake failed",
+        _ => "connect failed",
+    }
 }
 
 pub fn find_connect_failure<'a>(
@@ -70,26 +79,22 @@ impl CountingConnector {
 
 fn classify(err: &BoxError) -> &'static str {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
-    let mut kind = "other";
     while let Some(e) = cur {
-        if e.downcast_ref::<rustls::Error>().is_some() {
+        if e.is::<rustls::Error>() {
             return "tls";
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            if io.kind() == io::ErrorKind::ConnectionRefused {
-                return "refused";
-            }
-            if io.kind() == io::ErrorKind::InvalidData {
-                kind = "tls";
-            }
         }
         // hyper-util reports resolver failures only through the message.
         if e.to_string().starts_with("dns error") {
             return "dns";
         }
-        cur = e.source();
+        cur = match e.downcast_ref::<io::Error>() {
+            Some(io) if io.kind() == io::ErrorKind::ConnectionRefused => return "refused",
+            // io::Error's source() skips the error it wraps; step into that one instead.
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
-    kind
+    "other"
 }
 
 impl tower::Service<Uri> for CountingConnector {

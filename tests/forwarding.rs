@@ -1,0 +1,268 @@
+//! What reaches the upstream and what comes back: method, path, query, headers, body, streaming.
+
+mod support;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use sidelight::proxy::body::full;
+use std::time::Duration;
+use support::{proxy, server};
+
+fn config(upstream: &str, extra_route: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: api
+    endpoints: ["{upstream}"]
+    headers:
+      authorization: "Bearer ${{UPSTREAM_KEY}}"
+      x-optional: "${{NOT_SET:-}}"
+routes:
+  - name: api
+    match: {{ path_prefix: /api }}
+    strip_prefix: true
+    upstream: api
+{extra_route}
+"#
+    )
+}
+
+#[tokio::test]
+async fn forwards_method_path_query_headers_and_body() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "sk-upstream")]).await;
+
+    let req = Request::put(proxy.url("/api/v1/items/7?expand=true&x=%20y"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer app-key")
+        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .header("x-custom", "kept")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "dropped")
+        .header("keep-alive", "timeout=5")
+        .body(full(r#"{"hello":"world"}"#))
+        .unwrap();
+    let answer = support::send(req).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "ok");
+
+    let seen = up.last_request();
+    assert_eq!(seen.method, "PUT");
+    assert_eq!(seen.uri.path(), "/v1/items/7", "prefix stripped");
+    assert_eq!(seen.uri.query(), Some("expand=true&x=%20y"), "query untouched");
+    assert_eq!(seen.body, Bytes::from(r#"{"hello":"world"}"#));
+    let h = &seen.headers;
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["x-custom"], "kept");
+    assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    // The configured upstream credential replaces the app's.
+    assert_eq!(h["authorization"], "Bearer sk-upstream");
+    // An optional header whose variable is unset is not sent at all.
+    assert!(h.get("x-optional").is_none());
+    assert!(h.get("x-hop").is_none(), "headers named by Connection are hop-by-hop");
+    assert!(h.get("keep-alive").is_none());
+    assert_eq!(h["host"], up.addr.to_string(), "Host is the upstream's");
+    assert_eq!(h["x-forwarded-host"], proxy.addr.to_string());
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+
+    // The generated request id went upstream and came back.
+    let id = answer.header("x-request-id");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(h["x-request-id"], id);
+}
+
+#[tokio::test]
+async fn keeps_the_clients_request_id_and_the_upstreams() {
+    let up = server::http1()
+        .route_fn("/", |_| {
+            http::Response::builder()
+                .header("x-request-id", "req_from_upstream")
+                .body(full("ok"))
+                .unwrap()
+        })
+        .run()
+        .await;
+    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let answer = support::send(
+        Request::get(proxy.url("/api/x"))
+            .header("x-request-id", "client-chosen-id")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(up.last_request().headers["x-request-id"], "client-chosen-id");
+    assert_eq!(answer.header("x-request-id"), "client-chosen-id");
+    assert_eq!(answer.header("x-upstream-request-id"), "req_from_upstream");
+}
+
+#[tokio::test]
+async fn rewrites_prefixes_and_matches_hosts() {
+    let up = server::http1().route("/", "ok").run().await;
+    let routes = r#"
+  - name: rewritten
+    match: { path_prefix: /v1-compat }
+    prefix_rewrite: /api/v2
+    upstream: api
+  - name: by-host
+    match: { path_prefix: /, host: db.internal }
+    upstream: api
+"#;
+    let proxy = proxy::start_with_env(&config(&format!("{}/base", up.url()), routes), &[("UPSTREAM_KEY", "k")]).await;
+
+    assert_eq!(support::get(&proxy.url("/v1-compat/users?id=1")).await.status, 200);
+    assert_eq!(up.last_request().uri.to_string(), "/base/api/v2/users?id=1");
+
+    let answer = support::send(
+        Request::get(proxy.url("/anything"))
+            .header("host", "DB.internal:8080")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(up.last_request().uri.path(), "/base/anything");
+
+    // Same path without the host matches nothing.
+    let answer = support::get(&proxy.url("/anything")).await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(answer.header("x-sidelight-error"), "no_route");
+}
+
+#[tokio::test]
+async fn streams_sse_chunk_by_chunk() {
+    // The upstream sends the next event only once the test says the client has the previous
+    // one: if sidelight buffered the body, the client would never see the first event.
+    let (next_tx, next_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let next_rx = std::sync::Arc::new(tokio::sync::Mutex::new(next_rx));
+    let up = server::http1()
+        .route_stream("/v1/chat/completions", move |_, tx| {
+            let next_rx = next_rx.clone();
+            async move {
+                let mut next_rx = next_rx.lock().await;
+                for i in 0..3 {
+                    let event = format!("data: {{\"chunk\":{i}}}\n\n");
+                    if tx.send(Ok(Bytes::from(event))).await.is_err() {
+                        return;
+                    }
+                    if next_rx.recv().await.is_none() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
+            }
+        })
+        .run()
+        .await;
+    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let response = support::client()
+        .request(
+            Request::post(proxy.url("/api/v1/chat/completions"))
+                .body(full(r#"{"stream":true}"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    for i in 0..3 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("event {i} did not arrive before the upstream sent the next"))
+            .expect("stream ended early")
+            .expect("stream failed");
+        let data = frame.into_data().expect("data frame");
+        assert_eq!(data, Bytes::from(format!("data: {{\"chunk\":{i}}}\n\n")));
+        next_tx.send(()).await.unwrap();
+    }
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_both_ways() {
+    let up = server::http1()
+        .route_fn("/echo", |req| http::Response::new(full(req.body)))
+        .run()
+        .await;
+    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let big: String = "0123456789abcdef".repeat(256 * 1024); // 4 MiB
+    let answer = support::post(&proxy.url("/api/echo"), &big).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.len(), big.len());
+    assert!(answer.body == big);
+}
+
+#[tokio::test]
+async fn serves_http2_clients_and_http2_upstreams() {
+    let up = server::http2().route("/", "over h2").run().await;
+    let yaml = format!(
+        r#"
+upstreams:
+  - name: h2
+    endpoints: ["{}"]
+    pool: {{ http2: true }}
+routes:
+  - {{ name: h2, upstream: h2 }}
+"#,
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::proxy::body::ProxyBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    for _ in 0..3 {
+        let response = h2_client
+            .request(Request::get(proxy.url("/x")).body(full("")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let answer = support::collect(response).await;
+        assert_eq!(answer.body, "over h2");
+    }
+    assert_eq!(up.last_request().version, http::Version::HTTP_2);
+    assert_eq!(up.connections(), 1, "one multiplexed upstream connection");
+}
+
+#[tokio::test]
+async fn https_upstream_with_a_private_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = cert.cert.pem();
+    let key_pem = cert.key_pair.serialize_pem();
+    let dir = std::env::temp_dir().join(format!("sidelight-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &cert_pem).unwrap();
+
+    let up = server::http1().route("/", "secret sauce").tls(cert_pem, key_pem).run().await;
+    let yaml = format!(
+        r#"
+upstreams:
+  - name: tls
+    endpoints: ["https://localhost:{}"]
+    tls: {{ ca_file: "{}" }}
+  - name: untrusted
+    endpoints: ["https://localhost:{}"]
+routes:
+  - {{ name: tls, upstream: tls, match: {{ path_prefix: /trusted }} }}
+  - {{ name: untrusted, upstream: untrusted, match: {{ path_prefix: /untrusted }} }}
+"#,
+        up.addr.port(),
+        ca_file.display(),
+        up.addr.port()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let answer = support::get(&proxy.url("/trusted/x")).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "secret sauce"));
+
+    // Without the CA the certificate is rejected: a clear 502, counted as a TLS error.
+    let answer = support::get(&proxy.url("/untrusted/x")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.header("x-sidelight-error"), "upstream_connect_failed");
+    proxy
+        .assert_metric_eventually("sidelight_upstream_connect_errors_total", &[("upstream", "untrusted"), ("kind", "tls")], 1.0)
+        .await;
+}

@@ -1,0 +1,82 @@
+//! Start-up, readiness and graceful drain, in-process.
+
+mod support;
+
+use std::time::Duration;
+use support::{proxy, server};
+
+fn config(endpoint: &str, drain: &str) -> String {
+    format!(
+        r#"
+shutdown: {{ drain_timeout: {drain} }}
+upstreams:
+  - name: up
+    endpoints: ["{endpoint}"]
+routes:
+  - {{ name: r, upstream: up }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
+    let up = server::http1().route_with_latency("/slow", "slow done", Duration::from_millis(500)).run().await;
+    let mut proxy = proxy::start(&config(&up.url(), "10s")).await;
+    assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 200);
+
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { support::get(&url).await });
+    support::eventually("the upstream has the request", Duration::from_secs(5), || async { up.request_count() == 1 }).await;
+
+    let shutdown = tokio::spawn(proxy.shutdown());
+    // Not ready while draining, so the orchestrator stops routing here.
+    support::eventually("readyz says 503 while draining", Duration::from_secs(5), || async {
+        support::get(&proxy.admin_url("/readyz")).await.status == 503
+    })
+    .await;
+    // New connections are refused once draining started.
+    let addr = proxy.addr;
+    support::eventually("listener closed", Duration::from_secs(5), || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+
+    let answer = in_flight.await.unwrap();
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "slow done"));
+    assert!(shutdown.await.unwrap(), "drained cleanly");
+}
+
+#[tokio::test]
+async fn drain_deadline_cuts_hung_requests() {
+    let up = server::http1().route_hang("/hang").run().await;
+    let mut proxy = proxy::start(&config(&up.url(), "200ms")).await;
+    let url = proxy.url("/hang");
+    let hung = tokio::spawn(async move {
+        support::client()
+            .request(http::Request::get(url).body(sidelight::proxy::body::full("")).unwrap())
+            .await
+    });
+    support::eventually("the upstream has the request", Duration::from_secs(5), || async { up.request_count() == 1 }).await;
+    let started = std::time::Instant::now();
+    let clean = proxy.shutdown().await;
+    assert!(!clean, "the deadline cut a request");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    // The cut connection is closed: the client gets an error, not a hang or a success.
+    let outcome = tokio::time::timeout(Duration::from_secs(5), hung).await.expect("client still hanging");
+    assert!(outcome.unwrap().is_err(), "the client must see its request failed");
+}
+
+#[tokio::test]
+async fn port_in_use_names_the_field() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let yaml = format!(
+        "listeners:\n  - {{ name: main, address: \"{addr}\" }}\nadmin: {{ address: \"127.0.0.1:0\" }}\nupstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - {{ upstream: up }}\n"
+    );
+    let config = sidelight::config::Config::from_yaml(&yaml, &|_| None).unwrap();
+    let err = match sidelight::server::Sidelight::start(config).await {
+        Ok(_) => panic!("started on a taken port"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("listeners[0].address") && err.contains(&addr.to_string()), "{err}");
+}

@@ -1,0 +1,91 @@
+//! Upstream connection pooling: reuse, idle expiry, and the connection metrics.
+
+mod support;
+
+use std::time::Duration;
+use support::{proxy, server};
+
+fn config(endpoint: &str, pool: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{endpoint}"]
+    pool: {pool}
+routes:
+  - {{ name: r, upstream: up }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_upstream_connection() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(&up.url(), "{}")).await;
+    // A client that opens a new connection to sidelight every time: reuse is sidelight's doing.
+    let client = support::client_no_pool();
+    for _ in 0..20 {
+        let response = client
+            .request(http::Request::get(proxy.url("/")).body(sidelight::proxy::body::full("")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(support::collect(response).await.body, "ok");
+    }
+    assert_eq!(up.request_count(), 20);
+    assert_eq!(up.connections(), 1, "20 sequential requests, one upstream connection");
+    proxy.assert_metric_eventually("sidelight_upstream_connections_opened_total", &[("upstream", "up")], 1.0).await;
+    proxy.assert_metric_eventually("sidelight_upstream_connections_open", &[("upstream", "up")], 1.0).await;
+    proxy.assert_metric_eventually("sidelight_downstream_connections_total", &[("listener", "main")], 20.0).await;
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_expire() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(&up.url(), "{ idle_timeout: 300ms }")).await;
+    assert_eq!(support::get(&proxy.url("/")).await.status, 200);
+    assert_eq!(up.connections(), 1);
+    // The pool closes the idle socket itself (no request needed to notice).
+    support::eventually("upstream sees the idle connection closed", Duration::from_secs(5), || async {
+        up.open_connections() == 0
+    })
+    .await;
+    proxy.assert_metric_eventually("sidelight_upstream_connections_open", &[("upstream", "up")], 0.0).await;
+    proxy.assert_metric_eventually("sidelight_upstream_connections_closed_total", &[("upstream", "up")], 1.0).await;
+    // The next request gets a fresh connection, not a stale one.
+    assert_eq!(support::get(&proxy.url("/")).await.status, 200);
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_requests_open_connections_then_reuse_them() {
+    let up = server::http1().route_with_latency("/", "ok", Duration::from_millis(50)).run().await;
+    let proxy = proxy::start(&config(&up.url(), "{ max_idle_per_endpoint: 8 }")).await;
+    for _round in 0..3 {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let url = proxy.url("/");
+            tasks.push(tokio::spawn(async move { support::get(&url).await.status }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    assert_eq!(up.request_count(), 24);
+    assert!(up.connections() <= 8, "at most one connection per concurrent request, reused across rounds: {}", up.connections());
+}
+
+#[tokio::test]
+async fn round_robin_across_endpoints() {
+    let a = server::http1().route("/", "a").run().await;
+    let b = server::http1().route("/", "b").run().await;
+    let yaml = format!(
+        "upstreams:\n  - name: up\n    endpoints: [\"{}\", \"{}\"]\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        a.url(),
+        b.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    for _ in 0..10 {
+        assert_eq!(support::get(&proxy.url("/")).await.status, 200);
+    }
+    assert_eq!((a.request_count(), b.request_count()), (5, 5));
+}
