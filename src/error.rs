@@ -103,7 +103,10 @@ impl ProxyError {
         let mut response = Response::new(full(body.to_string()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind()));
         if let Some(id) = request_id {
             headers.insert(crate::proxy::headers::REQUEST_ID, id.clone());

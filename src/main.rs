@@ -9,7 +9,13 @@ use std::process::ExitCode;
 #[command(version, about)]
 struct Cli {
     /// The YAML config file.
-    #[arg(long, short, global = true, env = "SIDELIGHT_CONFIG", default_value = "config/sidelight.yaml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SIDELIGHT_CONFIG",
+        default_value = "config/sidelight.yaml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -34,7 +40,12 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Validate => {
-            println!("{}: ok ({} routes, {} upstreams)", cli.config.display(), config.routes.len(), config.upstreams.len());
+            println!(
+                "{}: ok ({} routes, {} upstreams)",
+                cli.config.display(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
             ExitCode::SUCCESS
         }
         Command::Run => run(config),

@@ -44,7 +44,11 @@ pub struct Running {
 async fn bind(field: String, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { field, addr, source })
+        .map_err(|source| StartError::Bind {
+            field,
+            addr,
+            source,
+        })
 }
 
 impl Sidelight {

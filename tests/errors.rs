@@ -41,20 +41,37 @@ routes:
 async fn no_route_is_404() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
-    assert_error(&support::get(&proxy.url("/elsewhere")).await, 404, "no_route");
+    assert_error(
+        &support::get(&proxy.url("/elsewhere")).await,
+        404,
+        "no_route",
+    );
     assert_eq!(up.request_count(), 0);
     proxy
-        .assert_metric_eventually("sidelight_requests_total", &[("route", "_none"), ("status_class", "4xx")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_requests_total",
+            &[("route", "_none"), ("status_class", "4xx")],
+            1.0,
+        )
         .await;
     proxy
-        .assert_metric_eventually("sidelight_errors_total", &[("route", "_none"), ("type", "no_route")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_errors_total",
+            &[("route", "_none"), ("type", "no_route")],
+            1.0,
+        )
         .await;
 }
 
 #[tokio::test]
 async fn body_over_the_limit_is_413_declared_or_streamed() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "limits: { max_request_body_bytes: 1KiB }")).await;
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        "",
+        "limits: { max_request_body_bytes: 1KiB }",
+    ))
+    .await;
 
     // Declared by Content-Length: refused before anything goes upstream.
     let answer = support::post(&proxy.url("/r"), &"x".repeat(2000)).await;
@@ -71,7 +88,12 @@ async fn body_over_the_limit_is_413_declared_or_streamed() {
     assert_error(&support::send(req).await, 413, "body_too_large");
 
     // At the limit is fine.
-    assert_eq!(support::post(&proxy.url("/r"), &"x".repeat(1024)).await.status, 200);
+    assert_eq!(
+        support::post(&proxy.url("/r"), &"x".repeat(1024))
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -80,12 +102,27 @@ async fn connection_refused_is_502() {
     let proxy = proxy::start(&one_route(&format!("http://{port}"), "", "")).await;
     let answer = support::get(&proxy.url("/r")).await;
     assert_error(&answer, 502, "upstream_connect_failed");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("connection refused"), "{}", answer.body);
+    assert!(
+        answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused"),
+        "{}",
+        answer.body
+    );
     proxy
-        .assert_metric_eventually("sidelight_upstream_connect_errors_total", &[("upstream", "up"), ("kind", "refused")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_connect_errors_total",
+            &[("upstream", "up"), ("kind", "refused")],
+            1.0,
+        )
         .await;
     proxy
-        .assert_metric_eventually("sidelight_requests_total", &[("route", "r"), ("status_class", "5xx")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_requests_total",
+            &[("route", "r"), ("status_class", "5xx")],
+            1.0,
+        )
         .await;
 }
 
@@ -95,38 +132,73 @@ async fn reset_before_headers_is_502() {
     let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
     assert_error(&support::get(&proxy.url("/r")).await, 502, "upstream_reset");
     proxy
-        .assert_metric_eventually("sidelight_upstream_failures_total", &[("upstream", "up"), ("kind", "reset")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_failures_total",
+            &[("upstream", "up"), ("kind", "reset")],
+            1.0,
+        )
         .await;
 }
 
 #[tokio::test]
 async fn connect_timeout_is_504() {
     let (addr, _fillers, _listener) = server::blackhole().await;
-    let proxy = proxy::start(&one_route(&format!("http://{addr}"), "    timeouts: { connect: 200ms }", "")).await;
+    let proxy = proxy::start(&one_route(
+        &format!("http://{addr}"),
+        "    timeouts: { connect: 200ms }",
+        "",
+    ))
+    .await;
     let started = Instant::now();
     let answer = support::get(&proxy.url("/r")).await;
     assert_error(&answer, 504, "upstream_connect_timeout");
     assert!(started.elapsed() < Duration::from_secs(3));
     proxy
-        .assert_metric_eventually("sidelight_upstream_timeouts_total", &[("upstream", "up"), ("kind", "connect")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_timeouts_total",
+            &[("upstream", "up"), ("kind", "connect")],
+            1.0,
+        )
         .await;
 }
 
 #[tokio::test]
 async fn no_headers_in_time_is_504() {
     let up = server::http1().route_hang("/").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "    timeouts: { first_byte: 200ms }", "")).await;
-    assert_error(&support::get(&proxy.url("/r")).await, 504, "upstream_first_byte_timeout");
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        "    timeouts: { first_byte: 200ms }",
+        "",
+    ))
+    .await;
+    assert_error(
+        &support::get(&proxy.url("/r")).await,
+        504,
+        "upstream_first_byte_timeout",
+    );
     proxy
-        .assert_metric_eventually("sidelight_upstream_timeouts_total", &[("upstream", "up"), ("kind", "first_byte")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_timeouts_total",
+            &[("upstream", "up"), ("kind", "first_byte")],
+            1.0,
+        )
         .await;
 }
 
 #[tokio::test]
 async fn total_timeout_before_headers_is_504() {
     let up = server::http1().route_hang("/").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "    timeouts: { first_byte: 10s, total: 200ms }", "")).await;
-    assert_error(&support::get(&proxy.url("/r")).await, 504, "upstream_total_timeout");
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        "    timeouts: { first_byte: 10s, total: 200ms }",
+        "",
+    ))
+    .await;
+    assert_error(
+        &support::get(&proxy.url("/r")).await,
+        504,
+        "upstream_total_timeout",
+    );
 }
 
 /// An upstream stream that sends one event, then goes silent.
@@ -170,9 +242,16 @@ async fn idle_timeout_cuts_the_stream_with_an_error() {
     let proxy = proxy::start(&one_route(&up.url(), "    timeouts: { idle: 200ms }", "")).await;
     let (seen, failed) = read_stream(&proxy.url("/r")).await;
     assert_eq!(seen, "data: first\n\n");
-    assert!(failed, "the client must see an incomplete stream, not a clean end");
+    assert!(
+        failed,
+        "the client must see an incomplete stream, not a clean end"
+    );
     proxy
-        .assert_metric_eventually("sidelight_upstream_timeouts_total", &[("upstream", "up"), ("kind", "idle")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_timeouts_total",
+            &[("upstream", "up"), ("kind", "idle")],
+            1.0,
+        )
         .await;
 }
 
@@ -190,12 +269,21 @@ async fn total_timeout_cuts_the_stream_with_an_error() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&one_route(&up.url(), "    timeouts: { idle: 1s, total: 300ms }", "")).await;
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        "    timeouts: { idle: 1s, total: 300ms }",
+        "",
+    ))
+    .await;
     let (seen, failed) = read_stream(&proxy.url("/r")).await;
     assert!(seen.starts_with("data: tick"));
     assert!(failed);
     proxy
-        .assert_metric_eventually("sidelight_upstream_timeouts_total", &[("upstream", "up"), ("kind", "total")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_timeouts_total",
+            &[("upstream", "up"), ("kind", "total")],
+            1.0,
+        )
         .await;
 }
 
@@ -223,10 +311,19 @@ async fn upstream_breaking_mid_stream_reaches_the_client_as_an_error() {
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, Bytes::from("data: first\n\n"));
     break_tx.send(true).unwrap();
-    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect()).await.expect("stream ends");
-    assert!(rest.is_err(), "the client must see the stream broke, not a clean end");
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("stream ends");
+    assert!(
+        rest.is_err(),
+        "the client must see the stream broke, not a clean end"
+    );
     proxy
-        .assert_metric_eventually("sidelight_upstream_failures_total", &[("upstream", "up"), ("kind", "body")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_failures_total",
+            &[("upstream", "up"), ("kind", "body")],
+            1.0,
+        )
         .await;
 }
 
@@ -243,7 +340,12 @@ async fn overload_is_503_and_recovers() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "limits: { max_in_flight_requests: 1 }")).await;
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        "",
+        "limits: { max_in_flight_requests: 1 }",
+    ))
+    .await;
 
     let url = proxy.url("/r");
     let first = tokio::spawn(async move { support::get(&url).await });
@@ -261,17 +363,26 @@ async fn overload_is_503_and_recovers() {
         .assert_metric_eventually("sidelight_requests_in_flight", &[("route", "r")], 0.0)
         .await;
     assert_eq!(support::get(&proxy.url("/r")).await.status, 200);
-    proxy.assert_metric_eventually("sidelight_overloaded_total", &[], 1.0).await;
+    proxy
+        .assert_metric_eventually("sidelight_overloaded_total", &[], 1.0)
+        .await;
 }
 
 #[tokio::test]
 async fn upstream_errors_pass_through_untouched() {
-    let up = server::http1().status("/", 503, r#"{"error":"upstream says no"}"#).run().await;
+    let up = server::http1()
+        .status("/", 503, r#"{"error":"upstream says no"}"#)
+        .run()
+        .await;
     let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
     let answer = support::get(&proxy.url("/r")).await;
     assert_eq!(answer.status, 503);
     assert_eq!(answer.body, r#"{"error":"upstream says no"}"#);
-    assert_eq!(answer.header("x-sidelight-error"), "", "not sidelight's own error");
+    assert_eq!(
+        answer.header("x-sidelight-error"),
+        "",
+        "not sidelight's own error"
+    );
 }
 
 #[tokio::test]
@@ -279,13 +390,20 @@ async fn malformed_http_gets_400_and_the_proxy_stays_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
-    for garbage in [&b"GARBAGE\r\n\r\n"[..], b"GET /r HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"] {
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /r HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
         let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         conn.write_all(garbage).await.unwrap();
         let mut reply = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut reply)).await;
         let reply = String::from_utf8_lossy(&reply);
-        assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+            "{reply}"
+        );
     }
     assert_eq!(up.request_count(), 0);
     assert_eq!(support::get(&proxy.url("/r")).await.status, 200);

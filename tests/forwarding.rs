@@ -31,12 +31,16 @@ routes:
 #[tokio::test]
 async fn forwards_method_path_query_headers_and_body() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let proxy =
+        proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "sk-upstream")]).await;
 
     let req = Request::put(proxy.url("/api/v1/items/7?expand=true&x=%20y"))
         .header("content-type", "application/json")
         .header("authorization", "Bearer app-key")
-        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
         .header("x-custom", "kept")
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "dropped")
@@ -50,17 +54,27 @@ async fn forwards_method_path_query_headers_and_body() {
     let seen = up.last_request();
     assert_eq!(seen.method, "PUT");
     assert_eq!(seen.uri.path(), "/v1/items/7", "prefix stripped");
-    assert_eq!(seen.uri.query(), Some("expand=true&x=%20y"), "query untouched");
+    assert_eq!(
+        seen.uri.query(),
+        Some("expand=true&x=%20y"),
+        "query untouched"
+    );
     assert_eq!(seen.body, Bytes::from(r#"{"hello":"world"}"#));
     let h = &seen.headers;
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(h["x-custom"], "kept");
-    assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    assert_eq!(
+        h["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
     // The configured upstream credential replaces the app's.
     assert_eq!(h["authorization"], "Bearer sk-upstream");
     // An optional header whose variable is unset is not sent at all.
     assert!(h.get("x-optional").is_none());
-    assert!(h.get("x-hop").is_none(), "headers named by Connection are hop-by-hop");
+    assert!(
+        h.get("x-hop").is_none(),
+        "headers named by Connection are hop-by-hop"
+    );
     assert!(h.get("keep-alive").is_none());
     assert_eq!(h["host"], up.addr.to_string(), "Host is the upstream's");
     assert_eq!(h["x-forwarded-host"], proxy.addr.to_string());
@@ -92,7 +106,10 @@ async fn keeps_the_clients_request_id_and_the_upstreams() {
             .unwrap(),
     )
     .await;
-    assert_eq!(up.last_request().headers["x-request-id"], "client-chosen-id");
+    assert_eq!(
+        up.last_request().headers["x-request-id"],
+        "client-chosen-id"
+    );
     assert_eq!(answer.header("x-request-id"), "client-chosen-id");
     assert_eq!(answer.header("x-upstream-request-id"), "req_from_upstream");
 }
@@ -109,9 +126,18 @@ async fn rewrites_prefixes_and_matches_hosts() {
     match: { path_prefix: /, host: db.internal }
     upstream: api
 "#;
-    let proxy = proxy::start_with_env(&config(&format!("{}/base", up.url()), routes), &[("UPSTREAM_KEY", "k")]).await;
+    let proxy = proxy::start_with_env(
+        &config(&format!("{}/base", up.url()), routes),
+        &[("UPSTREAM_KEY", "k")],
+    )
+    .await;
 
-    assert_eq!(support::get(&proxy.url("/v1-compat/users?id=1")).await.status, 200);
+    assert_eq!(
+        support::get(&proxy.url("/v1-compat/users?id=1"))
+            .await
+            .status,
+        200
+    );
     assert_eq!(up.last_request().uri.to_string(), "/base/api/v2/users?id=1");
 
     let answer = support::send(
@@ -170,7 +196,9 @@ async fn streams_sse_chunk_by_chunk() {
     for i in 0..3 {
         let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
             .await
-            .unwrap_or_else(|_| panic!("event {i} did not arrive before the upstream sent the next"))
+            .unwrap_or_else(|_| {
+                panic!("event {i} did not arrive before the upstream sent the next")
+            })
             .expect("stream ended early")
             .expect("stream failed");
         let data = frame.into_data().expect("data frame");
@@ -237,7 +265,11 @@ async fn https_upstream_with_a_private_ca() {
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, &cert_pem).unwrap();
 
-    let up = server::http1().route("/", "secret sauce").tls(cert_pem, key_pem).run().await;
+    let up = server::http1()
+        .route("/", "secret sauce")
+        .tls(cert_pem, key_pem)
+        .run()
+        .await;
     let yaml = format!(
         r#"
 upstreams:
@@ -256,13 +288,23 @@ routes:
     );
     let proxy = proxy::start(&yaml).await;
     let answer = support::get(&proxy.url("/trusted/x")).await;
-    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "secret sauce"));
+    assert_eq!(
+        (answer.status.as_u16(), answer.body.as_str()),
+        (200, "secret sauce")
+    );
 
     // Without the CA the certificate is rejected: a clear 502, counted as a TLS error.
     let answer = support::get(&proxy.url("/untrusted/x")).await;
     assert_eq!(answer.status, 502);
-    assert_eq!(answer.header("x-sidelight-error"), "upstream_connect_failed");
+    assert_eq!(
+        answer.header("x-sidelight-error"),
+        "upstream_connect_failed"
+    );
     proxy
-        .assert_metric_eventually("sidelight_upstream_connect_errors_total", &[("upstream", "untrusted"), ("kind", "tls")], 1.0)
+        .assert_metric_eventually(
+            "sidelight_upstream_connect_errors_total",
+            &[("upstream", "untrusted"), ("kind", "tls")],
+            1.0,
+        )
         .await;
 }

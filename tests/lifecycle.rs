@@ -20,19 +20,29 @@ routes:
 
 #[tokio::test]
 async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
-    let up = server::http1().route_with_latency("/slow", "slow done", Duration::from_millis(500)).run().await;
+    let up = server::http1()
+        .route_with_latency("/slow", "slow done", Duration::from_millis(500))
+        .run()
+        .await;
     let mut proxy = proxy::start(&config(&up.url(), "10s")).await;
     assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 200);
 
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { support::get(&url).await });
-    support::eventually("the upstream has the request", Duration::from_secs(5), || async { up.request_count() == 1 }).await;
+    support::eventually(
+        "the upstream has the request",
+        Duration::from_secs(5),
+        || async { up.request_count() == 1 },
+    )
+    .await;
 
     let shutdown = tokio::spawn(proxy.shutdown());
     // Not ready while draining, so the orchestrator stops routing here.
-    support::eventually("readyz says 503 while draining", Duration::from_secs(5), || async {
-        support::get(&proxy.admin_url("/readyz")).await.status == 503
-    })
+    support::eventually(
+        "readyz says 503 while draining",
+        Duration::from_secs(5),
+        || async { support::get(&proxy.admin_url("/readyz")).await.status == 503 },
+    )
     .await;
     // New connections are refused once draining started.
     let addr = proxy.addr;
@@ -42,7 +52,10 @@ async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
     .await;
 
     let answer = in_flight.await.unwrap();
-    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "slow done"));
+    assert_eq!(
+        (answer.status.as_u16(), answer.body.as_str()),
+        (200, "slow done")
+    );
     assert!(shutdown.await.unwrap(), "drained cleanly");
 }
 
@@ -53,17 +66,35 @@ async fn drain_deadline_cuts_hung_requests() {
     let url = proxy.url("/hang");
     let hung = tokio::spawn(async move {
         support::client()
-            .request(http::Request::get(url).body(sidelight::proxy::body::full("")).unwrap())
+            .request(
+                http::Request::get(url)
+                    .body(sidelight::proxy::body::full(""))
+                    .unwrap(),
+            )
             .await
     });
-    support::eventually("the upstream has the request", Duration::from_secs(5), || async { up.request_count() == 1 }).await;
+    support::eventually(
+        "the upstream has the request",
+        Duration::from_secs(5),
+        || async { up.request_count() == 1 },
+    )
+    .await;
     let started = std::time::Instant::now();
     let clean = proxy.shutdown().await;
     assert!(!clean, "the deadline cut a request");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     // The cut connection is closed: the client gets an error, not a hang or a success.
-    let outcome = tokio::time::timeout(Duration::from_secs(5), hung).await.expect("client still hanging");
-    assert!(outcome.unwrap().is_err(), "the client must see its request failed");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), hung)
+        .await
+        .expect("client still hanging");
+    assert!(
+        outcome.unwrap().is_err(),
+        "the client must see its request failed"
+    );
 }
 
 #[tokio::test]
@@ -78,5 +109,8 @@ async fn port_in_use_names_the_field() {
         Ok(_) => panic!("started on a taken port"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("listeners[0].address") && err.contains(&addr.to_string()), "{err}");
+    assert!(
+        err.contains("listeners[0].address") && err.contains(&addr.to_string()),
+        "{err}"
+    );
 }

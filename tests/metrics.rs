@@ -18,7 +18,10 @@ routes:
 async fn exercised() -> (proxy::Proxy, server::Server) {
     let up = server::http1().route("/", "hello").run().await;
     let proxy = proxy::start(&CONFIG.replace("UPSTREAM", &up.url())).await;
-    assert_eq!(support::post(&proxy.url("/api/x"), "12345").await.status, 200);
+    assert_eq!(
+        support::post(&proxy.url("/api/x"), "12345").await.status,
+        200
+    );
     assert_eq!(support::get(&proxy.url("/nowhere")).await.status, 404);
     proxy
         .assert_metric_eventually("sidelight_requests_in_flight", &[("route", "api")], 0.0)
@@ -30,20 +33,84 @@ async fn exercised() -> (proxy::Proxy, server::Server) {
 async fn exports_request_upstream_and_connection_metrics() {
     let (proxy, _up) = exercised().await;
     let text = proxy.metrics().await;
-    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"));
+    let m = |name: &str, labels: &[(&str, &str)]| {
+        metric(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))
+    };
 
-    assert_eq!(m("sidelight_requests_total", &[("route", "api"), ("upstream", "up"), ("method", "POST"), ("status_class", "2xx")]), 1.0);
-    assert_eq!(m("sidelight_requests_total", &[("route", "_none"), ("status_class", "4xx")]), 1.0);
-    assert_eq!(m("sidelight_request_duration_seconds_count", &[("route", "api")]), 1.0);
-    assert_eq!(m("sidelight_overhead_seconds_count", &[("route", "api")]), 1.0);
-    assert_eq!(m("sidelight_upstream_response_seconds_count", &[("upstream", "up")]), 1.0);
+    assert_eq!(
+        m(
+            "sidelight_requests_total",
+            &[
+                ("route", "api"),
+                ("upstream", "up"),
+                ("method", "POST"),
+                ("status_class", "2xx")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_requests_total",
+            &[("route", "_none"), ("status_class", "4xx")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_request_duration_seconds_count",
+            &[("route", "api")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m("sidelight_overhead_seconds_count", &[("route", "api")]),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_upstream_response_seconds_count",
+            &[("upstream", "up")]
+        ),
+        1.0
+    );
     assert_eq!(m("sidelight_request_bytes_total", &[("route", "api")]), 5.0);
-    assert_eq!(m("sidelight_response_bytes_total", &[("route", "api")]), 5.0);
-    assert_eq!(m("sidelight_upstream_connections_opened_total", &[("upstream", "up")]), 1.0);
-    assert_eq!(m("sidelight_upstream_connections_open", &[("upstream", "up")]), 1.0);
-    assert_eq!(m("sidelight_upstream_connect_errors_total", &[("upstream", "up"), ("kind", "refused")]), 0.0);
-    assert_eq!(m("sidelight_upstream_timeouts_total", &[("upstream", "up"), ("kind", "idle")]), 0.0);
-    assert_eq!(m("sidelight_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert_eq!(
+        m("sidelight_response_bytes_total", &[("route", "api")]),
+        5.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_upstream_connections_opened_total",
+            &[("upstream", "up")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m("sidelight_upstream_connections_open", &[("upstream", "up")]),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_upstream_connect_errors_total",
+            &[("upstream", "up"), ("kind", "refused")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_upstream_timeouts_total",
+            &[("upstream", "up"), ("kind", "idle")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m(
+            "sidelight_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
     assert_eq!(m("sidelight_ready", &[]), 1.0);
 
     // Overhead is measured in microseconds: far below the request duration.
@@ -64,10 +131,16 @@ async fn metric_names_follow_conventions() {
         let kind = parts.next().unwrap();
         assert!(name.starts_with("sidelight_"), "{name}");
         if kind == "counter" {
-            assert!(name.ends_with("_total"), "counter {name} must end in _total");
+            assert!(
+                name.ends_with("_total"),
+                "counter {name} must end in _total"
+            );
         }
         if kind == "histogram" {
-            assert!(name.ends_with("_seconds") || name.ends_with("_bytes"), "histogram {name} must be in base units");
+            assert!(
+                name.ends_with("_seconds") || name.ends_with("_bytes"),
+                "histogram {name} must be in base units"
+            );
         }
     }
     // Labels never carry request-specific values (paths, ids): bounded cardinality.
@@ -107,17 +180,29 @@ async fn every_metric_a_dashboard_queries_is_exported() {
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
         let mut queried = BTreeSet::new();
         dashboard_metrics(&json, &mut queried);
-        assert!(!queried.is_empty(), "{} queries no sidelight metric", path.display());
+        assert!(
+            !queried.is_empty(),
+            "{} queries no sidelight metric",
+            path.display()
+        );
         for name in queried {
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| exported.contains(*base)))
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| exported.contains(*base))
+                })
                 .unwrap_or(&name);
-            assert!(exported.contains(family), "{} queries {name}, which sidelight does not export", path.display());
+            assert!(
+                exported.contains(family),
+                "{} queries {name}, which sidelight does not export",
+                path.display()
+            );
             checked += 1;
         }
     }

@@ -26,16 +26,42 @@ async fn sequential_requests_share_one_upstream_connection() {
     let client = support::client_no_pool();
     for _ in 0..20 {
         let response = client
-            .request(http::Request::get(proxy.url("/")).body(sidelight::proxy::body::full("")).unwrap())
+            .request(
+                http::Request::get(proxy.url("/"))
+                    .body(sidelight::proxy::body::full(""))
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(support::collect(response).await.body, "ok");
     }
     assert_eq!(up.request_count(), 20);
-    assert_eq!(up.connections(), 1, "20 sequential requests, one upstream connection");
-    proxy.assert_metric_eventually("sidelight_upstream_connections_opened_total", &[("upstream", "up")], 1.0).await;
-    proxy.assert_metric_eventually("sidelight_upstream_connections_open", &[("upstream", "up")], 1.0).await;
-    proxy.assert_metric_eventually("sidelight_downstream_connections_total", &[("listener", "main")], 20.0).await;
+    assert_eq!(
+        up.connections(),
+        1,
+        "20 sequential requests, one upstream connection"
+    );
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_connections_opened_total",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_connections_open",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_downstream_connections_total",
+            &[("listener", "main")],
+            20.0,
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -45,12 +71,26 @@ async fn idle_pooled_connections_expire() {
     assert_eq!(support::get(&proxy.url("/")).await.status, 200);
     assert_eq!(up.connections(), 1);
     // The pool closes the idle socket itself (no request needed to notice).
-    support::eventually("upstream sees the idle connection closed", Duration::from_secs(5), || async {
-        up.open_connections() == 0
-    })
+    support::eventually(
+        "upstream sees the idle connection closed",
+        Duration::from_secs(5),
+        || async { up.open_connections() == 0 },
+    )
     .await;
-    proxy.assert_metric_eventually("sidelight_upstream_connections_open", &[("upstream", "up")], 0.0).await;
-    proxy.assert_metric_eventually("sidelight_upstream_connections_closed_total", &[("upstream", "up")], 1.0).await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_connections_open",
+            &[("upstream", "up")],
+            0.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_connections_closed_total",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
     // The next request gets a fresh connection, not a stale one.
     assert_eq!(support::get(&proxy.url("/")).await.status, 200);
     assert_eq!(up.connections(), 2);
@@ -58,7 +98,10 @@ async fn idle_pooled_connections_expire() {
 
 #[tokio::test]
 async fn concurrent_requests_open_connections_then_reuse_them() {
-    let up = server::http1().route_with_latency("/", "ok", Duration::from_millis(50)).run().await;
+    let up = server::http1()
+        .route_with_latency("/", "ok", Duration::from_millis(50))
+        .run()
+        .await;
     let proxy = proxy::start(&config(&up.url(), "{ max_idle_per_endpoint: 8 }")).await;
     for _round in 0..3 {
         let mut tasks = Vec::new();
@@ -71,7 +114,11 @@ async fn concurrent_requests_open_connections_then_reuse_them() {
         }
     }
     assert_eq!(up.request_count(), 24);
-    assert!(up.connections() <= 8, "at most one connection per concurrent request, reused across rounds: {}", up.connections());
+    assert!(
+        up.connections() <= 8,
+        "at most one connection per concurrent request, reused across rounds: {}",
+        up.connections()
+    );
 }
 
 #[tokio::test]

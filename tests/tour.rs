@@ -9,12 +9,19 @@ use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use std::time::Duration;
 
 async fn example_config_in_front_of_the_mock() -> (sidelight::server::Running, MockServer) {
-    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
+        .await
+        .unwrap();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sidelight.yaml");
     let text = std::fs::read_to_string(path).unwrap();
-    let env = [("OPENAI_BASE_URL".to_string(), format!("http://{}", mock.addr()))];
-    let mut config = Config::from_yaml(&text, &|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-        .expect("the example config is valid");
+    let env = [(
+        "OPENAI_BASE_URL".to_string(),
+        format!("http://{}", mock.addr()),
+    )];
+    let mut config = Config::from_yaml(&text, &|name| {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+    .expect("the example config is valid");
     // Free ports instead of the example's fixed ones, so tests can run in parallel.
     for l in &mut config.listeners {
         l.address = "127.0.0.1:0".parse().unwrap();
@@ -36,7 +43,10 @@ async fn readme_tour_against_the_mock() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     let json = answer.json();
     assert_eq!(json["object"], "chat.completion");
-    assert_eq!(json["choices"][0]["message"]["content"], "mock reply: hello there");
+    assert_eq!(
+        json["choices"][0]["message"]["content"],
+        "mock reply: hello there"
+    );
 
     let answer = support::post(
         &format!("{base}/openai/v1/chat/completions"),
@@ -45,7 +55,11 @@ async fn readme_tour_against_the_mock() {
     .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("content-type"), "text/event-stream");
-    let events: Vec<&str> = answer.body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let events: Vec<&str> = answer
+        .body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .collect();
     assert!(events.len() >= 10, "{events:?}");
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
     assert!(answer.body.contains("\"usage\""));
@@ -60,9 +74,15 @@ async fn readme_tour_against_the_mock() {
     assert_eq!(mock.requests(), 3);
 
     // The mock needs no key, and without OPENAI_API_KEY no Authorization header is invented.
-    let metrics = support::get(&format!("http://{}/metrics", running.admin)).await.body;
+    let metrics = support::get(&format!("http://{}/metrics", running.admin))
+        .await
+        .body;
     assert_eq!(
-        support::metric(&metrics, "sidelight_requests_total", &[("route", "openai"), ("status_class", "2xx")]),
+        support::metric(
+            &metrics,
+            "sidelight_requests_total",
+            &[("route", "openai"), ("status_class", "2xx")]
+        ),
         Some(3.0)
     );
     assert!(running.shutdown().await);
@@ -73,7 +93,12 @@ async fn api_key_from_the_environment_reaches_the_upstream_only() {
     // A tiny upstream that echoes the Authorization header it got.
     let up = support::server::http1()
         .route_fn("/", |req| {
-            let auth = req.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+            let auth = req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
             http::Response::new(sidelight::proxy::body::full(auth))
         })
         .run()
@@ -93,8 +118,12 @@ async fn api_key_from_the_environment_reaches_the_upstream_only() {
     let answer = support::get(&format!("http://{}/openai/v1/models", running.listeners[0])).await;
     assert_eq!(answer.body, "Bearer sk-from-env");
     // /config shows where the key comes from, never the key.
-    let shown = support::get(&format!("http://{}/config", running.admin)).await.body;
+    let shown = support::get(&format!("http://{}/config", running.admin))
+        .await
+        .body;
     assert!(shown.contains("${OPENAI_API_KEY:-}"), "{shown}");
     assert!(!shown.contains("sk-from-env"));
-    tokio::time::timeout(Duration::from_secs(5), running.shutdown()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running.shutdown())
+        .await
+        .unwrap();
 }

@@ -42,14 +42,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut gone: watc
             let state = state.clone();
             async move { Ok::<_, Infallible>(handle(&state, req)) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<ProxyBody> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
@@ -63,7 +69,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
     }
     match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if state.ready.load(Ordering::Acquire) {
@@ -72,7 +82,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/config" => text(StatusCode::OK, "application/yaml", state.config_yaml.clone()),
+        "/config" => text(
+            StatusCode::OK,
+            "application/yaml",
+            state.config_yaml.clone(),
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -18,19 +18,22 @@ impl ByteSize {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len());
         let (digits, unit) = text.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid size {text:?}: expected e.g. 1048576, 512KiB or 10MiB"))?;
-        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1000,
-            "kib" | "k" => 1024,
-            "mb" => 1000 * 1000,
-            "mib" | "m" => 1024 * 1024,
-            "gb" => 1000 * 1000 * 1000,
-            "gib" | "g" => 1024 * 1024 * 1024,
-            other => return Err(format!("invalid size unit {other:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB")),
-        };
+        let n: u64 = digits.parse().map_err(|_| {
+            format!("invalid size {text:?}: expected e.g. 1048576, 512KiB or 10MiB")
+        })?;
+        let multiplier: u64 =
+            match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "kb" => 1000,
+                "kib" | "k" => 1024,
+                "mb" => 1000 * 1000,
+                "mib" | "m" => 1024 * 1024,
+                "gb" => 1000 * 1000 * 1000,
+                "gib" | "g" => 1024 * 1024 * 1024,
+                other => return Err(format!(
+                    "invalid size unit {other:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB"
+                )),
+            };
         n.checked_mul(multiplier)
             .map(ByteSize)
             .ok_or_else(|| format!("size {text:?} is too large"))
@@ -126,11 +129,7 @@ fn expand(
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
             };
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid environment variable name {name:?}"));
             }
             let value = match (lookup(name), default) {
@@ -194,11 +193,23 @@ mod tests {
 
     #[test]
     fn expansion() {
-        assert_eq!(expand("Bearer ${KEY}", &env), Ok(("Bearer sk-123".into(), false)));
-        assert_eq!(expand("${NOPE:-http://x}", &env), Ok(("http://x".into(), false)));
-        assert_eq!(expand("Bearer ${NOPE:-}", &env), Ok(("Bearer ".into(), true)));
+        assert_eq!(
+            expand("Bearer ${KEY}", &env),
+            Ok(("Bearer sk-123".into(), false))
+        );
+        assert_eq!(
+            expand("${NOPE:-http://x}", &env),
+            Ok(("http://x".into(), false))
+        );
+        assert_eq!(
+            expand("Bearer ${NOPE:-}", &env),
+            Ok(("Bearer ".into(), true))
+        );
         assert_eq!(expand("${EMPTY:-d}", &env), Ok((String::new(), true)));
-        assert_eq!(expand("cost $5 $${KEY}", &env), Ok(("cost $5 ${KEY}".into(), false)));
+        assert_eq!(
+            expand("cost $5 $${KEY}", &env),
+            Ok(("cost $5 ${KEY}".into(), false))
+        );
         let err = expand("Bearer ${MISSING}", &env).unwrap_err();
         assert!(err.contains("MISSING is not set"), "{err}");
         assert!(expand("${KEY", &env).is_err());

@@ -46,7 +46,10 @@ impl Errors {
     }
 }
 
-pub(super) fn validate(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<FieldError> {
+pub(super) fn validate(
+    config: &mut Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<FieldError> {
     let mut errs = Errors(Vec::new());
     check_listeners(config, &mut errs);
     check_log(config, &mut errs);
@@ -66,20 +69,32 @@ fn check_listeners(config: &Config, errs: &mut Errors) {
     let mut addrs = HashSet::new();
     for (i, l) in config.listeners.iter().enumerate() {
         if !names.insert(l.name.as_str()) {
-            errs.add(format!("listeners[{i}].name"), format!("duplicate listener name {:?}", l.name));
+            errs.add(
+                format!("listeners[{i}].name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
         }
         if l.address.port() != 0 && !addrs.insert(l.address) {
-            errs.add(format!("listeners[{i}].address"), format!("address {} is used twice", l.address));
+            errs.add(
+                format!("listeners[{i}].address"),
+                format!("address {} is used twice", l.address),
+            );
         }
         if l.address.port() != 0 && l.address == config.admin.address {
-            errs.add(format!("listeners[{i}].address"), "same address as admin.address");
+            errs.add(
+                format!("listeners[{i}].address"),
+                "same address as admin.address",
+            );
         }
     }
 }
 
 fn check_log(config: &Config, errs: &mut Errors) {
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        errs.add("log.level", format!("invalid filter {:?}: {e}", config.log.level));
+        errs.add(
+            "log.level",
+            format!("invalid filter {:?}: {e}", config.log.level),
+        );
     }
 }
 
@@ -90,10 +105,16 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
         if up.name.is_empty() {
             errs.add(format!("{at}.name"), "must not be empty");
         } else if !names.insert(up.name.clone()) {
-            errs.add(format!("{at}.name"), format!("duplicate upstream name {:?}", up.name));
+            errs.add(
+                format!("{at}.name"),
+                format!("duplicate upstream name {:?}", up.name),
+            );
         }
         if up.endpoints.is_empty() {
-            errs.add(format!("{at}.endpoints"), "at least one endpoint URL is required");
+            errs.add(
+                format!("{at}.endpoints"),
+                "at least one endpoint URL is required",
+            );
         }
         for (j, endpoint) in up.endpoints.iter_mut().enumerate() {
             let path = format!("{at}.endpoints[{j}]");
@@ -114,17 +135,28 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
             }
         }
         let t = &up.timeouts;
-        for (field, d) in [("connect", t.connect), ("first_byte", t.first_byte), ("idle", t.idle), ("total", t.total)] {
+        for (field, d) in [
+            ("connect", t.connect),
+            ("first_byte", t.first_byte),
+            ("idle", t.idle),
+            ("total", t.total),
+        ] {
             if d.is_zero() {
                 errs.add(format!("{at}.timeouts.{field}"), "must be greater than 0");
             }
         }
         if up.pool.idle_timeout.is_zero() {
-            errs.add(format!("{at}.pool.idle_timeout"), "must be greater than 0 (set max_idle_per_endpoint: 0 to disable pooling)");
+            errs.add(
+                format!("{at}.pool.idle_timeout"),
+                "must be greater than 0 (set max_idle_per_endpoint: 0 to disable pooling)",
+            );
         }
         if let Some(ca) = &up.tls.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
-                errs.add(format!("{at}.tls.ca_file"), format!("cannot read {}: {e}", ca.display()));
+                errs.add(
+                    format!("{at}.tls.ca_file"),
+                    format!("cannot read {}: {e}", ca.display()),
+                );
             }
         }
     }
@@ -135,7 +167,9 @@ fn expand(s: &mut EnvString, env: &dyn Fn(&str) -> Option<String>) -> Result<(),
 }
 
 fn check_endpoint_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err(format!("URL {url:?} must start with http:// or https://")),
@@ -163,7 +197,10 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
             let hint = closest(&route.upstream, &upstream_names)
                 .map(|n| format!(" (did you mean {n:?}?)"))
                 .unwrap_or_default();
-            errs.add(format!("{at}.upstream"), format!("unknown upstream {:?}{hint}", route.upstream));
+            errs.add(
+                format!("{at}.upstream"),
+                format!("unknown upstream {:?}{hint}", route.upstream),
+            );
         }
         if route.name.is_empty() {
             route.name = route.upstream.clone();
@@ -171,16 +208,25 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         if !route_names.insert(route.name.clone()) {
             errs.add(
                 format!("{at}.name"),
-                format!("duplicate route name {:?} (names label metrics; give each route its own)", route.name),
+                format!(
+                    "duplicate route name {:?} (names label metrics; give each route its own)",
+                    route.name
+                ),
             );
         }
         let m = &route.matcher;
         if !m.path_prefix.starts_with('/') {
-            errs.add(format!("{at}.match.path_prefix"), format!("must start with '/', got {:?}", m.path_prefix));
+            errs.add(
+                format!("{at}.match.path_prefix"),
+                format!("must start with '/', got {:?}", m.path_prefix),
+            );
         }
         if let Some(l) = &m.listener {
             if !listener_names.contains(l) {
-                errs.add(format!("{at}.match.listener"), format!("unknown listener {l:?}"));
+                errs.add(
+                    format!("{at}.match.listener"),
+                    format!("unknown listener {l:?}"),
+                );
             }
         }
         if let Some(h) = &m.host {
@@ -188,16 +234,29 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                 errs.add(format!("{at}.match.host"), format!("invalid host {h:?}"));
             }
         }
-        let key = (m.path_prefix.clone(), m.host.clone().map(|h| h.to_ascii_lowercase()), m.listener.clone());
+        let key = (
+            m.path_prefix.clone(),
+            m.host.clone().map(|h| h.to_ascii_lowercase()),
+            m.listener.clone(),
+        );
         if !matchers.insert(key) {
-            errs.add(format!("{at}.match"), "an earlier route has the same match; this route would never be used");
+            errs.add(
+                format!("{at}.match"),
+                "an earlier route has the same match; this route would never be used",
+            );
         }
         if route.strip_prefix && route.prefix_rewrite.is_some() {
-            errs.add(format!("{at}.prefix_rewrite"), "set either strip_prefix or prefix_rewrite, not both");
+            errs.add(
+                format!("{at}.prefix_rewrite"),
+                "set either strip_prefix or prefix_rewrite, not both",
+            );
         }
         if let Some(p) = &route.prefix_rewrite {
             if !p.starts_with('/') {
-                errs.add(format!("{at}.prefix_rewrite"), format!("must start with '/', got {p:?}"));
+                errs.add(
+                    format!("{at}.prefix_rewrite"),
+                    format!("must start with '/', got {p:?}"),
+                );
             }
         }
     }
@@ -253,10 +312,24 @@ routes:
   - { upstream: opneai, name: c, match: { path_prefix: nope } }
 "#,
         );
-        assert!(errs.contains(&r#"routes[2].upstream: unknown upstream "opneai" (did you mean "openai"?)"#.to_string()), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("upstreams[0].endpoints[0]: URL \"ftp://x\"")), "{errs:?}");
+        assert!(
+            errs.contains(
+                &r#"routes[2].upstream: unknown upstream "opneai" (did you mean "openai"?)"#
+                    .to_string()
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("upstreams[0].endpoints[0]: URL \"ftp://x\"")),
+            "{errs:?}"
+        );
         assert!(errs.iter().any(|e| e.starts_with("upstreams[0].headers.authorization: environment variable OPENAI_API_KEY is not set")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("routes[2].match.path_prefix")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("routes[2].match.path_prefix")),
+            "{errs:?}"
+        );
         assert_eq!(errs.len(), 4, "{errs:?}");
     }
 
@@ -264,9 +337,15 @@ routes:
     fn type_errors_name_the_field() {
         let errs = errors("upstreams:\n  - name: a\n    endpoints: [http://a]\n    timeouts: { connect: soon }\nroutes: [{ upstream: a }]\n");
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].starts_with("upstreams[0].timeouts.connect:"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("upstreams[0].timeouts.connect:"),
+            "{errs:?}"
+        );
         let errs = errors("routes: [{ upstream: a, upstrem: b }]\n");
-        assert!(errs[0].starts_with("routes[0].upstrem: unknown field `upstrem`, expected one of"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("routes[0].upstrem: unknown field `upstrem`, expected one of"),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use prometheus::{
 
 /// From 1 ms to 5 minutes: fast database calls and slow LLM generations in one histogram.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
-    60.0, 120.0, 300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0,
 ];
 
 /// What the sidecar itself costs is measured in microseconds.
@@ -79,7 +79,8 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let c =
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
     registry
         .register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -87,16 +88,26 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let g =
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
     registry
         .register(Box::new(g.clone()))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     g
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     registry
         .register(Box::new(h.clone()))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -140,7 +151,9 @@ impl Metrics {
             },
             registry: r,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     }
 
@@ -153,11 +166,15 @@ impl Metrics {
     }
 
     pub fn init_upstream(&self, upstream: &str) {
-        self.upstream_connections_opened.with_label_values(&[upstream]);
-        self.upstream_connections_closed.with_label_values(&[upstream]);
-        self.upstream_connections_open.with_label_values(&[upstream]);
+        self.upstream_connections_opened
+            .with_label_values(&[upstream]);
+        self.upstream_connections_closed
+            .with_label_values(&[upstream]);
+        self.upstream_connections_open
+            .with_label_values(&[upstream]);
         for kind in CONNECT_ERROR_KINDS {
-            self.upstream_connect_errors.with_label_values(&[upstream, kind]);
+            self.upstream_connect_errors
+                .with_label_values(&[upstream, kind]);
         }
         for kind in TIMEOUT_KINDS {
             self.upstream_timeouts.with_label_values(&[upstream, kind]);
@@ -169,7 +186,8 @@ impl Metrics {
 
     pub fn init_listener(&self, listener: &str) {
         self.downstream_connections.with_label_values(&[listener]);
-        self.downstream_connections_open.with_label_values(&[listener]);
+        self.downstream_connections_open
+            .with_label_values(&[listener]);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -30,7 +30,10 @@ pub struct Entry {
 
 impl Entry {
     /// Builds every route's stack. Upstreams are built once and shared by their routes.
-    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Entry, crate::upstream::BuildError> {
+    pub fn build(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Entry, crate::upstream::BuildError> {
         let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
         for u in &config.upstreams {
             upstreams.insert(u.name.as_str(), Arc::new(Upstream::build(u, metrics)?));
@@ -56,7 +59,9 @@ impl Entry {
                     r.prefix_rewrite.clone()
                 },
             };
-            let limit = r.max_request_body_bytes.unwrap_or(config.limits.max_request_body_bytes);
+            let limit = r
+                .max_request_body_bytes
+                .unwrap_or(config.limits.max_request_body_bytes);
             let timeouts = Timeouts {
                 upstream: upstream.name.clone(),
                 first_byte: upstream.timeouts.first_byte,
@@ -65,7 +70,12 @@ impl Entry {
                 metrics: upstream.metrics.clone(),
             };
             let stack = ServiceBuilder::new()
-                .layer(ObserveLayer::new(&r.name, &r.upstream, metrics.clone(), access_log))
+                .layer(ObserveLayer::new(
+                    &r.name,
+                    &r.upstream,
+                    metrics.clone(),
+                    access_log,
+                ))
                 .layer(overload.clone())
                 .layer(BodyLimitLayer::new(limit.0))
                 .layer(TimeoutLayer::new(timeouts))
@@ -109,14 +119,21 @@ impl Entry {
             .uri()
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
             .map(str::to_owned);
         req.extensions_mut().insert(RequestMeta {
             id: id.clone(),
             start: Instant::now(),
             client,
         });
-        let mut service = match self.router.find(listener, host.as_deref(), req.uri().path()) {
+        let mut service = match self
+            .router
+            .find(listener, host.as_deref(), req.uri().path())
+        {
             Some(route) => route.service.clone(),
             None => self.router.unmatched.clone(),
         };

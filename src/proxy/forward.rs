@@ -92,7 +92,9 @@ impl Service<ProxyRequest> for Forward {
                     .authority(endpoint.authority.clone())
                     .path_and_query(pq)
                     .build()
-                    .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+                    .map_err(|e| {
+                        ProxyError::BadRequest(format!("cannot build the upstream URL: {e}"))
+                    })
             });
         let uri = match uri {
             Ok(uri) => uri,
@@ -100,7 +102,10 @@ impl Service<ProxyRequest> for Forward {
         };
         let (client_addr, request_id) = match req.extensions().get::<RequestMeta>() {
             Some(meta) => (meta.client, meta.id.clone()),
-            None => (std::net::SocketAddr::from(([0, 0, 0, 0], 0)), HeaderValue::from_static("-")),
+            None => (
+                std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                HeaderValue::from_static("-"),
+            ),
         };
         *req.uri_mut() = uri;
         // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version is irrelevant.
@@ -173,14 +178,26 @@ mod tests {
     #[test]
     fn rewrites() {
         let uri: Uri = "/openai/v1/chat?x=1".parse().unwrap();
-        let keep = PathRewrite { prefix: "/openai".into(), replacement: None };
+        let keep = PathRewrite {
+            prefix: "/openai".into(),
+            replacement: None,
+        };
         assert_eq!(keep.apply(&endpoint(""), &uri), "/openai/v1/chat?x=1");
-        let strip = PathRewrite { prefix: "/openai".into(), replacement: Some("/".into()) };
+        let strip = PathRewrite {
+            prefix: "/openai".into(),
+            replacement: Some("/".into()),
+        };
         assert_eq!(strip.apply(&endpoint(""), &uri), "/v1/chat?x=1");
         assert_eq!(strip.apply(&endpoint("/base"), &uri), "/base/v1/chat?x=1");
-        let strip_slash = PathRewrite { prefix: "/openai/".into(), replacement: Some("/".into()) };
+        let strip_slash = PathRewrite {
+            prefix: "/openai/".into(),
+            replacement: Some("/".into()),
+        };
         assert_eq!(strip_slash.apply(&endpoint(""), &uri), "/v1/chat?x=1");
-        let replace = PathRewrite { prefix: "/openai".into(), replacement: Some("/api/v2".into()) };
+        let replace = PathRewrite {
+            prefix: "/openai".into(),
+            replacement: Some("/api/v2".into()),
+        };
         assert_eq!(replace.apply(&endpoint(""), &uri), "/api/v2/v1/chat?x=1");
         let exact: Uri = "/openai".parse().unwrap();
         assert_eq!(strip.apply(&endpoint(""), &exact), "/");

@@ -22,7 +22,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Keeps the client's `x-request-id` when it is sane, or makes a new one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(REQUEST_ID) {
-        let ok = !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        let ok =
+            !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
             return v.clone();
         }
@@ -50,7 +51,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares a client's headers for the upstream: hop-by-hop headers out, forwarding headers in,
 /// `Host` left to the client (it is set from the upstream URL), configured headers on top.
-pub fn to_upstream(headers: &mut HeaderMap, client: SocketAddr, added: &[(HeaderName, HeaderValue)]) {
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    added: &[(HeaderName, HeaderValue)],
+) {
     strip_hop_by_hop(headers);
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
@@ -92,7 +97,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_forwarding() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::HOST, HeaderValue::from_static("localhost:8080"));

@@ -61,7 +61,10 @@ impl BodyObserver for InFlight {}
 
 impl<S> Service<ProxyRequest> for Overload<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -122,7 +125,10 @@ const BODY_CLIENT_ERROR: u8 = 2;
 
 impl<S> Service<ProxyRequest> for BodyLimit<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -184,14 +190,19 @@ impl Body for Limited {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 if len > *this.remaining {
                     this.state.store(BODY_TOO_LARGE, Ordering::Release);
-                    return Poll::Ready(Some(Err(ProxyError::BodyTooLarge { limit: *this.limit }.into())));
+                    return Poll::Ready(Some(Err(
+                        ProxyError::BodyTooLarge { limit: *this.limit }.into()
+                    )));
                 }
                 *this.remaining -= len;
                 Poll::Ready(Some(Ok(frame)))

@@ -44,7 +44,9 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         metrics,
     } = task;
     let accepted = metrics.downstream_connections.with_label_values(&[&name]);
-    let open = metrics.downstream_connections_open.with_label_values(&[&name]);
+    let open = metrics
+        .downstream_connections_open
+        .with_label_values(&[&name]);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -77,7 +79,9 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
             let entry = entry.clone();
             async move { Ok::<_, Infallible>(entry.handle(req, index, peer).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         let open = open.clone();
         connections.spawn(async move {

@@ -61,8 +61,12 @@ pub struct Observe<S> {
 
 impl<S> Service<ProxyRequest> for Observe<S>
 where
-    S: Service<ProxyRequest, Response = super::ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
+    S: Service<
+            ProxyRequest,
+            Response = super::ProxyResponse,
+            Error = ProxyError,
+            Future = ProxyFuture,
+        > + Clone
         + Send
         + 'static,
 {
@@ -110,16 +114,23 @@ where
             let response = match result {
                 Ok(response) => {
                     if let Some(UpstreamWait(wait)) = response.extensions().get::<UpstreamWait>() {
-                        info.route_metrics.overhead.observe(headers_at.saturating_sub(*wait).as_secs_f64());
+                        info.route_metrics
+                            .overhead
+                            .observe(headers_at.saturating_sub(*wait).as_secs_f64());
                     }
                     response
                 }
                 Err(err) => {
                     // Errors answered without an upstream exchange are all sidelight's time.
                     if !err.involves_upstream() {
-                        info.route_metrics.overhead.observe(headers_at.as_secs_f64());
+                        info.route_metrics
+                            .overhead
+                            .observe(headers_at.as_secs_f64());
                     }
-                    info.metrics.errors.with_label_values(&[&info.route, err.kind()]).inc();
+                    info.metrics
+                        .errors
+                        .with_label_values(&[&info.route, err.kind()])
+                        .inc();
                     tracing::debug!(request_id = ?id, error = %err, "request failed");
                     record.error = Some(err.kind());
                     err.to_response(Some(&id))
@@ -129,7 +140,12 @@ where
             let class = status_class(response.status());
             info.metrics
                 .requests
-                .with_label_values(&[&info.route, &info.upstream, method_label(&record.method), class])
+                .with_label_values(&[
+                    &info.route,
+                    &info.upstream,
+                    method_label(&record.method),
+                    class,
+                ])
                 .inc();
             record.outcome = Outcome::Streaming;
             Ok(response.map(|body| Observed::boxed(body, record)))
@@ -204,7 +220,12 @@ impl Drop for Record {
             // Counted like nginx's 499 so that abandoned requests are visible in rates.
             info.metrics
                 .requests
-                .with_label_values(&[&info.route, &info.upstream, method_label(&self.method), "4xx"])
+                .with_label_values(&[
+                    &info.route,
+                    &info.upstream,
+                    method_label(&self.method),
+                    "4xx",
+                ])
                 .inc();
         }
         if !info.access_log {

@@ -12,7 +12,13 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(name: String, prefix: String, host: Option<String>, listener: Option<usize>, service: RouteService) -> Self {
+    pub fn new(
+        name: String,
+        prefix: String,
+        host: Option<String>,
+        listener: Option<usize>,
+        service: RouteService,
+    ) -> Self {
         Route {
             name,
             prefix,
@@ -66,10 +72,15 @@ impl Router {
     /// `host` may carry a port; it is compared without it, case-insensitively.
     pub fn find(&self, listener: usize, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(|h| {
-            let h = h.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(name, _)| name);
+            let h = h
+                .rsplit_once(':')
+                .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(h, |(name, _)| name);
             h.to_ascii_lowercase()
         });
-        self.routes.iter().find(|r| r.matches(listener, host.as_deref(), path))
+        self.routes
+            .iter()
+            .find(|r| r.matches(listener, host.as_deref(), path))
     }
 }
 
@@ -79,13 +90,21 @@ mod tests {
     use crate::error::ProxyError;
 
     fn svc() -> RouteService {
-        RouteService::new(tower::service_fn(|_req: super::super::ProxyRequest| async {
-            Err::<super::super::ProxyResponse, _>(ProxyError::Internal("test".into()))
-        }))
+        RouteService::new(tower::service_fn(
+            |_req: super::super::ProxyRequest| async {
+                Err::<super::super::ProxyResponse, _>(ProxyError::Internal("test".into()))
+            },
+        ))
     }
 
     fn route(name: &str, prefix: &str, host: Option<&str>, listener: Option<usize>) -> Route {
-        Route::new(name.into(), prefix.into(), host.map(Into::into), listener, svc())
+        Route::new(
+            name.into(),
+            prefix.into(),
+            host.map(Into::into),
+            listener,
+            svc(),
+        )
     }
 
     #[test]
@@ -101,7 +120,12 @@ mod tests {
             ],
             svc(),
         );
-        let name = |l, h, p| router.find(l, h, p).map(|r| r.name.clone()).unwrap_or_default();
+        let name = |l, h, p| {
+            router
+                .find(l, h, p)
+                .map(|r| r.name.clone())
+                .unwrap_or_default()
+        };
         assert_eq!(name(0, None, "/openai/v1/chat"), "openai");
         assert_eq!(name(0, None, "/openai"), "openai");
         assert_eq!(name(0, None, "/openaix"), "root");

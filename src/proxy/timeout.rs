@@ -59,7 +59,10 @@ pub struct Timeout<S> {
 
 impl<S> Service<ProxyRequest> for Timeout<S>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture> + Clone + Send + 'static,
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
 {
     type Response = ProxyResponse;
     type Error = ProxyError;
@@ -85,7 +88,9 @@ where
                 Ok(Ok(response)) => Ok(response.map(|body| {
                     TimedBody {
                         inner: body,
-                        sleep: Box::pin(tokio::time::sleep_until((Instant::now() + t.idle).min(deadline))),
+                        sleep: Box::pin(tokio::time::sleep_until(
+                            (Instant::now() + t.idle).min(deadline),
+                        )),
                         deadline,
                         timeouts: t.clone(),
                     }
@@ -127,7 +132,10 @@ impl Body for TimedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -185,17 +193,27 @@ mod tests {
             total: Duration::from_millis(total),
             metrics: UpstreamMetrics {
                 response_time: metrics.upstream_response.with_label_values(&[name]),
-                reset: metrics.upstream_failures.with_label_values(&[name, "reset"]),
+                reset: metrics
+                    .upstream_failures
+                    .with_label_values(&[name, "reset"]),
                 body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
-                first_byte_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "first_byte"]),
+                first_byte_timeouts: metrics
+                    .upstream_timeouts
+                    .with_label_values(&[name, "first_byte"]),
                 idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
-                total_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "total"]),
+                total_timeouts: metrics
+                    .upstream_timeouts
+                    .with_label_values(&[name, "total"]),
             },
         }
     }
 
     /// A service whose response headers come after `headers_after`, then one chunk every `gap`.
-    fn upstream(headers_after: u64, gap: u64, chunks: usize) -> tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError> {
+    fn upstream(
+        headers_after: u64,
+        gap: u64,
+        chunks: usize,
+    ) -> tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError> {
         tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: ProxyRequest| {
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(headers_after)).await;
@@ -211,15 +229,25 @@ mod tests {
         }))
     }
 
-    async fn run(t: Timeouts, svc: tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>) -> Result<usize, String> {
+    async fn run(
+        t: Timeouts,
+        svc: tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>,
+    ) -> Result<usize, String> {
         let mut svc = TimeoutLayer::new(t).layer(svc);
-        let response = svc.call(http::Request::new(full(""))).await.map_err(|e| e.kind().to_string())?;
+        let response = svc
+            .call(http::Request::new(full("")))
+            .await
+            .map_err(|e| e.kind().to_string())?;
         let mut body = response.into_body();
         let mut n = 0;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(_) => n += 1,
-                Err(e) => return Err(e.downcast_ref::<ProxyError>().map_or("?".into(), |e| e.kind().to_string())),
+                Err(e) => {
+                    return Err(e
+                        .downcast_ref::<ProxyError>()
+                        .map_or("?".into(), |e| e.kind().to_string()))
+                }
             }
         }
         Ok(n)
@@ -227,12 +255,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_timeout_kind() {
-        assert_eq!(run(timeouts(100, 50, 10_000), upstream(10, 10, 5)).await, Ok(5));
-        assert_eq!(run(timeouts(100, 50, 10_000), upstream(200, 10, 5)).await, Err("upstream_first_byte_timeout".into()));
-        assert_eq!(run(timeouts(100, 50, 10_000), upstream(10, 80, 5)).await, Err("upstream_idle_timeout".into()));
+        assert_eq!(
+            run(timeouts(100, 50, 10_000), upstream(10, 10, 5)).await,
+            Ok(5)
+        );
+        assert_eq!(
+            run(timeouts(100, 50, 10_000), upstream(200, 10, 5)).await,
+            Err("upstream_first_byte_timeout".into())
+        );
+        assert_eq!(
+            run(timeouts(100, 50, 10_000), upstream(10, 80, 5)).await,
+            Err("upstream_idle_timeout".into())
+        );
         // Each gap is fine, the sum is not.
-        assert_eq!(run(timeouts(100, 50, 200), upstream(10, 40, 10)).await, Err("upstream_total_timeout".into()));
+        assert_eq!(
+            run(timeouts(100, 50, 200), upstream(10, 40, 10)).await,
+            Err("upstream_total_timeout".into())
+        );
         // The total deadline also bounds the wait for headers.
-        assert_eq!(run(timeouts(1000, 50, 200), upstream(500, 10, 1)).await, Err("upstream_total_timeout".into()));
+        assert_eq!(
+            run(timeouts(1000, 50, 200), upstream(500, 10, 1)).await,
+            Err("upstream_total_timeout".into())
+        );
     }
 }

@@ -68,7 +68,11 @@ pub struct CountingConnector {
 }
 
 impl CountingConnector {
-    pub fn new(inner: HttpsConnector<HttpConnector>, timeout: Duration, metrics: ConnMetrics) -> Self {
+    pub fn new(
+        inner: HttpsConnector<HttpConnector>,
+        timeout: Duration,
+        metrics: ConnMetrics,
+    ) -> Self {
         CountingConnector {
             inner,
             timeout,
@@ -90,7 +94,9 @@ fn classify(err: &BoxError) -> &'static str {
         cur = match e.downcast_ref::<io::Error>() {
             Some(io) if io.kind() == io::ErrorKind::ConnectionRefused => return "refused",
             // io::Error's source() skips the error it wraps; step into that one instead.
-            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => e.source(),
         };
     }
@@ -167,13 +173,21 @@ impl<T: Connection> Connection for Counted<T> {
 }
 
 impl<T: Read> Read for Counted<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         self.project().inner.poll_read(cx, buf)
     }
 }
 
 impl<T: Write> Write for Counted<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 

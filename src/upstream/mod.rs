@@ -81,8 +81,10 @@ impl Upstream {
                 endpoint: key.clone(),
                 message: message.into(),
             };
-            let header_name = HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad("invalid header name"))?;
-            let mut header_value = HeaderValue::from_str(&value.value).map_err(|_| bad("invalid header value"))?;
+            let header_name =
+                HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad("invalid header name"))?;
+            let mut header_value =
+                HeaderValue::from_str(&value.value).map_err(|_| bad("invalid header value"))?;
             header_value.set_sensitive(true);
             headers.push((header_name, header_value));
         }
@@ -105,12 +107,21 @@ impl Upstream {
             https.wrap_connector(http)
         };
         let conn_metrics = ConnMetrics {
-            opened: metrics.upstream_connections_opened.with_label_values(&[name]),
-            closed: metrics.upstream_connections_closed.with_label_values(&[name]),
+            opened: metrics
+                .upstream_connections_opened
+                .with_label_values(&[name]),
+            closed: metrics
+                .upstream_connections_closed
+                .with_label_values(&[name]),
             open: metrics.upstream_connections_open.with_label_values(&[name]),
-            errors: crate::metrics::CONNECT_ERROR_KINDS
-                .map(|kind| metrics.upstream_connect_errors.with_label_values(&[name, kind])),
-            timeouts: metrics.upstream_timeouts.with_label_values(&[name, "connect"]),
+            errors: crate::metrics::CONNECT_ERROR_KINDS.map(|kind| {
+                metrics
+                    .upstream_connect_errors
+                    .with_label_values(&[name, kind])
+            }),
+            timeouts: metrics
+                .upstream_timeouts
+                .with_label_values(&[name, "connect"]),
         };
         let connector = CountingConnector::new(https, config.timeouts.connect, conn_metrics);
         // Plain-http upstreams with http2 on speak h2c with prior knowledge; https ones negotiate
@@ -128,11 +139,17 @@ impl Upstream {
 
         let upstream_metrics = UpstreamMetrics {
             response_time: metrics.upstream_response.with_label_values(&[name]),
-            reset: metrics.upstream_failures.with_label_values(&[name, "reset"]),
+            reset: metrics
+                .upstream_failures
+                .with_label_values(&[name, "reset"]),
             body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
-            first_byte_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "first_byte"]),
+            first_byte_timeouts: metrics
+                .upstream_timeouts
+                .with_label_values(&[name, "first_byte"]),
             idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
-            total_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "total"]),
+            total_timeouts: metrics
+                .upstream_timeouts
+                .with_label_values(&[name, "total"]),
         };
         Ok(Upstream {
             name: Arc::from(name),
