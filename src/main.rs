@@ -54,7 +54,11 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     sidelight::telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Worker 0 and the admin port run here; other workers get their own threads (server.rs).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

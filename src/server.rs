@@ -1,5 +1,11 @@
 //! Starting and stopping a whole sidelight: build the stacks, bind every listener, serve, and
 //! drain on request. `main` and the integration tests both use this.
+//!
+//! Threading follows nginx and Envoy: `runtime.workers` threads, each with its own
+//! single-threaded tokio runtime, its own `SO_REUSEPORT` socket per listener (the kernel spreads
+//! connections across them) and its own upstream pools. A request never changes threads, so
+//! there are no cross-thread wake-ups on the hot path. Worker 0 runs on the caller's runtime,
+//! which also serves the admin port. Metrics and the in-flight limit are shared.
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
@@ -7,10 +13,10 @@ use crate::metrics::Metrics;
 use crate::proxy::entry::Entry;
 use crate::proxy::listener::{self, ListenerTask};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +29,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Build(#[from] crate::upstream::BuildError),
+    #[error("cannot start worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
 pub struct Sidelight;
@@ -33,65 +41,144 @@ pub struct Running {
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// How many worker threads serve the listeners.
+    pub workers: usize,
     ready: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     /// The admin port outlives the drain; dropping this stops it.
     _admin_stop: watch::Sender<()>,
+    /// Worker 0's listener tasks, on the caller's runtime.
     tasks: Vec<JoinHandle<bool>>,
+    /// The other workers report whether they drained cleanly.
+    worker_done: Vec<oneshot::Receiver<bool>>,
     admin_task: JoinHandle<()>,
 }
 
-async fn bind(field: String, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            field,
-            addr,
-            source,
-        })
+/// Binds `addr` with `SO_REUSEPORT`, so each worker can have its own socket on the same port.
+fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind {
+        field: field.to_string(),
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+fn local_addr(
+    field: &str,
+    listener: &TcpListener,
+    configured: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        field: field.to_string(),
+        addr: configured,
+        source,
+    })
+}
+
+/// Serves one worker's sockets until `stop`; true if every connection drained in time.
+async fn serve_worker(
+    config: Arc<Config>,
+    entry: Entry,
+    sockets: Vec<TcpListener>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> bool {
+    let mut tasks = Vec::new();
+    for (index, (l, listener)) in config.listeners.iter().zip(sockets).enumerate() {
+        let task = ListenerTask {
+            name: l.name.clone(),
+            index,
+            listener,
+            entry: entry.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.push(tokio::spawn(listener::serve(
+            task,
+            stop.clone(),
+            config.shutdown.drain_timeout,
+        )));
+    }
+    let mut clean = true;
+    for task in tasks {
+        clean &= task.await.unwrap_or(false);
+    }
+    clean
 }
 
 impl Sidelight {
     pub async fn start(config: Config) -> Result<Running, StartError> {
+        let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        let entry = Entry::build(&config, &metrics)?;
-        let mut bound = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            bound.push(bind(format!("listeners[{i}].address"), l.address).await?);
-        }
-        let admin_listener = bind("admin.address".into(), config.admin.address).await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                field: "admin.address".into(),
-                addr: config.admin.address,
-                source,
-            })?;
+        let workers = config.runtime.effective_workers();
+        // One limit across all workers.
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let entry = Entry::build(&config, &metrics, in_flight.clone())?;
 
-        let (stop, stop_rx) = watch::channel(false);
+        // Bind every socket before serving any, so a taken port fails the start cleanly.
         let mut listeners = Vec::new();
-        let mut tasks = Vec::new();
-        for (index, (l, listener)) in config.listeners.iter().zip(bound).enumerate() {
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                field: format!("listeners[{index}].address"),
-                addr: l.address,
-                source,
-            })?;
+        let mut sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}].address");
+            let first = bind(&field, l.address)?;
+            // With port 0 the first socket picks the port; the others join it.
+            let addr = local_addr(&field, &first, l.address)?;
+            sockets[0].push(first);
+            for worker in sockets.iter_mut().skip(1) {
+                worker.push(bind(&field, addr)?);
+            }
             listeners.push(addr);
             metrics.init_listener(&l.name);
-            let task = ListenerTask {
-                name: l.name.clone(),
-                index,
-                listener,
-                entry: entry.clone(),
-                metrics: metrics.clone(),
-            };
-            tasks.push(tokio::spawn(listener::serve(
-                task,
+        }
+        let admin_listener = bind("admin.address", config.admin.address)?;
+        let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut sockets = sockets.into_iter();
+        let own = sockets.next().unwrap_or_default();
+        let mut worker_done = Vec::new();
+        for (n, worker_sockets) in sockets.enumerate() {
+            // Sockets must be registered with the runtime that polls them: hand them over as std.
+            let std_sockets = worker_sockets
+                .into_iter()
+                .map(|s| s.into_std())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StartError::Worker)?;
+            let (done_tx, done_rx) = oneshot::channel();
+            let (config, metrics, stop_rx, in_flight) = (
+                config.clone(),
+                metrics.clone(),
                 stop_rx.clone(),
-                config.shutdown.drain_timeout,
-            )));
-            tracing::info!(listener = %l.name, address = %addr, "listening");
+                in_flight.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("sidelight-worker-{}", n + 1))
+                .spawn(move || {
+                    let clean = run_worker(config, metrics, std_sockets, stop_rx, in_flight);
+                    let _ = done_tx.send(clean);
+                })
+                .map_err(StartError::Worker)?;
+            worker_done.push(done_rx);
+        }
+        let tasks = vec![tokio::spawn(serve_worker(
+            config.clone(),
+            entry,
+            own,
+            metrics.clone(),
+            stop_rx,
+        ))];
+        for (l, addr) in config.listeners.iter().zip(&listeners) {
+            tracing::info!(listener = %l.name, address = %addr, workers, "listening");
         }
 
         let ready = Arc::new(AtomicBool::new(true));
@@ -108,13 +195,56 @@ impl Sidelight {
             listeners,
             admin: admin_addr,
             metrics,
+            workers,
             ready,
             stop,
             _admin_stop: admin_stop,
             tasks,
+            worker_done,
             admin_task,
         })
     }
+}
+
+/// The body of worker threads 1..N: a single-threaded runtime with its own stacks and pools.
+fn run_worker(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    sockets: Vec<std::net::TcpListener>,
+    stop: watch::Receiver<bool>,
+    in_flight: Arc<AtomicUsize>,
+) -> bool {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot start its runtime");
+            return false;
+        }
+    };
+    runtime.block_on(async move {
+        // Worker 0 built the same stacks from the same config already, so this succeeds.
+        let entry = match Entry::build(&config, &metrics, in_flight) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot build its stacks");
+                return false;
+            }
+        };
+        let mut listeners = Vec::new();
+        for socket in sockets {
+            match TcpListener::from_std(socket) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    tracing::error!(error = %e, "worker cannot register its socket");
+                    return false;
+                }
+            }
+        }
+        serve_worker(config, entry, listeners, metrics, stop).await
+    })
 }
 
 impl Running {
@@ -128,6 +258,9 @@ impl Running {
         let mut clean = true;
         for task in self.tasks {
             clean &= task.await.unwrap_or(false);
+        }
+        for done in self.worker_done {
+            clean &= done.await.unwrap_or(false);
         }
         self.admin_task.abort();
         clean

@@ -114,3 +114,60 @@ async fn port_in_use_names_the_field() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn several_workers_share_the_port_and_drain_together() {
+    let up = server::http1()
+        .route("/", "ok")
+        .route_with_latency("/slow", "slow done", Duration::from_millis(300))
+        .run()
+        .await;
+    let yaml = format!("runtime: {{ workers: 2 }}\n{}", config(&up.url(), "10s"));
+    let mut proxy = proxy::start(&yaml).await;
+    // New client connections are spread over both workers' sockets by the kernel; each worker
+    // keeps its own upstream pool, so the upstream sees exactly one connection per worker.
+    let client = support::client_no_pool();
+    for _ in 0..40 {
+        let response = client
+            .request(
+                http::Request::get(proxy.url("/"))
+                    .body(sidelight::proxy::body::full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(support::collect(response).await.body, "ok");
+    }
+    assert_eq!(
+        up.connections(),
+        2,
+        "one pooled upstream connection per worker"
+    );
+
+    // Requests in flight on any worker finish before shutdown completes.
+    let mut slow = Vec::new();
+    for _ in 0..6 {
+        let url = proxy.url("/slow");
+        slow.push(tokio::spawn(async move {
+            support::client_no_pool()
+                .request(
+                    http::Request::get(url)
+                        .body(sidelight::proxy::body::full(""))
+                        .unwrap(),
+                )
+                .await
+        }));
+    }
+    support::eventually(
+        "all slow requests reached the upstream",
+        Duration::from_secs(5),
+        || async { up.request_count() == 46 },
+    )
+    .await;
+    let drained = proxy.shutdown().await;
+    for s in slow {
+        let answer = support::collect(s.await.unwrap().unwrap()).await;
+        assert_eq!(answer.body, "slow done");
+    }
+    assert!(drained);
+}

@@ -42,6 +42,8 @@ pub struct Config {
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -103,6 +105,24 @@ pub struct ShutdownConfig {
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads, each with its own event loop, sockets and upstream pools (like nginx's
+    /// worker_processes or Envoy's concurrency). 0: one per CPU available to the process.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    pub fn effective_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

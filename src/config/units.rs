@@ -21,19 +21,20 @@ impl ByteSize {
         let n: u64 = digits.parse().map_err(|_| {
             format!("invalid size {text:?}: expected e.g. 1048576, 512KiB or 10MiB")
         })?;
-        let multiplier: u64 =
-            match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 1,
-                "kb" => 1000,
-                "kib" | "k" => 1024,
-                "mb" => 1000 * 1000,
-                "mib" | "m" => 1024 * 1024,
-                "gb" => 1000 * 1000 * 1000,
-                "gib" | "g" => 1024 * 1024 * 1024,
-                other => return Err(format!(
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" | "k" => 1024,
+            "mb" => 1000 * 1000,
+            "mib" | "m" => 1024 * 1024,
+            "gb" => 1000 * 1000 * 1000,
+            "gib" | "g" => 1024 * 1024 * 1024,
+            other => {
+                return Err(format!(
                     "invalid size unit {other:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB"
-                )),
-            };
+                ))
+            }
+        };
         n.checked_mul(multiplier)
             .map(ByteSize)
             .ok_or_else(|| format!("size {text:?} is too large"))

@@ -55,6 +55,9 @@ pub(super) fn validate(
     check_log(config, &mut errs);
     check_upstreams(config, env, &mut errs);
     check_routes(config, &mut errs);
+    if config.runtime.workers > 256 {
+        errs.add("runtime.workers", "at most 256 (0 means one per CPU)");
+    }
     if config.limits.max_in_flight_requests == 0 {
         errs.add("limits.max_in_flight_requests", "must be at least 1");
     }

@@ -31,27 +31,73 @@ pub const TIMEOUT_KINDS: &[&str] = &["connect", "first_byte", "idle", "total"];
 /// Failures of an established upstream exchange: a closed set.
 pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "body"];
 
-/// The method label: the standard methods, anything else is `other`.
-pub fn method_label(method: &http::Method) -> &'static str {
+/// Values of the `method` label: the standard methods, anything else is `other`.
+pub const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "other",
+];
+/// Values of the `status_class` label.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_index(method: &http::Method) -> usize {
     match *method {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::PATCH => "PATCH",
-        _ => "other",
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::HEAD => 4,
+        http::Method::OPTIONS => 5,
+        http::Method::PATCH => 6,
+        _ => 7,
     }
 }
 
-pub fn status_class(status: http::StatusCode) -> &'static str {
+fn status_index(status: http::StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+pub fn method_label(method: &http::Method) -> &'static str {
+    METHODS[method_index(method)]
+}
+
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    STATUS_CLASSES[status_index(status)]
+}
+
+/// `sidelight_requests_total` children of one route, created on first use and then reached
+/// without hashing labels on every request.
+pub struct RequestCounters {
+    vec: IntCounterVec,
+    route: String,
+    upstream: String,
+    children: [[std::sync::OnceLock<IntCounter>; 5]; 8],
+}
+
+impl RequestCounters {
+    pub fn new(metrics: &Metrics, route: &str, upstream: &str) -> Self {
+        RequestCounters {
+            vec: metrics.requests.clone(),
+            route: route.to_string(),
+            upstream: upstream.to_string(),
+            children: Default::default(),
+        }
+    }
+
+    pub fn get(&self, method: &http::Method, status: http::StatusCode) -> &IntCounter {
+        let (m, s) = (method_index(method), status_index(status));
+        self.children[m][s].get_or_init(|| {
+            self.vec.with_label_values(&[
+                &self.route,
+                &self.upstream,
+                METHODS[m],
+                STATUS_CLASSES[s],
+            ])
+        })
     }
 }
 

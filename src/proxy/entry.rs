@@ -6,7 +6,7 @@ use super::limit::{BodyLimitLayer, OverloadLayer};
 use super::observe::ObserveLayer;
 use super::router::{Route, Router};
 use super::timeout::{TimeoutLayer, Timeouts};
-use super::{headers, ProxyResponse, RequestMeta, RouteService};
+use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
@@ -16,7 +16,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -30,15 +29,16 @@ pub struct Entry {
 
 impl Entry {
     /// Builds every route's stack. Upstreams are built once and shared by their routes.
+    /// `in_flight` is shared by every worker: `limits.max_in_flight_requests` is process-wide.
     pub fn build(
         config: &Config,
         metrics: &Arc<Metrics>,
+        in_flight: Arc<AtomicUsize>,
     ) -> Result<Entry, crate::upstream::BuildError> {
         let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
         for u in &config.upstreams {
             upstreams.insert(u.name.as_str(), Arc::new(Upstream::build(u, metrics)?));
         }
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let overload = OverloadLayer::new(
             in_flight,
             config.limits.max_in_flight_requests,
@@ -110,33 +110,30 @@ impl Entry {
         &self,
         req: Request<Incoming>,
         listener: usize,
-        client: SocketAddr,
+        client: &Peer,
     ) -> Pin<Box<dyn Future<Output = ProxyResponse> + Send>> {
         let id = headers::request_id(req.headers());
         let mut req = req.map(|body| body.map_err(crate::BoxError::from).boxed_unsync());
         req.headers_mut().insert(headers::REQUEST_ID, id.clone());
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
+        let host = if self.router.matches_hosts() {
+            req.uri().authority().map(|a| a.as_str()).or_else(|| {
                 req.headers()
                     .get(http::header::HOST)
                     .and_then(|h| h.to_str().ok())
             })
-            .map(str::to_owned);
-        req.extensions_mut().insert(RequestMeta {
-            id: id.clone(),
-            start: Instant::now(),
-            client,
-        });
-        let mut service = match self
-            .router
-            .find(listener, host.as_deref(), req.uri().path())
-        {
+        } else {
+            None
+        };
+        let route = self.router.find(listener, host, req.uri().path());
+        let mut service = match route {
             Some(route) => route.service.clone(),
             None => self.router.unmatched.clone(),
         };
+        req.extensions_mut().insert(RequestMeta {
+            id: id.clone(),
+            start: Instant::now(),
+            client: client.clone(),
+        });
         // Every layer is always ready (limits answer with errors, not backpressure), so the
         // stack is called without polling readiness first.
         let response = service.call(req);

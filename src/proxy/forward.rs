@@ -100,17 +100,22 @@ impl Service<ProxyRequest> for Forward {
             Ok(uri) => uri,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
-        let (client_addr, request_id) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) => (meta.client, meta.id.clone()),
+        let (client_ip, request_id) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (meta.client.ip.clone(), meta.id.clone()),
             None => (
-                std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                HeaderValue::from_static("unknown"),
                 HeaderValue::from_static("-"),
             ),
         };
         *req.uri_mut() = uri;
         // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version is irrelevant.
         *req.version_mut() = Version::HTTP_11;
-        headers::to_upstream(req.headers_mut(), client_addr, &upstream.headers);
+        headers::to_upstream(
+            req.headers_mut(),
+            &client_ip,
+            &endpoint.host_header,
+            &upstream.headers,
+        );
 
         Box::pin(async move {
             let sent = Instant::now();
@@ -172,6 +177,7 @@ mod tests {
             scheme: http::uri::Scheme::HTTP,
             authority: "up:80".parse().unwrap(),
             base_path: base.into(),
+            host_header: HeaderValue::from_static("up"),
         }
     }
 

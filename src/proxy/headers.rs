@@ -2,7 +2,6 @@
 //! headers, request ids).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::SocketAddr;
 
 pub const REQUEST_ID: &str = "x-request-id";
 /// The upstream's own request id (OpenAI sends one) when it differs from ours.
@@ -35,14 +34,27 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One pass over the (few) headers present is far cheaper than hashing every name in the
+    // list for a removal that usually finds nothing.
+    let any = headers
+        .keys()
+        .any(|k| k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // hyper frames bodies itself; a stale transfer-encoding would contradict it.
@@ -50,24 +62,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares a client's headers for the upstream: hop-by-hop headers out, forwarding headers in,
-/// `Host` left to the client (it is set from the upstream URL), configured headers on top.
+/// `Host` set to the upstream's (the client's goes to `x-forwarded-host`), configured headers
+/// on top.
 pub fn to_upstream(
     headers: &mut HeaderMap,
-    client: SocketAddr,
+    client_ip: &HeaderValue,
+    host: &HeaderValue,
     added: &[(HeaderName, HeaderValue)],
 ) {
     strip_hop_by_hop(headers);
-    if let Some(host) = headers.remove(header::HOST) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    if let Some(original) = headers.insert(header::HOST, host.clone()) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), original);
     }
-    let ip = client.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let joined = match headers.get(&xff) {
+        Some(prior) if !prior.is_empty() => {
+            let mut v = Vec::with_capacity(prior.len() + 2 + client_ip.len());
+            v.extend_from_slice(prior.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    headers.insert(xff, joined.unwrap_or_else(|| client_ip.clone()));
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static("http"),
@@ -107,11 +125,16 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
         h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
         let added = [(header::AUTHORIZATION, HeaderValue::from_static("Bearer up"))];
-        to_upstream(&mut h, "127.0.0.1:5000".parse().unwrap(), &added);
+        to_upstream(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            &HeaderValue::from_static("up.example"),
+            &added,
+        );
         assert!(h.get("x-secret-hop").is_none());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(header::CONNECTION).is_none());
-        assert!(h.get(header::HOST).is_none());
+        assert_eq!(h[header::HOST], "up.example");
         assert_eq!(h["x-forwarded-host"], "localhost:8080");
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -2,6 +2,7 @@
 //! stop; then lets in-flight requests finish, up to the drain deadline.
 
 use super::entry::Entry;
+use super::Peer;
 use crate::metrics::Metrics;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -75,9 +76,10 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         accepted.inc();
         open.inc();
         let entry = entry.clone();
+        let client = Peer::new(peer);
         let service = service_fn(move |req| {
-            let entry = entry.clone();
-            async move { Ok::<_, Infallible>(entry.handle(req, index, peer).await) }
+            let response = entry.handle(req, index, &client);
+            async move { Ok::<_, Infallible>(response.await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

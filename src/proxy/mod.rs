@@ -39,7 +39,23 @@ pub type RouteService = tower::util::BoxCloneSyncService<ProxyRequest, ProxyResp
 pub struct RequestMeta {
     pub id: HeaderValue,
     pub start: Instant,
-    pub client: SocketAddr,
+    pub client: Peer,
+}
+
+/// The client end of a connection, worked out once per connection rather than per request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The IP as text, for `x-forwarded-for`.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
 }
 
 /// Set by the forwarding service on responses it got from upstream: how long sidelight waited

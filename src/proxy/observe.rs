@@ -5,9 +5,10 @@
 use super::body::{BodyObserver, Observed};
 use super::{ProxyFuture, ProxyRequest, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
-use crate::metrics::{method_label, status_class, Metrics, RouteMetrics};
+use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
 use crate::BoxError;
 use http::{HeaderValue, Method, StatusCode};
+use http_body::Body as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,6 +21,7 @@ struct RouteInfo {
     upstream: Arc<str>,
     metrics: Arc<Metrics>,
     route_metrics: RouteMetrics,
+    requests: RequestCounters,
     access_log: bool,
 }
 
@@ -35,6 +37,7 @@ impl ObserveLayer {
             info: Arc::new(RouteInfo {
                 route: Arc::from(route),
                 upstream: Arc::from(upstream),
+                requests: RequestCounters::new(&metrics, route, upstream),
                 metrics,
                 route_metrics,
                 access_log,
@@ -84,13 +87,15 @@ where
             Some(meta) => (meta.id.clone(), meta.start),
             None => (HeaderValue::from_static("-"), Instant::now()),
         };
-        let request_bytes = Arc::new(AtomicU64::new(0));
+        // Most LLM-gateway GETs and many POSTs are small; a body with nothing to count is not
+        // wrapped at all.
+        let request_bytes = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
         let mut record = Record {
             info: info.clone(),
             id: id.clone(),
             start,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             status: None,
             error: None,
             request_bytes: request_bytes.clone(),
@@ -98,15 +103,18 @@ where
             outcome: Outcome::Cancelled,
         };
         info.route_metrics.in_flight.inc();
-        let req = req.map(|body| {
-            Observed::boxed(
-                body,
-                CountBytes {
-                    counter: info.route_metrics.request_bytes.clone(),
-                    total: request_bytes,
-                },
-            )
-        });
+        let req = match request_bytes {
+            Some(total) => req.map(|body| {
+                Observed::boxed(
+                    body,
+                    CountBytes {
+                        counter: info.route_metrics.request_bytes.clone(),
+                        total,
+                    },
+                )
+            }),
+            None => req,
+        };
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let result = inner.call(req).await;
@@ -137,16 +145,7 @@ where
                 }
             };
             record.status = Some(response.status());
-            let class = status_class(response.status());
-            info.metrics
-                .requests
-                .with_label_values(&[
-                    &info.route,
-                    &info.upstream,
-                    method_label(&record.method),
-                    class,
-                ])
-                .inc();
+            info.requests.get(&record.method, response.status()).inc();
             record.outcome = Outcome::Streaming;
             Ok(response.map(|body| Observed::boxed(body, record)))
         })
@@ -182,10 +181,10 @@ struct Record {
     id: HeaderValue,
     start: Instant,
     method: Method,
-    path: String,
+    uri: http::Uri,
     status: Option<StatusCode>,
     error: Option<&'static str>,
-    request_bytes: Arc<AtomicU64>,
+    request_bytes: Option<Arc<AtomicU64>>,
     response_bytes: u64,
     outcome: Outcome,
 }
@@ -218,14 +217,11 @@ impl Drop for Record {
         m.response_bytes.inc_by(self.response_bytes);
         if self.outcome == Outcome::Cancelled {
             // Counted like nginx's 499 so that abandoned requests are visible in rates.
-            info.metrics
-                .requests
-                .with_label_values(&[
-                    &info.route,
-                    &info.upstream,
-                    method_label(&self.method),
-                    "4xx",
-                ])
+            info.requests
+                .get(
+                    &self.method,
+                    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                )
                 .inc();
         }
         if !info.access_log {
@@ -244,10 +240,10 @@ impl Drop for Record {
             route = &*info.route,
             upstream = &*info.upstream,
             method = self.method.as_str(),
-            path = self.path.as_str(),
+            path = self.uri.path(),
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            request_bytes = self.request_bytes.load(Ordering::Relaxed),
+            request_bytes = self.request_bytes.as_ref().map_or(0, |b| b.load(Ordering::Relaxed)),
             response_bytes = self.response_bytes,
             outcome,
             error = self.error.unwrap_or(""),

@@ -58,6 +58,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 pub struct Router {
     routes: Vec<Route>,
+    /// Whether any route matches on the host; if none does, requests skip looking it up.
+    matches_hosts: bool,
     /// The stack that answers requests no route matches (404, still observed).
     pub unmatched: RouteService,
 }
@@ -66,7 +68,16 @@ impl Router {
     pub fn new(mut routes: Vec<Route>, unmatched: RouteService) -> Self {
         // Stable sort: among equal prefixes the file order decides.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len() + usize::from(r.host.is_some())));
-        Router { routes, unmatched }
+        let matches_hosts = routes.iter().any(|r| r.host.is_some());
+        Router {
+            routes,
+            matches_hosts,
+            unmatched,
+        }
+    }
+
+    pub fn matches_hosts(&self) -> bool {
+        self.matches_hosts
     }
 
     /// `host` may carry a port; it is compared without it, case-insensitively.

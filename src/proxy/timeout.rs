@@ -88,9 +88,8 @@ where
                 Ok(Ok(response)) => Ok(response.map(|body| {
                     TimedBody {
                         inner: body,
-                        sleep: Box::pin(tokio::time::sleep_until(
-                            (Instant::now() + t.idle).min(deadline),
-                        )),
+                        sleep: None,
+                        expires: (Instant::now() + t.idle).min(deadline),
                         deadline,
                         timeouts: t.clone(),
                     }
@@ -117,12 +116,15 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body under the idle and total deadlines. One timer serves both: it is set to
-    /// whichever comes first and moved on after every chunk.
+    /// A response body under the idle and total deadlines. One timer serves both, set to
+    /// whichever comes first; it is only armed when the body actually has to wait, so chunks
+    /// that are already there cost no timer work.
     struct TimedBody {
         #[pin]
         inner: ProxyBody,
-        sleep: Pin<Box<Sleep>>,
+        sleep: Option<Pin<Box<Sleep>>>,
+        // When the current wait for a chunk expires: min(last chunk + idle, deadline).
+        expires: Instant,
         deadline: Instant,
         timeouts: Arc<Timeouts>,
     }
@@ -139,31 +141,39 @@ impl Body for TimedBody {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next = (Instant::now() + this.timeouts.idle).min(*this.deadline);
-                this.sleep.as_mut().reset(next);
+                *this.expires = (Instant::now() + this.timeouts.idle).min(*this.deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(()) => {
-                    let t = &this.timeouts;
-                    let err = if Instant::now() >= *this.deadline {
-                        t.metrics.total_timeouts.inc();
-                        ProxyError::TotalTimeout {
-                            upstream: t.upstream.to_string(),
-                            timeout: t.total,
-                        }
-                    } else {
-                        t.metrics.idle_timeouts.inc();
-                        ProxyError::IdleTimeout {
-                            upstream: t.upstream.to_string(),
-                            timeout: t.idle,
-                        }
-                    };
-                    tracing::warn!(error = %err, "response body cut");
-                    Poll::Ready(Some(Err(err.into())))
+            Poll::Pending => {
+                let expires = *this.expires;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires)));
+                if sleep.deadline() != expires {
+                    sleep.as_mut().reset(expires);
                 }
-            },
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => {
+                        let t = &this.timeouts;
+                        let err = if Instant::now() >= *this.deadline {
+                            t.metrics.total_timeouts.inc();
+                            ProxyError::TotalTimeout {
+                                upstream: t.upstream.to_string(),
+                                timeout: t.total,
+                            }
+                        } else {
+                            t.metrics.idle_timeouts.inc();
+                            ProxyError::IdleTimeout {
+                                upstream: t.upstream.to_string(),
+                                timeout: t.idle,
+                            }
+                        };
+                        tracing::warn!(error = %err, "response body cut");
+                        Poll::Ready(Some(Err(err.into())))
+                    }
+                }
+            }
             other => other,
         }
     }

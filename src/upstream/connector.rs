@@ -11,6 +11,7 @@ use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -64,7 +65,8 @@ pub struct ConnMetrics {
 pub struct CountingConnector {
     inner: HttpsConnector<HttpConnector>,
     timeout: Duration,
-    metrics: ConnMetrics,
+    // hyper-util clones the connector for every request, pooled or not: keep that one refcount.
+    metrics: Arc<ConnMetrics>,
 }
 
 impl CountingConnector {
@@ -76,7 +78,7 @@ impl CountingConnector {
         CountingConnector {
             inner,
             timeout,
-            metrics,
+            metrics: Arc::new(metrics),
         }
     }
 }
@@ -155,7 +157,7 @@ pin_project_lite::pin_project! {
     pub struct Counted<T> {
         #[pin]
         inner: T,
-        metrics: ConnMetrics,
+        metrics: Arc<ConnMetrics>,
     }
 
     impl<T> PinnedDrop for Counted<T> {

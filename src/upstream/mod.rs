@@ -37,6 +37,8 @@ pub struct Endpoint {
     pub authority: Authority,
     /// Path prefix of the base URL without a trailing slash (`""` for `https://host`).
     pub base_path: String,
+    /// The `Host` header for this endpoint (the port only when not the scheme's default).
+    pub host_header: HeaderValue,
 }
 
 /// Metrics an upstream touches per request, resolved once.
@@ -187,10 +189,17 @@ fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
         .path_and_query
         .map(|p| p.path().trim_end_matches('/').to_string())
         .unwrap_or_default();
+    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    let host_header = HeaderValue::from_str(&host).map_err(|e| bad(format!("{e}")))?;
     Ok(Endpoint {
         scheme,
         authority,
         base_path,
+        host_header,
     })
 }
 

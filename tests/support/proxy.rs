@@ -18,6 +18,10 @@ pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Proxy {
     if !text.contains("listeners:") {
         text.push_str("\nlisteners:\n  - { name: main, address: \"127.0.0.1:0\" }\n");
     }
+    // One worker unless a test asks for more, so connection counts are deterministic.
+    if !text.contains("runtime:") {
+        text.push_str("\nruntime: { workers: 1 }\n");
+    }
     if !text.contains("admin:") {
         text.push_str("\nadmin: { address: \"127.0.0.1:0\" }\n");
     }
