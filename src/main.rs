@@ -4,6 +4,11 @@ use sidelight::server::Sidelight;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// glibc's allocator showed up as a fifth of the per-request instructions under load; mimalloc's
+// thread-local free lists suit a proxy that allocates and frees small objects per request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An observability-first sidecar proxy for LLM APIs and databases.
 #[derive(Parser)]
 #[command(version, about)]

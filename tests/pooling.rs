@@ -136,3 +136,81 @@ async fn round_robin_across_endpoints() {
     }
     assert_eq!((a.request_count(), b.request_count()), (5, 5));
 }
+
+/// An upstream that answers one request per connection and then closes the socket without
+/// announcing it (no `Connection: close`), like a server whose keep-alive timeout is shorter
+/// than the pool's.
+async fn one_shot_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(AtomicUsize::new(0));
+    let closed2 = closed.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let closed = closed2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                drop(s);
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test]
+async fn connections_closed_by_the_upstream_are_not_reused() {
+    use std::sync::atomic::Ordering;
+    let (addr, closed) = one_shot_upstream().await;
+    let proxy = proxy::start(&config(&format!("http://{addr}"), "{ idle_timeout: 60s }")).await;
+    for i in 1..=5 {
+        let answer = support::get(&proxy.url("/")).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.body.as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+        support::eventually(
+            "the upstream closed its side",
+            Duration::from_secs(5),
+            || {
+                let closed = closed.clone();
+                async move { closed.load(Ordering::SeqCst) == i }
+            },
+        )
+        .await;
+        // The pool notices the close on its own.
+        proxy
+            .assert_metric_eventually(
+                "sidelight_upstream_connections_open",
+                &[("upstream", "up")],
+                0.0,
+            )
+            .await;
+    }
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_connections_opened_total",
+            &[("upstream", "up")],
+            5.0,
+        )
+        .await;
+}

@@ -3,7 +3,7 @@
 use super::headers;
 use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
-use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, Upstream};
+use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri, Version};
@@ -82,23 +82,16 @@ impl Service<ProxyRequest> for Forward {
 
     fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
         let upstream = self.upstream.clone();
-        let endpoint = upstream.pick();
+        let index = upstream.pick();
+        let endpoint = &upstream.endpoints[index];
         let path = self.rewrite.apply(endpoint, req.uri());
-        let uri = PathAndQuery::try_from(path)
-            .map_err(|e| ProxyError::BadRequest(format!("cannot rewrite the path: {e}")))
-            .and_then(|pq| {
-                Uri::builder()
-                    .scheme(endpoint.scheme.clone())
-                    .authority(endpoint.authority.clone())
-                    .path_and_query(pq)
-                    .build()
-                    .map_err(|e| {
-                        ProxyError::BadRequest(format!("cannot build the upstream URL: {e}"))
-                    })
-            });
-        let uri = match uri {
-            Ok(uri) => uri,
-            Err(e) => return Box::pin(async move { Err(e) }),
+        // Origin-form: the transport adds scheme and authority where its protocol needs them.
+        let uri = match PathAndQuery::try_from(path) {
+            Ok(pq) => Uri::from(pq),
+            Err(e) => {
+                let err = ProxyError::BadRequest(format!("cannot rewrite the path: {e}"));
+                return Box::pin(async move { Err(err) });
+            }
         };
         let (client_ip, request_id) = match req.extensions().get::<RequestMeta>() {
             Some(meta) => (meta.client.ip.clone(), meta.id.clone()),
@@ -108,7 +101,7 @@ impl Service<ProxyRequest> for Forward {
             ),
         };
         *req.uri_mut() = uri;
-        // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's version is irrelevant.
+        // The transport picks HTTP/1.1 or HTTP/2; the client's version is irrelevant.
         *req.version_mut() = Version::HTTP_11;
         headers::to_upstream(
             req.headers_mut(),
@@ -119,7 +112,7 @@ impl Service<ProxyRequest> for Forward {
 
         Box::pin(async move {
             let sent = Instant::now();
-            let result = upstream.client().request(req).await;
+            let result = upstream.send(index, req).await;
             let wait = sent.elapsed();
             let metrics = &upstream.metrics;
             match result {
@@ -147,9 +140,15 @@ impl Service<ProxyRequest> for Forward {
     }
 }
 
-fn classify(upstream: &Upstream, err: hyper_util::client::legacy::Error) -> ProxyError {
+fn classify(upstream: &Upstream, err: SendError) -> ProxyError {
     let name = upstream.name.to_string();
-    match find_connect_failure(&err) {
+    let failure = match &err {
+        SendError::Connect(failure) => Some(failure),
+        SendError::Client(e) => find_connect_failure(e),
+        SendError::Http(_) => None,
+        SendError::Request(message) => return ProxyError::BadRequest(message.clone()),
+    };
+    match failure {
         Some(ConnectFailure::Timeout(timeout)) => ProxyError::ConnectTimeout {
             upstream: name,
             timeout: *timeout,

@@ -1,8 +1,11 @@
-//! Upstreams: named sets of endpoints reached through one pooled hyper-util client each.
+//! Upstreams: named sets of endpoints, each reached through a connection pool: sidelight's own
+//! HTTP/1.1 pool, or hyper-util's client for HTTP/2 (multiplexed) upstreams.
 
 mod connector;
+mod pool;
 
 pub use connector::{find_connect_failure, ConnectFailure};
+pub use pool::SendError;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -10,6 +13,8 @@ use crate::proxy::body::ProxyBody;
 use connector::{ConnMetrics, CountingConnector};
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -59,7 +64,7 @@ pub struct Upstream {
     /// Added to every request; headers whose `${VAR}` was empty are left out.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub metrics: UpstreamMetrics,
-    client: Client<CountingConnector, ProxyBody>,
+    transport: Transport,
     next: AtomicUsize,
 }
 
@@ -126,18 +131,43 @@ impl Upstream {
                 .with_label_values(&[name, "connect"]),
         };
         let connector = CountingConnector::new(https, config.timeouts.connect, conn_metrics);
-        // Plain-http upstreams with http2 on speak h2c with prior knowledge; https ones negotiate
-        // by ALPN, which the client follows on its own.
-        let h2c = config.pool.http2 && endpoints.iter().all(|e| e.scheme == Scheme::HTTP);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool.idle_timeout)
-            .pool_max_idle_per_host(config.pool.max_idle_per_endpoint)
-            // Without a timer hyper-util never expires idle pooled connections.
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(h2c)
-            .set_host(true)
-            .build(connector);
+        let transport = if config.pool.http2 {
+            // Plain-http upstreams speak h2c with prior knowledge; https ones negotiate by ALPN,
+            // which the client follows on its own.
+            let h2c = endpoints.iter().all(|e| e.scheme == Scheme::HTTP);
+            Transport::Multiplexed(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(config.pool.idle_timeout)
+                    .pool_max_idle_per_host(config.pool.max_idle_per_endpoint)
+                    // Without a timer hyper-util never expires idle pooled connections.
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .http2_only(h2c)
+                    .build(connector),
+            )
+        } else {
+            let uris = endpoints
+                .iter()
+                .map(|e| {
+                    Uri::builder()
+                        .scheme(e.scheme.clone())
+                        .authority(e.authority.clone())
+                        .path_and_query("/")
+                        .build()
+                        .map_err(|err| BuildError::Endpoint {
+                            upstream: name.into(),
+                            endpoint: e.authority.to_string(),
+                            message: err.to_string(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Transport::Http1(pool::Http1Pool::new(
+                uris,
+                connector,
+                config.pool.max_idle_per_endpoint,
+                config.pool.idle_timeout,
+            ))
+        };
 
         let upstream_metrics = UpstreamMetrics {
             response_time: metrics.upstream_response.with_label_values(&[name]),
@@ -159,20 +189,42 @@ impl Upstream {
             timeouts: config.timeouts.clone(),
             headers,
             metrics: upstream_metrics,
-            client,
+            transport,
             next: AtomicUsize::new(0),
         })
     }
 
     /// Round robin over the endpoints (health-aware balancing comes with traffic control).
-    pub fn pick(&self) -> &Endpoint {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.endpoints[i % self.endpoints.len()]
+    pub fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()
     }
 
-    pub fn client(&self) -> &Client<CountingConnector, ProxyBody> {
-        &self.client
+    /// Sends a request whose URI is origin-form (path and query) and whose `Host` is set, to
+    /// endpoint number `endpoint`.
+    pub async fn send(
+        &self,
+        endpoint: usize,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
+        match &self.transport {
+            Transport::Http1(pool) => pool.send(endpoint, req).await,
+            Transport::Multiplexed(client) => {
+                let e = &self.endpoints[endpoint];
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                parts.scheme = Some(e.scheme.clone());
+                parts.authority = Some(e.authority.clone());
+                *req.uri_mut() =
+                    Uri::from_parts(parts).map_err(|err| SendError::Request(err.to_string()))?;
+                let response = client.request(req).await?;
+                Ok(response.map(|b| b.map_err(crate::BoxError::from).boxed_unsync()))
+            }
+        }
     }
+}
+
+enum Transport {
+    Http1(Arc<pool::Http1Pool>),
+    Multiplexed(Client<CountingConnector, ProxyBody>),
 }
 
 fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
