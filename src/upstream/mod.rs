@@ -135,7 +135,7 @@ impl Upstream {
             // Plain-http upstreams speak h2c with prior knowledge; https ones negotiate by ALPN,
             // which the client follows on its own.
             let h2c = endpoints.iter().all(|e| e.scheme == Scheme::HTTP);
-            Transport::Multiplexed(
+            Transport::Multiplexed(Box::new(
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(config.pool.idle_timeout)
                     .pool_max_idle_per_host(config.pool.max_idle_per_endpoint)
@@ -144,7 +144,7 @@ impl Upstream {
                     .timer(TokioTimer::new())
                     .http2_only(h2c)
                     .build(connector),
-            )
+            ))
         } else {
             let uris = endpoints
                 .iter()
@@ -224,7 +224,7 @@ impl Upstream {
 
 enum Transport {
     Http1(Arc<pool::Http1Pool>),
-    Multiplexed(Client<CountingConnector, ProxyBody>),
+    Multiplexed(Box<Client<CountingConnector, ProxyBody>>),
 }
 
 fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
