@@ -10,7 +10,7 @@ use std::time::Duration;
 
 pub const ERROR_HEADER: &str = "x-sidelight-error";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches {0}")]
     NoRoute(String),

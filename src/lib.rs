@@ -4,6 +4,7 @@
 //! and benchmarks start the same thing in-process.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod metrics;

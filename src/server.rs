@@ -8,9 +8,14 @@
 //! which also serves the admin port. Metrics and the in-flight limit are shared.
 
 use crate::admin::{self, AdminState};
+use crate::cache::{
+    self,
+    coalesce::Coalescer,
+    store::{Store, StoreMetrics},
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::entry::Entry;
+use crate::proxy::entry::{Entry, Shared};
 use crate::proxy::listener::{self, ListenerTask};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -121,9 +126,24 @@ impl Sidelight {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let workers = config.runtime.effective_workers();
-        // One limit across all workers.
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let entry = Entry::build(&config, &metrics, in_flight.clone())?;
+        let shared = Shared {
+            // One limit across all workers.
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            cache: cache::layer::Shared {
+                store: Store::new(
+                    config.cache.max_bytes.0,
+                    StoreMetrics {
+                        evictions: metrics.cache_evictions.clone(),
+                        entries: metrics.cache_entries.clone(),
+                        bytes: metrics.cache_bytes.clone(),
+                    },
+                ),
+                coalescer: Arc::new(Coalescer::default()),
+                coalesce_max_buffer: usize::try_from(config.cache.coalesce_max_buffer_bytes.0)
+                    .unwrap_or(usize::MAX),
+            },
+        };
+        let entry = Entry::build(&config, &metrics, &shared)?;
 
         // Bind every socket before serving any, so a taken port fails the start cleanly.
         let mut listeners = Vec::new();
@@ -155,16 +175,16 @@ impl Sidelight {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(StartError::Worker)?;
             let (done_tx, done_rx) = oneshot::channel();
-            let (config, metrics, stop_rx, in_flight) = (
+            let (config, metrics, stop_rx, shared) = (
                 config.clone(),
                 metrics.clone(),
                 stop_rx.clone(),
-                in_flight.clone(),
+                shared.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("sidelight-worker-{}", n + 1))
                 .spawn(move || {
-                    let clean = run_worker(config, metrics, std_sockets, stop_rx, in_flight);
+                    let clean = run_worker(config, metrics, std_sockets, stop_rx, shared);
                     let _ = done_tx.send(clean);
                 })
                 .map_err(StartError::Worker)?;
@@ -187,6 +207,8 @@ impl Sidelight {
             metrics: metrics.clone(),
             ready: ready.clone(),
             config_yaml: config.redacted_yaml(),
+            cache: shared.cache.clone(),
+            cache_max_bytes: config.cache.max_bytes.0,
         });
         let (admin_stop, admin_stop_rx) = watch::channel(());
         let admin_task = tokio::spawn(admin::serve(admin_listener, state, admin_stop_rx));
@@ -212,7 +234,7 @@ fn run_worker(
     metrics: Arc<Metrics>,
     sockets: Vec<std::net::TcpListener>,
     stop: watch::Receiver<bool>,
-    in_flight: Arc<AtomicUsize>,
+    shared: Shared,
 ) -> bool {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -226,7 +248,7 @@ fn run_worker(
     };
     runtime.block_on(async move {
         // Worker 0 built the same stacks from the same config already, so this succeeds.
-        let entry = match Entry::build(&config, &metrics, in_flight) {
+        let entry = match Entry::build(&config, &metrics, &shared) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(error = %e, "worker cannot build its stacks");

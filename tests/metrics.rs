@@ -12,6 +12,7 @@ upstreams:
     endpoints: ["UPSTREAM"]
 routes:
   - { name: api, upstream: up, match: { path_prefix: /api } }
+  - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
 "#;
 
 /// Starts sidelight and sends one of each kind of request so every series exists.
@@ -23,9 +24,12 @@ async fn exercised() -> (proxy::Proxy, server::Server) {
         200
     );
     assert_eq!(support::get(&proxy.url("/nowhere")).await.status, 404);
-    proxy
-        .assert_metric_eventually("sidelight_requests_in_flight", &[("route", "api")], 0.0)
-        .await;
+    assert_eq!(support::get(&proxy.url("/cached/x")).await.status, 200);
+    for route in ["api", "cached"] {
+        proxy
+            .assert_metric_eventually("sidelight_requests_in_flight", &[("route", route)], 0.0)
+            .await;
+    }
     (proxy, up)
 }
 
@@ -72,7 +76,7 @@ async fn exports_request_upstream_and_connection_metrics() {
             "sidelight_upstream_response_seconds_count",
             &[("upstream", "up")]
         ),
-        1.0
+        2.0
     );
     assert_eq!(m("sidelight_request_bytes_total", &[("route", "api")]), 5.0);
     assert_eq!(
@@ -146,6 +150,7 @@ async fn metric_names_follow_conventions() {
     // Labels never carry request-specific values (paths, ids): bounded cardinality.
     assert!(!text.contains("/api/x"));
     assert!(!text.contains("/nowhere"));
+    assert!(!text.contains("/cached/x"));
 }
 
 /// Metric names queried by a dashboard's expressions and template variables.

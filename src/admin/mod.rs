@@ -18,6 +18,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Rendered once: the config does not change while running.
     pub config_yaml: String,
+    pub cache: crate::cache::layer::Shared,
+    pub cache_max_bytes: u64,
 }
 
 /// Serves until `gone`'s sender is dropped.
@@ -64,11 +66,56 @@ fn text(
     response
 }
 
+fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
+    text(status, "application/json", format!("{value}\n"))
+}
+
+/// `?route=NAME` from a query string.
+fn route_param(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "route")
+        .map(|(_, v)| v.to_string())
+}
+
 fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() == Method::POST && req.uri().path() == "/cache/purge" {
+        let route = route_param(req.uri().query());
+        let purged = state.cache.store.purge(route.as_deref());
+        tracing::info!(
+            route = route.as_deref().unwrap_or("*"),
+            purged,
+            "cache purged"
+        );
+        return json(
+            StatusCode::OK,
+            serde_json::json!({ "purged": purged, "route": route }),
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET (or POST /cache/purge)\n",
+        );
     }
     match req.uri().path() {
+        "/status" => {
+            let (entries, bytes) = state.cache.store.stats();
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "ready": state.ready.load(Ordering::Acquire),
+                    "cache": {
+                        "entries": entries,
+                        "bytes": bytes,
+                        "max_bytes": state.cache_max_bytes,
+                        "coalescing_in_flight": state.cache.coalescer.in_flight(),
+                    }
+                }),
+            )
+        }
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -90,7 +137,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics, /healthz, /readyz or /config\n",
+            "not found; try /metrics, /healthz, /readyz, /config, /status or POST /cache/purge\n",
         ),
     }
 }

@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub runtime: RuntimeConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -105,6 +107,73 @@ pub struct ShutdownConfig {
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+}
+
+/// The response store shared by every route that caches.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bound on everything stored (bodies, headers, keys); least valuable entries go first.
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Past this much buffered body, an in-flight request takes no more followers.
+    #[serde(default = "default_coalesce_buffer")]
+    pub coalesce_max_buffer_bytes: ByteSize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: default_cache_max_bytes(),
+            coalesce_max_buffer_bytes: default_coalesce_buffer(),
+        }
+    }
+}
+
+fn default_cache_max_bytes() -> ByteSize {
+    ByteSize::mib(256)
+}
+fn default_coalesce_buffer() -> ByteSize {
+    ByteSize::mib(8)
+}
+
+/// A route's cache: off unless present.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Methods that may be cached when no presets or rules are set.
+    #[serde(default = "default_cache_methods")]
+    pub methods: Vec<String>,
+    /// Larger responses are passed through, not stored.
+    #[serde(default = "default_cache_max_body")]
+    pub max_body_bytes: ByteSize,
+    /// Request headers that change the answer, so they are part of the key.
+    #[serde(default)]
+    pub vary_headers: Vec<String>,
+    /// Top-level JSON request fields that do not change the answer (left out of the key).
+    #[serde(default)]
+    pub ignore_json_fields: Vec<String>,
+    /// Where the client's credential is read; its hash partitions the cache per tenant.
+    #[serde(default = "default_credential_headers")]
+    pub credential_headers: Vec<String>,
+    /// Built-in read-only request rules for HTTP databases.
+    #[serde(default)]
+    pub presets: Vec<crate::cache::rules::Preset>,
+    /// Extra cacheable (methods, path glob) pairs.
+    #[serde(default)]
+    pub rules: Vec<crate::cache::rules::Rule>,
+}
+
+fn default_cache_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into()]
+}
+fn default_cache_max_body() -> ByteSize {
+    ByteSize::mib(4)
+}
+fn default_credential_headers() -> Vec<String> {
+    vec!["authorization".into(), "x-api-key".into()]
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -202,6 +271,19 @@ pub struct RouteConfig {
     /// Overrides `limits.max_request_body_bytes` for this route.
     #[serde(default)]
     pub max_request_body_bytes: Option<ByteSize>,
+    /// Response cache for this route (off when absent).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
+    /// Share one upstream call among identical in-flight requests. Default: on when the route
+    /// caches, off otherwise.
+    #[serde(default)]
+    pub dedup: Option<bool>,
+}
+
+impl RouteConfig {
+    pub fn dedup_enabled(&self) -> bool {
+        self.dedup.unwrap_or(self.cache.is_some())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -254,6 +254,9 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                 "set either strip_prefix or prefix_rewrite, not both",
             );
         }
+        if let Some(cache) = &route.cache {
+            check_route_cache(&format!("{at}.cache"), cache, errs);
+        }
         if let Some(p) = &route.prefix_rewrite {
             if !p.starts_with('/') {
                 errs.add(
@@ -261,6 +264,42 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                     format!("must start with '/', got {p:?}"),
                 );
             }
+        }
+    }
+}
+
+fn check_route_cache(at: &str, cache: &super::RouteCacheConfig, errs: &mut Errors) {
+    if cache.ttl.is_zero() {
+        errs.add(format!("{at}.ttl"), "must be greater than 0");
+    }
+    for (i, m) in cache.methods.iter().enumerate() {
+        if http::Method::from_bytes(m.as_bytes()).is_err() {
+            errs.add(
+                format!("{at}.methods[{i}]"),
+                format!("invalid method {m:?}"),
+            );
+        }
+    }
+    for (field, names) in [
+        ("vary_headers", &cache.vary_headers),
+        ("credential_headers", &cache.credential_headers),
+    ] {
+        for (i, h) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                errs.add(
+                    format!("{at}.{field}[{i}]"),
+                    format!("invalid header name {h:?}"),
+                );
+            }
+        }
+    }
+    if let Err(e) = crate::cache::rules::Rules::new(&cache.presets, &cache.rules) {
+        // The rules' own message starts with the position inside `rules`.
+        match e.split_once(": ") {
+            Some((inner, message)) if inner.starts_with("rules[") => {
+                errs.add(format!("{at}.{inner}"), message)
+            }
+            _ => errs.add(format!("{at}.rules"), e),
         }
     }
 }

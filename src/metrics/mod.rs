@@ -120,6 +120,13 @@ pub struct Metrics {
     pub downstream_connections: IntCounterVec,
     pub downstream_connections_open: IntGaugeVec,
     pub overloaded: IntCounter,
+    pub cache_lookups: IntCounterVec,
+    pub cache_stores: IntCounterVec,
+    pub cache_evictions: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub coalesced: IntCounterVec,
+    pub upstream_calls_saved: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -188,6 +195,21 @@ impl Metrics {
                 r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
                 c
             },
+            cache_lookups: counter(&r, "sidelight_cache_lookups_total", "Cache lookups on caching routes, by result: hit, miss, bypass (not cacheable), refresh (client asked for a fresh answer).", &["route", "result"]),
+            cache_stores: counter(&r, "sidelight_cache_stores_total", "Responses stored in the cache.", &["route"]),
+            cache_evictions: counter(&r, "sidelight_cache_evictions_total", "Entries removed from the cache, by cause: expired, size, purged, replaced.", &["cause"]),
+            cache_entries: {
+                let g = IntGauge::new("sidelight_cache_entries", "Entries in the response cache.").unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
+                g
+            },
+            cache_bytes: {
+                let g = IntGauge::new("sidelight_cache_bytes", "Bytes held by the response cache (bodies, headers, keys), bounded by cache.max_bytes.").unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
+                g
+            },
+            coalesced: counter(&r, "sidelight_coalesced_requests_total", "Requests answered by joining an identical request already in flight.", &["route"]),
+            upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
                 let g = IntGauge::new("sidelight_ready", "1 when listeners are bound and the config is loaded, 0 while starting or draining.")
@@ -209,6 +231,22 @@ impl Metrics {
         self.in_flight.with_label_values(&[route]);
         self.request_bytes.with_label_values(&[route]);
         self.response_bytes.with_label_values(&[route]);
+    }
+
+    /// Series of a route with caching or coalescing on.
+    pub fn init_cache_route(&self, route: &str) {
+        for result in ["hit", "miss", "bypass", "refresh"] {
+            self.cache_lookups.with_label_values(&[route, result]);
+        }
+        self.cache_stores.with_label_values(&[route]);
+        self.coalesced.with_label_values(&[route]);
+        for reason in ["cache", "dedup"] {
+            self.upstream_calls_saved
+                .with_label_values(&[route, reason]);
+        }
+        for cause in ["expired", "size", "purged", "replaced"] {
+            self.cache_evictions.with_label_values(&[cause]);
+        }
     }
 
     pub fn init_upstream(&self, upstream: &str) {

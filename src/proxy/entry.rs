@@ -7,6 +7,7 @@ use super::observe::ObserveLayer;
 use super::router::{Route, Router};
 use super::timeout::{TimeoutLayer, Timeouts};
 use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
+use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
@@ -20,7 +21,15 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
+
+/// State every worker shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Requests in flight across all workers (`limits.max_in_flight_requests`).
+    pub in_flight: Arc<AtomicUsize>,
+    pub cache: crate::cache::layer::Shared,
+}
 
 #[derive(Clone)]
 pub struct Entry {
@@ -29,18 +38,18 @@ pub struct Entry {
 
 impl Entry {
     /// Builds every route's stack. Upstreams are built once and shared by their routes.
-    /// `in_flight` is shared by every worker: `limits.max_in_flight_requests` is process-wide.
+    /// `shared` is the state every worker shares (the in-flight limit, the cache).
     pub fn build(
         config: &Config,
         metrics: &Arc<Metrics>,
-        in_flight: Arc<AtomicUsize>,
+        shared: &Shared,
     ) -> Result<Entry, crate::upstream::BuildError> {
         let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
         for u in &config.upstreams {
             upstreams.insert(u.name.as_str(), Arc::new(Upstream::build(u, metrics)?));
         }
         let overload = OverloadLayer::new(
-            in_flight,
+            shared.in_flight.clone(),
             config.limits.max_in_flight_requests,
             metrics.overloaded.clone(),
         );
@@ -69,6 +78,25 @@ impl Entry {
                 total: upstream.timeouts.total,
                 metrics: upstream.metrics.clone(),
             };
+            let mut inner = RouteService::new(
+                ServiceBuilder::new()
+                    .layer(TimeoutLayer::new(timeouts))
+                    .service(Forward::new(upstream, rewrite)),
+            );
+            if r.cache.is_some() || r.dedup_enabled() {
+                let layer = CacheLayer::new(
+                    &r.name,
+                    r.cache.as_ref(),
+                    r.dedup_enabled(),
+                    shared.cache.clone(),
+                    metrics,
+                )
+                .map_err(|message| crate::upstream::BuildError::Route {
+                    route: r.name.clone(),
+                    message,
+                })?;
+                inner = RouteService::new(layer.layer(inner));
+            }
             let stack = ServiceBuilder::new()
                 .layer(ObserveLayer::new(
                     &r.name,
@@ -78,8 +106,7 @@ impl Entry {
                 ))
                 .layer(overload.clone())
                 .layer(BodyLimitLayer::new(limit.0))
-                .layer(TimeoutLayer::new(timeouts))
-                .service(Forward::new(upstream, rewrite));
+                .service(inner);
             let listener = r
                 .matcher
                 .listener

@@ -33,6 +33,8 @@ pub enum BuildError {
     },
     #[error("upstream {upstream}: TLS: {message}")]
     Tls { upstream: String, message: String },
+    #[error("route {route}: {message}")]
+    Route { route: String, message: String },
 }
 
 /// One base URL of an upstream.
