@@ -692,3 +692,72 @@ async fn invalid_cache_rules_are_reported_by_field_path() {
         "{errors:?}"
     );
 }
+
+#[tokio::test]
+async fn stale_while_revalidate_refreshes_once_in_the_background() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = n.clone();
+    let up = server::http1()
+        .route_stream("/", move |_, tx| {
+            let i = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                // The refresh takes a while, so that requests pile up during it.
+                if i > 1 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let _ = tx.send(Ok(Bytes::from(format!("version {i}")))).await;
+            }
+        })
+        .run()
+        .await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "{ ttl: 300ms, stale_while_revalidate: 1m }",
+        "",
+    ))
+    .await;
+    assert_eq!(support::get(&proxy.url("/doc")).await.body, "version 1");
+    proxy
+        .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
+        .await;
+
+    // Poll until the entry turns stale; the first stale answer starts the refresh.
+    support::eventually("the entry turns stale", Duration::from_secs(5), || async {
+        support::get(&proxy.url("/doc"))
+            .await
+            .header("cache-status")
+            .contains("ttl=-")
+    })
+    .await;
+    // While the refresh runs, everyone gets the stale answer at once: no herd upstream.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let url = proxy.url("/doc");
+        tasks.push(tokio::spawn(async move { support::get(&url).await }));
+    }
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.body, "version 1");
+        assert_eq!(a.header("x-sidelight-cache"), "HIT");
+    }
+    support::eventually(
+        "the refreshed answer is served",
+        Duration::from_secs(5),
+        || async { support::get(&proxy.url("/doc")).await.body == "version 2" },
+    )
+    .await;
+    assert_eq!(
+        n.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "exactly one background refresh"
+    );
+    assert!(
+        proxy
+            .metric(
+                "sidelight_cache_lookups_total",
+                &[("route", "llm"), ("result", "stale")]
+            )
+            .await
+            >= 11.0
+    );
+}

@@ -259,6 +259,9 @@ pub enum Joined {
 impl Coalescer {
     /// Joins the flight for `key`, or starts one with `call` (which is then spawned and owned by
     /// the flight, not by this request).
+    /// With `background`, the flight runs to its end even when every client has left (a
+    /// stale-while-revalidate refresh).
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &self,
         key: CacheKey,
@@ -267,6 +270,7 @@ impl Coalescer {
         call: impl FnOnce() -> ProxyFuture,
         keep_for: KeepFor,
         on_complete: OnComplete,
+        background: bool,
     ) -> Joined {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(flight) = flights.get(&key).and_then(Weak::upgrade) {
@@ -280,7 +284,7 @@ impl Coalescer {
         // Forget flights whose every client and task has gone.
         flights.retain(|_, f| f.strong_count() > 0);
         drop(flights);
-        tokio::spawn(fly(flight, call(), keep_for, on_complete));
+        tokio::spawn(fly(flight, call(), keep_for, on_complete, background));
         Joined::Leader(leader)
     }
 
@@ -294,7 +298,7 @@ impl Coalescer {
         let flight = Flight::new(0, max_keep);
         let sub = flight.first_subscriber();
         flight.lock().closed = true;
-        tokio::spawn(fly(flight, call, keep_for, on_complete));
+        tokio::spawn(fly(flight, call, keep_for, on_complete, false));
         sub
     }
 
@@ -306,13 +310,21 @@ impl Coalescer {
 }
 
 /// Drives the upstream call of a flight until the body ends or nobody is listening.
-async fn fly(flight: Arc<Flight>, call: ProxyFuture, keep_for: KeepFor, on_complete: OnComplete) {
+async fn fly(
+    flight: Arc<Flight>,
+    call: ProxyFuture,
+    keep_for: KeepFor,
+    on_complete: OnComplete,
+    background: bool,
+) {
+    // A background refresh runs to its end with nobody listening: its result is for the cache.
+    let abandon = |f: &Flight| !background && f.lock().cursors.is_empty();
     let deserted = flight.deserted.notified();
     tokio::pin!(deserted);
     deserted.as_mut().enable();
     let response = tokio::select! {
         r = call => r,
-        _ = &mut deserted => return,
+        _ = &mut deserted, if !background => return,
     };
     let (parts, mut body) = match response {
         Ok(response) => response.into_parts(),
@@ -324,13 +336,12 @@ async fn fly(flight: Arc<Flight>, call: ProxyFuture, keep_for: KeepFor, on_compl
     flight.lock().keep = keep_for(parts.status, &parts.headers);
     flight.set_head(Ok((parts.status, parts.headers.clone())));
     loop {
-        let deserted_now = flight.lock().cursors.is_empty();
-        if deserted_now {
+        if abandon(&flight) {
             return;
         }
         let frame = tokio::select! {
             f = body.frame() => f,
-            _ = &mut deserted => return,
+            _ = &mut deserted, if !background => return,
         };
         match frame {
             None => break,

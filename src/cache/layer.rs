@@ -49,6 +49,7 @@ struct RouteMetrics {
     miss: IntCounter,
     bypass: IntCounter,
     refresh: IntCounter,
+    stale: IntCounter,
     stores: IntCounter,
     coalesced: IntCounter,
     saved_cache: IntCounter,
@@ -60,6 +61,8 @@ struct Policy {
     route: Arc<str>,
     /// `None`: the route coalesces but does not store.
     ttl: Option<Duration>,
+    /// Stale-while-revalidate grace after the TTL.
+    grace: Duration,
     dedup: bool,
     methods: Vec<Method>,
     rules: Option<Rules>,
@@ -98,6 +101,7 @@ impl CacheLayer {
             miss: m("miss"),
             bypass: m("bypass"),
             refresh: m("refresh"),
+            stale: m("stale"),
             stores: metrics.cache_stores.with_label_values(&[route]),
             coalesced: metrics.coalesced.with_label_values(&[route]),
             saved_cache: metrics
@@ -116,6 +120,7 @@ impl CacheLayer {
             credential_headers: vec!["authorization".into(), "x-api-key".into()],
             presets: Vec::new(),
             rules: Vec::new(),
+            stale_while_revalidate: Duration::ZERO,
         };
         let c = cache.unwrap_or(&defaults);
         let rules = if c.presets.is_empty() && c.rules.is_empty() {
@@ -127,6 +132,7 @@ impl CacheLayer {
             policy: Arc::new(Policy {
                 route: Arc::from(route),
                 ttl: cache.map(|c| c.ttl),
+                grace: cache.map_or(Duration::ZERO, |c| c.stale_while_revalidate),
                 dedup,
                 methods: c
                     .methods
@@ -300,43 +306,41 @@ where
             };
 
             let started = Instant::now();
-            if controls.no_cache {
-                policy.metrics.refresh.inc();
-            } else if policy.ttl.is_some() {
-                if let Some(hit) = policy.shared.store.get(&key) {
-                    policy.metrics.hit.inc();
-                    policy.metrics.saved_cache.inc();
-                    return Ok(replay(&hit, &key, request_id.as_ref()));
-                }
-                policy.metrics.miss.inc();
-            } else {
-                policy.metrics.miss.inc();
-            }
-
             let ttl = policy
                 .ttl
                 .map(|t| controls.max_ttl.map_or(t, |max| t.min(max)))
                 .filter(|t| !t.is_zero() && !controls.no_store);
-            let keep_for: super::coalesce::KeepFor = {
-                let max_body = policy.max_body;
-                Box::new(move |status: StatusCode, h: &HeaderMap| {
-                    let too_long = h
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .is_some_and(|n| n > max_body);
-                    ttl.is_some() && status.is_success() && !forbids_storing(h) && !too_long
-                })
-            };
-            let on_complete: super::coalesce::OnComplete = {
-                let policy = policy.clone();
-                Box::new(move |done: Completed| {
-                    if let Some(ttl) = ttl {
-                        store(&policy, key, done, ttl);
-                    }
-                })
-            };
+            let mut stale = None;
+            if controls.no_cache {
+                policy.metrics.refresh.inc();
+            } else if let Some(hit) = policy.ttl.and_then(|_| policy.shared.store.get(&key)) {
+                policy.metrics.saved_cache.inc();
+                if hit.is_fresh() {
+                    policy.metrics.hit.inc();
+                    return Ok(replay(&hit, &key, request_id.as_ref()));
+                }
+                // Stale but in its grace period: answer now, refresh once in the background.
+                policy.metrics.stale.inc();
+                stale = Some(hit);
+            } else {
+                policy.metrics.miss.inc();
+            }
+
+            let (keep_for, on_complete) = storing(&policy, key, ttl);
             let max_keep = policy.max_body;
+            if let Some(hit) = stale {
+                // A refresh already under way for this key is joined (and left), not repeated.
+                let _ = policy.shared.coalescer.join(
+                    key,
+                    policy.shared.coalesce_max_buffer,
+                    max_keep,
+                    || inner.call(req),
+                    keep_for,
+                    on_complete,
+                    true,
+                );
+                return Ok(replay(&hit, &key, request_id.as_ref()));
+            }
             let share = policy.dedup && !controls.no_cache && !controls.no_dedup;
             let (sub, label) = if share {
                 match policy.shared.coalescer.join(
@@ -346,6 +350,7 @@ where
                     || inner.call(req),
                     keep_for,
                     on_complete,
+                    false,
                 ) {
                     Joined::Leader(sub) => (sub, "MISS"),
                     Joined::Follower(sub) => {
@@ -371,6 +376,30 @@ where
     }
 }
 
+/// When a flight's response should be kept, and what to do with it once complete.
+fn storing(
+    policy: &Arc<Policy>,
+    key: CacheKey,
+    ttl: Option<Duration>,
+) -> (super::coalesce::KeepFor, super::coalesce::OnComplete) {
+    let max_body = policy.max_body;
+    let keep_for: super::coalesce::KeepFor = Box::new(move |status: StatusCode, h: &HeaderMap| {
+        let too_long = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > max_body);
+        ttl.is_some() && status.is_success() && !forbids_storing(h) && !too_long
+    });
+    let policy = policy.clone();
+    let on_complete: super::coalesce::OnComplete = Box::new(move |done: Completed| {
+        if let Some(ttl) = ttl {
+            store(&policy, key, done, ttl);
+        }
+    });
+    (keep_for, on_complete)
+}
+
 fn store(policy: &Policy, key: CacheKey, done: Completed, ttl: Duration) {
     let mut headers = done.headers;
     // Per-request headers are the replaying request's own, not the stored one's.
@@ -388,6 +417,7 @@ fn store(policy: &Policy, key: CacheKey, done: Completed, ttl: Duration) {
             chunks: done.chunks,
             stored_at: Instant::now(),
             ttl,
+            grace: policy.grace,
         },
     );
     policy.metrics.stores.inc();

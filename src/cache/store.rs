@@ -19,7 +19,10 @@ pub struct Stored {
     /// The body as the chunks it arrived in: a Server-Sent Events stream replays event by event.
     pub chunks: Vec<Bytes>,
     pub stored_at: Instant,
+    /// Fresh for this long.
     pub ttl: Duration,
+    /// Then served stale for up to this long while one background request refreshes it.
+    pub grace: Duration,
 }
 
 impl Stored {
@@ -37,9 +40,18 @@ impl Stored {
         u32::try_from(self.body_len() + headers + 256).unwrap_or(u32::MAX)
     }
 
-    /// Seconds left before expiry, for `Cache-Status: ttl=`.
-    pub fn ttl_left(&self) -> u64 {
-        self.ttl.saturating_sub(self.stored_at.elapsed()).as_secs()
+    /// Seconds of freshness left, negative once stale (RFC 9211 `ttl`).
+    pub fn ttl_left(&self) -> i64 {
+        let age = self.stored_at.elapsed();
+        if age <= self.ttl {
+            i64::try_from((self.ttl - age).as_secs()).unwrap_or(i64::MAX)
+        } else {
+            -i64::try_from((age - self.ttl).as_secs()).unwrap_or(i64::MAX) - 1
+        }
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.stored_at.elapsed() < self.ttl
     }
 }
 
@@ -52,7 +64,7 @@ impl moka::Expiry<CacheKey, Arc<Stored>> for PerEntryTtl {
         value: &Arc<Stored>,
         _: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.ttl + value.grace)
     }
 }
 

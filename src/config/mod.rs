@@ -164,6 +164,10 @@ pub struct RouteCacheConfig {
     /// Extra cacheable (methods, path glob) pairs.
     #[serde(default)]
     pub rules: Vec<crate::cache::rules::Rule>,
+    /// After the TTL, serve the stale entry for up to this long while one background request
+    /// refreshes it (never a herd).
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
 }
 
 fn default_cache_methods() -> Vec<String> {

@@ -195,7 +195,7 @@ impl Metrics {
                 r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
                 c
             },
-            cache_lookups: counter(&r, "sidelight_cache_lookups_total", "Cache lookups on caching routes, by result: hit, miss, bypass (not cacheable), refresh (client asked for a fresh answer).", &["route", "result"]),
+            cache_lookups: counter(&r, "sidelight_cache_lookups_total", "Cache lookups on caching routes, by result: hit, stale (served while refreshing), miss, bypass (not cacheable), refresh (client asked for a fresh answer).", &["route", "result"]),
             cache_stores: counter(&r, "sidelight_cache_stores_total", "Responses stored in the cache.", &["route"]),
             cache_evictions: counter(&r, "sidelight_cache_evictions_total", "Entries removed from the cache, by cause: expired, size, purged, replaced.", &["cause"]),
             cache_entries: {
@@ -235,7 +235,7 @@ impl Metrics {
 
     /// Series of a route with caching or coalescing on.
     pub fn init_cache_route(&self, route: &str) {
-        for result in ["hit", "miss", "bypass", "refresh"] {
+        for result in ["hit", "stale", "miss", "bypass", "refresh"] {
             self.cache_lookups.with_label_values(&[route, result]);
         }
         self.cache_stores.with_label_values(&[route]);
