@@ -126,17 +126,11 @@ async fn several_workers_share_the_port_and_drain_together() {
     let mut proxy = proxy::start(&yaml).await;
     // New client connections are spread over both workers' sockets by the kernel; each worker
     // keeps its own upstream pool, so the upstream sees exactly one connection per worker.
-    let client = support::client_no_pool();
     for _ in 0..40 {
-        let response = client
-            .request(
-                http::Request::get(proxy.url("/"))
-                    .body(sidelight::proxy::body::full(""))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(support::collect(response).await.body, "ok");
+        assert_eq!(
+            support::get_on_new_connection(&proxy.url("/")).await.body,
+            "ok"
+        );
     }
     assert_eq!(
         up.connections(),

@@ -23,17 +23,11 @@ async fn sequential_requests_share_one_upstream_connection() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(&up.url(), "{}")).await;
     // A client that opens a new connection to sidelight every time: reuse is sidelight's doing.
-    let client = support::client_no_pool();
     for _ in 0..20 {
-        let response = client
-            .request(
-                http::Request::get(proxy.url("/"))
-                    .body(sidelight::proxy::body::full(""))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(support::collect(response).await.body, "ok");
+        assert_eq!(
+            support::get_on_new_connection(&proxy.url("/")).await.body,
+            "ok"
+        );
     }
     assert_eq!(up.request_count(), 20);
     assert_eq!(

@@ -65,6 +65,15 @@ pub async fn get(url: &str) -> Answer {
     send(Request::get(url).body(full(Bytes::new())).unwrap()).await
 }
 
+/// A GET on a brand-new client connection (no client-side reuse), for connection-count tests.
+pub async fn get_on_new_connection(url: &str) -> Answer {
+    let response = client_no_pool()
+        .request(Request::get(url).body(full(Bytes::new())).unwrap())
+        .await
+        .expect("request failed");
+    collect(response).await
+}
+
 pub async fn post(url: &str, body: &str) -> Answer {
     send(
         Request::post(url)
