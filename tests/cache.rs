@@ -761,3 +761,60 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
             >= 11.0
     );
 }
+
+#[tokio::test]
+async fn a_late_follower_gets_the_stream_from_its_start_without_a_cache() {
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let up = server::http1()
+        .route_stream("/", move |_, tx| {
+            let mut go = go_rx.clone();
+            async move {
+                let _ = tx.send(Ok(Bytes::from("data: one\n\n"))).await;
+                let _ = go.wait_for(|g| *g).await;
+                let _ = tx.send(Ok(Bytes::from("data: two\n\n"))).await;
+            }
+        })
+        .run()
+        .await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let open = || {
+        let url = proxy.url("/stream");
+        async move {
+            let r = support::client()
+                .request(Request::get(url).body(full("")).unwrap())
+                .await
+                .unwrap();
+            let label = r.headers()["x-sidelight-cache"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let mut body = r.into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            (label, first, body)
+        }
+    };
+    let (l1, first1, leader) = open().await;
+    // The follower joins after the leader has read the first event.
+    let (l2, first2, follower) = open().await;
+    assert_eq!((l1.as_str(), l2.as_str()), ("MISS", "COALESCED"));
+    assert_eq!(first1, Bytes::from("data: one\n\n"));
+    assert_eq!(
+        first2,
+        Bytes::from("data: one\n\n"),
+        "the follower starts from the first event"
+    );
+    go_tx.send(true).unwrap();
+    assert_eq!(
+        leader.collect().await.unwrap().to_bytes(),
+        Bytes::from("data: two\n\n")
+    );
+    assert_eq!(
+        follower.collect().await.unwrap().to_bytes(),
+        Bytes::from("data: two\n\n")
+    );
+    assert_eq!(up.request_count(), 1);
+}

@@ -59,6 +59,8 @@ pub struct Flight {
     progress: Notify,
     /// Woken when the last subscriber leaves.
     deserted: Notify,
+    /// Woken when subscribers have read enough for buffered chunks to be dropped.
+    drained: Notify,
     max_buffer: usize,
     max_keep: usize,
 }
@@ -69,6 +71,7 @@ impl Flight {
             state: Mutex::new(State::default()),
             progress: Notify::new(),
             deserted: Notify::new(),
+            drained: Notify::new(),
             max_buffer,
             max_keep,
         })
@@ -90,7 +93,7 @@ impl Flight {
 
     fn subscribe(self: &Arc<Self>) -> Option<Subscriber> {
         let mut s = self.lock();
-        if s.closed {
+        if s.closed || s.base > 0 {
             return None;
         }
         let id = s.next_id;
@@ -128,6 +131,13 @@ impl Flight {
         self.progress.notify_waiters();
     }
 
+    /// True while more unread body is buffered than allowed: the upstream read waits, so a
+    /// slow client slows the upstream (backpressure) instead of growing memory.
+    fn over_limit(&self) -> bool {
+        let s = self.lock();
+        !s.keep && s.buffered > self.max_buffer
+    }
+
     fn finish(&self, end: Result<(), ProxyError>) -> Option<Vec<Bytes>> {
         let mut s = self.lock();
         s.closed = true;
@@ -139,9 +149,10 @@ impl Flight {
     }
 }
 
-/// Drops chunks every subscriber has read, unless they are kept for the cache.
+/// Drops chunks every subscriber has read, unless they are kept for the cache or for clients
+/// that may still join (who must get the stream from its first chunk).
 fn trim(s: &mut State) {
-    if s.keep {
+    if s.keep || !s.closed {
         return;
     }
     let low = s
@@ -194,7 +205,13 @@ impl Subscriber {
             .cloned()
         {
             s.cursors.insert(self.id, cursor + 1);
+            let before = s.buffered;
             trim(&mut s);
+            let freed = s.buffered < before;
+            drop(s);
+            if freed {
+                self.flight.drained.notify_waiters();
+            }
             return Step::Chunk(chunk);
         }
         match &s.end {
@@ -237,6 +254,7 @@ impl Drop for Subscriber {
         let empty = s.cursors.is_empty();
         trim(&mut s);
         drop(s);
+        self.flight.drained.notify_waiters();
         if empty {
             self.flight.deserted.notify_waiters();
         }
@@ -339,6 +357,19 @@ async fn fly(
         if abandon(&flight) {
             return;
         }
+        // Backpressure: wait until subscribers catch up before reading more.
+        loop {
+            let drained = flight.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if !flight.over_limit() {
+                break;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = &mut deserted, if !background => return,
+            }
+        }
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = &mut deserted, if !background => return,
@@ -372,5 +403,77 @@ async fn fly(
             headers: parts.headers,
             chunks,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A response whose body produces 1 KiB chunks forever, counting how many were pulled.
+    fn endless(pulled: Arc<AtomicUsize>) -> ProxyFuture {
+        Box::pin(async move {
+            let stream = futures_util::stream::unfold(pulled, |pulled| async move {
+                pulled.fetch_add(1, Ordering::SeqCst);
+                Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from(vec![0u8; 1024]))),
+                    pulled,
+                ))
+            });
+            Ok(http::Response::new(StreamBody::new(stream).boxed_unsync()))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_stops_the_upstream_read() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let sub = Coalescer::solo(
+            0,
+            endless(pulled.clone()),
+            Box::new(|_, _| false),
+            Box::new(|_| {}),
+        );
+        let (status, _) = sub.head().await.expect("head");
+        assert_eq!(status, 200);
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            pulled.load(Ordering::SeqCst) <= 2,
+            "pulled {} chunks nobody read",
+            pulled.load(Ordering::SeqCst)
+        );
+        // Reading lets it go on, one chunk at a time.
+        let mut body = sub.into_body();
+        for _ in 0..10 {
+            body.frame().await.expect("frame").expect("ok");
+        }
+        assert!(pulled.load(Ordering::SeqCst) <= 13);
+    }
+
+    #[tokio::test]
+    async fn the_upstream_call_stops_when_the_last_client_leaves() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let sub = Coalescer::solo(
+            0,
+            endless(pulled.clone()),
+            Box::new(|_, _| false),
+            Box::new(|_| {}),
+        );
+        sub.head().await.expect("head");
+        drop(sub);
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        let after_leave = pulled.load(Ordering::SeqCst);
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            pulled.load(Ordering::SeqCst),
+            after_leave,
+            "nobody reads, nothing is pulled"
+        );
     }
 }
