@@ -818,3 +818,39 @@ async fn a_late_follower_gets_the_stream_from_its_start_without_a_cache() {
     );
     assert_eq!(up.request_count(), 1);
 }
+
+#[tokio::test]
+async fn dedup_of_llm_posts_without_a_cache() {
+    let up = server::http1()
+        .route_with_latency("/", "one answer", Duration::from_millis(300))
+        .run()
+        .await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: {{ methods: [POST] }} }}\n",
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = proxy.url(CHAT);
+        tasks.push(tokio::spawn(async move {
+            let req = Request::post(url)
+                .header("content-type", "application/json")
+                .body(full(r#"{"q":"same"}"#))
+                .unwrap();
+            support::send(req).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().body, "one answer");
+    }
+    assert_eq!(up.request_count(), 1);
+    // Nothing is stored: the next identical POST goes upstream again.
+    assert_eq!(
+        chat(&proxy, r#"{"q":"same"}"#, &[])
+            .await
+            .header("x-sidelight-cache"),
+        "MISS"
+    );
+    assert_eq!(up.request_count(), 2);
+}

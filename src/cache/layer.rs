@@ -91,6 +91,7 @@ impl CacheLayer {
         route: &str,
         cache: Option<&RouteCacheConfig>,
         dedup: bool,
+        dedup_methods: Option<&[String]>,
         shared: Shared,
         metrics: &Metrics,
     ) -> Result<CacheLayer, String> {
@@ -113,7 +114,9 @@ impl CacheLayer {
         };
         let defaults = RouteCacheConfig {
             ttl: Duration::from_secs(1),
-            methods: vec!["GET".into(), "HEAD".into()],
+            methods: dedup_methods
+                .map(<[String]>::to_vec)
+                .unwrap_or_else(|| vec!["GET".into(), "HEAD".into()]),
             max_body_bytes: crate::config::ByteSize::mib(4),
             vary_headers: Vec::new(),
             ignore_json_fields: Vec::new(),

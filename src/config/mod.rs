@@ -281,12 +281,39 @@ pub struct RouteConfig {
     /// Share one upstream call among identical in-flight requests. Default: on when the route
     /// caches, off otherwise.
     #[serde(default)]
-    pub dedup: Option<bool>,
+    pub dedup: Option<DedupConfig>,
+}
+
+/// `dedup: true | false`, or `dedup: { methods: [GET, POST] }` to coalesce more than GET/HEAD
+/// on a route without a cache (with a cache, `cache.methods` and its rules decide).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum DedupConfig {
+    Switch(bool),
+    Methods(DedupMethods),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupMethods {
+    pub methods: Vec<String>,
 }
 
 impl RouteConfig {
     pub fn dedup_enabled(&self) -> bool {
-        self.dedup.unwrap_or(self.cache.is_some())
+        match &self.dedup {
+            Some(DedupConfig::Switch(on)) => *on,
+            Some(DedupConfig::Methods(_)) => true,
+            None => self.cache.is_some(),
+        }
+    }
+
+    /// Methods coalesced on a route without a cache.
+    pub fn dedup_methods(&self) -> Option<&[String]> {
+        match &self.dedup {
+            Some(DedupConfig::Methods(m)) => Some(&m.methods),
+            _ => None,
+        }
     }
 }
 

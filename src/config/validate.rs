@@ -257,6 +257,23 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         if let Some(cache) = &route.cache {
             check_route_cache(&format!("{at}.cache"), cache, errs);
         }
+        for (i, m) in route.dedup_methods().unwrap_or_default().iter().enumerate() {
+            let method = http::Method::from_bytes(m.as_bytes());
+            if method.is_err() {
+                errs.add(
+                    format!("{at}.dedup.methods[{i}]"),
+                    format!("invalid method {m:?}"),
+                );
+            } else if matches!(
+                m.to_ascii_uppercase().as_str(),
+                "PUT" | "PATCH" | "DELETE" | "CONNECT"
+            ) {
+                errs.add(
+                    format!("{at}.dedup.methods[{i}]"),
+                    format!("{m} changes state: identical writes must each reach the upstream"),
+                );
+            }
+        }
         if let Some(p) = &route.prefix_rewrite {
             if !p.starts_with('/') {
                 errs.add(

@@ -88,6 +88,7 @@ impl Entry {
                     &r.name,
                     r.cache.as_ref(),
                     r.dedup_enabled(),
+                    r.dedup_methods(),
                     shared.cache.clone(),
                     metrics,
                 )
