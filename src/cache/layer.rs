@@ -403,7 +403,31 @@ fn storing(
     (keep_for, on_complete)
 }
 
+/// An event stream is complete only if it reached its terminal event: OpenAI's `data: [DONE]`
+/// or Anthropic's `message_stop`. A stream that merely stopped is not a whole answer.
+fn sse_reached_its_end(chunks: &[bytes::Bytes]) -> bool {
+    let mut tail = Vec::new();
+    for chunk in chunks.iter().rev() {
+        tail.splice(0..0, chunk.iter().copied());
+        if tail.len() >= 512 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let text = text.trim_end();
+    text.ends_with("data: [DONE]") || text.contains("event: message_stop")
+}
+
 fn store(policy: &Policy, key: CacheKey, done: Completed, ttl: Duration) {
+    let is_sse = done
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_sse && !sse_reached_its_end(&done.chunks) {
+        tracing::debug!(route = %policy.route, "event stream ended without its terminal event; not stored");
+        return;
+    }
     let mut headers = done.headers;
     // Per-request headers are the replaying request's own, not the stored one's.
     headers.remove(headers::REQUEST_ID);
