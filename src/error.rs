@@ -22,6 +22,13 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("sidelight is overloaded ({limit} requests in flight)")]
     Overloaded { limit: usize },
+    #[error("rate limit {limit:?} exceeded; retry in {retry_after} s")]
+    RateLimited {
+        limit: String,
+        /// The limit's request count per unit, for `x-ratelimit-limit`.
+        rate: u32,
+        retry_after: u64,
+    },
     #[error("cannot connect to upstream {upstream}: {detail}")]
     UpstreamConnect { upstream: String, detail: String },
     #[error("upstream {upstream} closed the connection before sending response headers: {detail}")]
@@ -49,6 +56,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "client_body_error",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
@@ -66,6 +74,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
@@ -86,6 +95,7 @@ impl ProxyError {
                 | ProxyError::ClientBody(_)
                 | ProxyError::BadRequest(_)
                 | ProxyError::Overloaded { .. }
+                | ProxyError::RateLimited { .. }
                 | ProxyError::Internal(_)
         )
     }
@@ -111,8 +121,19 @@ impl ProxyError {
         if let Some(id) = request_id {
             headers.insert(crate::proxy::headers::REQUEST_ID, id.clone());
         }
-        if matches!(self, ProxyError::Overloaded { .. }) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            ProxyError::Overloaded { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited {
+                rate, retry_after, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                headers.insert("x-ratelimit-limit", HeaderValue::from(*rate));
+                headers.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
+                headers.insert("x-ratelimit-reset", HeaderValue::from(*retry_after));
+            }
+            _ => {}
         }
         response
     }

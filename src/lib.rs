@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod telemetry;
 pub mod testing;

@@ -750,7 +750,12 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
     support::eventually(
         "the refreshed answer is served",
         Duration::from_secs(5),
-        || async { support::get(&proxy.url("/doc")).await.body.contains("version 2") },
+        || async {
+            support::get(&proxy.url("/doc"))
+                .await
+                .body
+                .contains("version 2")
+        },
     )
     .await;
     assert_eq!(

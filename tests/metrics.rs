@@ -11,7 +11,7 @@ upstreams:
   - name: up
     endpoints: ["UPSTREAM"]
 routes:
-  - { name: api, upstream: up, match: { path_prefix: /api } }
+  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }] }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
 "#;
 

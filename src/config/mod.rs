@@ -282,6 +282,60 @@ pub struct RouteConfig {
     /// caches, off otherwise.
     #[serde(default)]
     pub dedup: Option<DedupConfig>,
+    /// Request rate limits, checked in order before the cache and the upstream.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitMode {
+    /// Over the limit: 429 with Retry-After.
+    #[default]
+    Reject,
+    /// Over the limit: wait for a slot, up to `max_wait` and `max_queue` waiting requests.
+    Queue,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The `limit` metric label and what 429 bodies name.
+    pub name: String,
+    /// `100/s`, `600/min`, `5000/h`.
+    pub rate: String,
+    /// Requests allowed at once above the steady rate (default: the rate's count).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// `route` (one bucket), `credential` (per Authorization / x-api-key), `client_ip`, or
+    /// `header:<name>`.
+    #[serde(default = "default_limit_key")]
+    pub key: String,
+    #[serde(default)]
+    pub mode: RateLimitMode,
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Count and log what would be rejected, reject nothing (to tune limits in production).
+    #[serde(default)]
+    pub shadow: bool,
+    /// Distinct keys tracked at most; idle keys are forgotten first.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: u64,
+}
+
+fn default_limit_key() -> String {
+    "route".into()
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_queue() -> usize {
+    100
+}
+fn default_max_keys() -> u64 {
+    10_000
 }
 
 /// `dedup: true | false`, or `dedup: { methods: [GET, POST] }` to coalesce more than GET/HEAD

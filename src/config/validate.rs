@@ -257,6 +257,30 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         if let Some(cache) = &route.cache {
             check_route_cache(&format!("{at}.cache"), cache, errs);
         }
+        let mut limit_names = HashSet::new();
+        for (i, limit) in route.rate_limits.iter().enumerate() {
+            let at = format!("{at}.rate_limits[{i}]");
+            if !limit_names.insert(limit.name.clone()) {
+                errs.add(
+                    format!("{at}.name"),
+                    format!("duplicate limit name {:?}", limit.name),
+                );
+            }
+            match crate::ratelimit::Rate::parse(&limit.rate) {
+                Err(e) => errs.add(format!("{at}.rate"), e),
+                Ok(rate) => {
+                    if rate.quota(limit.burst).is_none() {
+                        errs.add(format!("{at}.burst"), "must be at least 1");
+                    }
+                }
+            }
+            if let Err(e) = crate::ratelimit::layer::KeyBy::parse(&limit.key) {
+                errs.add(format!("{at}.key"), e);
+            }
+            if limit.max_keys == 0 {
+                errs.add(format!("{at}.max_keys"), "must be at least 1");
+            }
+        }
         for (i, m) in route.dedup_methods().unwrap_or_default().iter().enumerate() {
             let method = http::Method::from_bytes(m.as_bytes());
             if method.is_err() {

@@ -126,6 +126,9 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub coalesced: IntCounterVec,
+    pub ratelimit_decisions: IntCounterVec,
+    pub ratelimit_queue_wait: HistogramVec,
+    pub ratelimit_queue_length: IntGaugeVec,
     pub upstream_calls_saved: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
@@ -209,6 +212,9 @@ impl Metrics {
                 g
             },
             coalesced: counter(&r, "sidelight_coalesced_requests_total", "Requests answered by joining an identical request already in flight.", &["route"]),
+            ratelimit_decisions: counter(&r, "sidelight_ratelimit_decisions_total", "Rate-limit decisions, by route, limit and result: allowed, queued, rejected, shadow_rejected (a shadow limit only counts).", &["route", "limit", "result"]),
+            ratelimit_queue_wait: histogram(&r, "sidelight_ratelimit_queue_wait_seconds", "Time queued requests waited for a rate-limit slot.", &["route", "limit"], LATENCY_BUCKETS),
+            ratelimit_queue_length: gauge(&r, "sidelight_ratelimit_queue_length", "Requests waiting for a rate-limit slot.", &["route", "limit"]),
             upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
@@ -231,6 +237,17 @@ impl Metrics {
         self.in_flight.with_label_values(&[route]);
         self.request_bytes.with_label_values(&[route]);
         self.response_bytes.with_label_values(&[route]);
+    }
+
+    /// Series of one rate limit.
+    pub fn init_rate_limit(&self, route: &str, limit: &str) {
+        for result in ["allowed", "queued", "rejected", "shadow_rejected"] {
+            self.ratelimit_decisions
+                .with_label_values(&[route, limit, result]);
+        }
+        self.ratelimit_queue_wait.with_label_values(&[route, limit]);
+        self.ratelimit_queue_length
+            .with_label_values(&[route, limit]);
     }
 
     /// Series of a route with caching or coalescing on.

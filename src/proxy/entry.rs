@@ -11,6 +11,7 @@ use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
+use crate::ratelimit::layer::RateLimitLayer;
 use crate::upstream::Upstream;
 use http::Request;
 use http_body_util::BodyExt;
@@ -96,6 +97,17 @@ impl Entry {
                     route: r.name.clone(),
                     message,
                 })?;
+                inner = RouteService::new(layer.layer(inner));
+            }
+            // Rate limits sit after the body limit: an oversized request costs no token.
+            if !r.rate_limits.is_empty() {
+                let layer =
+                    RateLimitLayer::new(&r.name, &r.rate_limits, metrics).map_err(|message| {
+                        crate::upstream::BuildError::Route {
+                            route: r.name.clone(),
+                            message,
+                        }
+                    })?;
                 inner = RouteService::new(layer.layer(inner));
             }
             let stack = ServiceBuilder::new()

@@ -6,9 +6,10 @@
 //! 1. [`observe`]: metrics, access log, and turning errors into responses (via [`crate::error`]);
 //! 2. [`limit::OverloadLayer`]: 503 past `limits.max_in_flight_requests`;
 //! 3. [`limit::BodyLimitLayer`]: 413 past the request body limit;
-//! 4. [`crate::cache::layer`]: cache and coalescing, on routes that enable them;
-//! 5. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
-//! 6. [`forward`]: header hygiene and the pooled upstream call.
+//! 4. [`crate::ratelimit::layer`]: rate limits (429 or queue), on routes that set them;
+//! 5. [`crate::cache::layer`]: cache and coalescing, on routes that enable them;
+//! 6. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
+//! 7. [`forward`]: header hygiene and the pooled upstream call.
 
 pub mod body;
 pub mod entry;

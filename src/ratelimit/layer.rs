@@ -1,0 +1,278 @@
+//! The rate-limit layer of a route's stack: checks the route's limits in order; over a limit a
+//! request is rejected (429), queued until it fits, or, for a shadow limit, only counted.
+
+use super::{retry_after_secs, Buckets, Decision, Rate};
+use crate::config::{RateLimitConfig, RateLimitMode};
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use governor::clock::DefaultClock;
+use http::header::{HeaderMap, HeaderName};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower::{Layer, Service};
+
+/// What a limit counts by.
+#[derive(Debug, Clone)]
+pub enum KeyBy {
+    Route,
+    /// A hash of `authorization` / `x-api-key` (never the credential itself).
+    Credential,
+    ClientIp,
+    Header(HeaderName),
+}
+
+impl KeyBy {
+    pub fn parse(text: &str) -> Result<KeyBy, String> {
+        match text {
+            "route" => Ok(KeyBy::Route),
+            "credential" => Ok(KeyBy::Credential),
+            "client_ip" => Ok(KeyBy::ClientIp),
+            other => match other.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(KeyBy::Header)
+                    .map_err(|_| format!("invalid header name {name:?}")),
+                None => Err(format!(
+                    "unknown key {other:?}: use route, credential, client_ip or header:<name>"
+                )),
+            },
+        }
+    }
+
+    fn key(&self, headers: &HeaderMap, meta: Option<&RequestMeta>) -> String {
+        match self {
+            KeyBy::Route => String::new(),
+            KeyBy::Credential => {
+                let mut hash = Sha256::new();
+                for name in ["authorization", "x-api-key"] {
+                    for v in headers.get_all(name) {
+                        hash.update(name.as_bytes());
+                        hash.update(b"=");
+                        hash.update(v.as_bytes());
+                        hash.update(b"\n");
+                    }
+                }
+                hash.finalize()
+                    .iter()
+                    .fold(String::with_capacity(64), |mut s, b| {
+                        let _ = write!(s, "{b:02x}");
+                        s
+                    })
+            }
+            KeyBy::ClientIp => meta
+                .map(|m| m.client.addr.ip().to_string())
+                .unwrap_or_default(),
+            KeyBy::Header(name) => headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+struct LimitMetrics {
+    allowed: IntCounter,
+    queued: IntCounter,
+    rejected: IntCounter,
+    shadow_rejected: IntCounter,
+    queue_wait: Histogram,
+    queue_length: IntGauge,
+}
+
+struct Limit {
+    name: String,
+    rate: Rate,
+    key_by: KeyBy,
+    mode: RateLimitMode,
+    max_wait: Duration,
+    max_queue: usize,
+    shadow: bool,
+    buckets: Buckets<DefaultClock>,
+    /// Requests waiting in this limit's queue, across workers.
+    waiting: AtomicUsize,
+    metrics: LimitMetrics,
+}
+
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limits: Arc<Vec<Limit>>,
+}
+
+impl RateLimitLayer {
+    /// Validation has checked every limit; one that still cannot be built is an error here.
+    pub fn new(
+        route: &str,
+        configs: &[RateLimitConfig],
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
+        let mut limits = Vec::new();
+        for c in configs {
+            let rate = Rate::parse(&c.rate)?;
+            let quota = rate
+                .quota(c.burst)
+                .ok_or_else(|| format!("limit {}: burst must be at least 1", c.name))?;
+            metrics.init_rate_limit(route, &c.name);
+            let d = |result: &str| {
+                metrics
+                    .ratelimit_decisions
+                    .with_label_values(&[route, &c.name, result])
+            };
+            limits.push(Limit {
+                name: c.name.clone(),
+                rate,
+                key_by: KeyBy::parse(&c.key)?,
+                mode: c.mode,
+                max_wait: c.max_wait,
+                max_queue: c.max_queue,
+                shadow: c.shadow,
+                buckets: Buckets::new(quota, DefaultClock::default(), c.max_keys),
+                waiting: AtomicUsize::new(0),
+                metrics: LimitMetrics {
+                    allowed: d("allowed"),
+                    queued: d("queued"),
+                    rejected: d("rejected"),
+                    shadow_rejected: d("shadow_rejected"),
+                    queue_wait: metrics
+                        .ratelimit_queue_wait
+                        .with_label_values(&[route, &c.name]),
+                    queue_length: metrics
+                        .ratelimit_queue_length
+                        .with_label_values(&[route, &c.name]),
+                },
+            });
+        }
+        Ok(RateLimitLayer {
+            limits: Arc::new(limits),
+        })
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limits: Arc<Vec<Limit>>,
+}
+
+/// A place in a limit's queue, given back however the wait ends (a client that disconnects
+/// drops it).
+struct Place<'a>(&'a Limit);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.queue_length.dec();
+    }
+}
+
+impl Limit {
+    fn rejected(&self, wait: Duration) -> ProxyError {
+        self.metrics.rejected.inc();
+        ProxyError::RateLimited {
+            limit: self.name.clone(),
+            rate: self.rate.count,
+            retry_after: retry_after_secs(wait),
+        }
+    }
+
+    fn enqueue(&self) -> Option<Place<'_>> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.queue_length.inc();
+        Some(Place(self))
+    }
+
+    /// Admits the request under this limit, waiting in queue mode; `Err` is the 429.
+    async fn admit(&self, key: &str) -> Result<(), ProxyError> {
+        let mut place: Option<(Place<'_>, Instant)> = None;
+        loop {
+            let wait = match self.buckets.check(key) {
+                Decision::Allowed { .. } => {
+                    match &place {
+                        Some((_, since)) => self
+                            .metrics
+                            .queue_wait
+                            .observe(since.elapsed().as_secs_f64()),
+                        None => self.metrics.allowed.inc(),
+                    }
+                    return Ok(());
+                }
+                Decision::Limited { wait } => wait,
+            };
+            if self.shadow {
+                self.metrics.shadow_rejected.inc();
+                tracing::info!(limit = %self.name, wait_ms = wait.as_millis() as u64, "shadow rate limit would have rejected a request");
+                return Ok(());
+            }
+            if self.mode != RateLimitMode::Queue {
+                return Err(self.rejected(wait));
+            }
+            let since = place
+                .as_ref()
+                .map_or_else(Instant::now, |(_, since)| *since);
+            if since.elapsed() + wait > self.max_wait {
+                return Err(self.rejected(wait));
+            }
+            if place.is_none() {
+                match self.enqueue() {
+                    Some(p) => {
+                        self.metrics.queued.inc();
+                        place = Some((p, since));
+                    }
+                    None => return Err(self.rejected(wait)),
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl<S> Service<ProxyRequest> for RateLimit<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let limits = self.limits.clone();
+        let keys: Vec<String> = limits
+            .iter()
+            .map(|l| {
+                l.key_by
+                    .key(req.headers(), req.extensions().get::<RequestMeta>())
+            })
+            .collect();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            for (limit, key) in limits.iter().zip(&keys) {
+                limit.admit(key).await?;
+            }
+            inner.call(req).await
+        })
+    }
+}

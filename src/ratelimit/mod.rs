@@ -1,0 +1,203 @@
+//! Request rate limits (GCRA, via governor), per route, keyed by the whole route, the client's
+//! credential, a header or the client IP.
+//!
+//! Each key gets its own governor limiter. Keys live in a bounded moka cache: idle keys are
+//! evicted, and its frequency-based admission keeps a flood of one-off random keys from pushing
+//! out the clients that are actually busy, so memory stays bounded whatever clients send.
+
+pub mod layer;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `100/s`, `600/min`, `5000/h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || format!("invalid rate {text:?}: expected e.g. 100/s, 600/min or 5000/h");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(format!(
+                "invalid rate {text:?}: the count must be at least 1"
+            ));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { count, per })
+    }
+
+    /// GCRA quota: one cell every `per / count`, with `burst` cells of headroom (default: one
+    /// unit's worth, so `600/min` may come as 600 at once).
+    pub fn quota(&self, burst: Option<u32>) -> Option<Quota> {
+        let interval = self.per / self.count;
+        let burst = NonZeroU32::new(burst.unwrap_or(self.count))?;
+        Some(Quota::with_period(interval)?.allow_burst(burst))
+    }
+}
+
+type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed {
+        remaining: u32,
+    },
+    /// Over the limit: the request would fit after `wait`.
+    Limited {
+        wait: Duration,
+    },
+}
+
+/// One limit's per-key buckets.
+pub struct Buckets<C: Clock = DefaultClock> {
+    quota: Quota,
+    clock: C,
+    keys: moka::sync::Cache<String, Arc<Limiter<C>>>,
+}
+
+impl<C> Buckets<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    pub fn new(quota: Quota, clock: C, max_keys: u64) -> Self {
+        // A key idle this long has a full bucket again, so forgetting it changes nothing.
+        let refill = quota.replenish_interval() * quota.burst_size().get();
+        Buckets {
+            quota,
+            clock,
+            keys: moka::sync::Cache::builder()
+                .max_capacity(max_keys)
+                .time_to_idle(refill.max(Duration::from_secs(1)))
+                .build(),
+        }
+    }
+
+    pub fn check(&self, key: &str) -> Decision {
+        let limiter = self.keys.get_with_by_ref(key, || {
+            Arc::new(
+                RateLimiter::direct_with_clock(self.quota, self.clock.clone())
+                    .with_middleware::<StateInformationMiddleware>(),
+            )
+        });
+        match limiter.check() {
+            Ok(snapshot) => Decision::Allowed {
+                remaining: snapshot.remaining_burst_capacity(),
+            },
+            Err(not_until) => Decision::Limited {
+                wait: not_until.wait_time_from(self.clock.now()),
+            },
+        }
+    }
+
+    /// Keys currently tracked (after pending evictions).
+    pub fn tracked_keys(&self) -> u64 {
+        self.keys.run_pending_tasks();
+        self.keys.entry_count()
+    }
+}
+
+/// Whole seconds to wait, never 0 (`Retry-After: 0` invites an immediate retry storm).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            Rate::parse("100/s"),
+            Ok(Rate {
+                count: 100,
+                per: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            Rate::parse("600/min").map(|r| r.per),
+            Ok(Duration::from_secs(60))
+        );
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("ten/s").is_err());
+        assert!(Rate::parse("10/fortnight").is_err());
+    }
+
+    /// Over a measured window the limit admits its rate, within 5%, plus the burst.
+    #[test]
+    fn enforces_the_rate_over_a_window() {
+        let clock = FakeRelativeClock::default();
+        let rate = Rate::parse("100/s").unwrap();
+        let buckets = Buckets::new(rate.quota(Some(10)).unwrap(), clock.clone(), 100);
+        let mut allowed = 0;
+        // 10 s of a client trying every millisecond.
+        for _ in 0..10_000 {
+            if matches!(buckets.check("k"), Decision::Allowed { .. }) {
+                allowed += 1;
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        let expected = 100.0 * 10.0 + 10.0;
+        assert!(
+            (allowed as f64 - expected).abs() <= expected * 0.05,
+            "allowed {allowed}, expected ~{expected}"
+        );
+    }
+
+    #[test]
+    fn keys_are_independent_and_limited_requests_learn_when_to_come_back() {
+        let clock = FakeRelativeClock::default();
+        let buckets = Buckets::new(
+            Rate::parse("1/s").unwrap().quota(Some(1)).unwrap(),
+            clock.clone(),
+            100,
+        );
+        assert_eq!(buckets.check("a"), Decision::Allowed { remaining: 0 });
+        assert!(matches!(buckets.check("b"), Decision::Allowed { .. }));
+        match buckets.check("a") {
+            Decision::Limited { wait } => assert_eq!(wait, Duration::from_secs(1)),
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::from_secs(1));
+        assert!(matches!(buckets.check("a"), Decision::Allowed { .. }));
+    }
+
+    #[test]
+    fn tracked_keys_are_bounded() {
+        let buckets = Buckets::new(
+            Rate::parse("1/s").unwrap().quota(None).unwrap(),
+            FakeRelativeClock::default(),
+            50,
+        );
+        for i in 0..5_000 {
+            buckets.check(&format!("random-{i}"));
+        }
+        assert!(buckets.tracked_keys() <= 50, "{}", buckets.tracked_keys());
+    }
+
+    #[test]
+    fn retry_after_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}

@@ -1,0 +1,315 @@
+//! Rate limits: reject with 429 and its headers, queue to smooth a burst, shadow mode, keys.
+
+mod support;
+
+use http::Request;
+use sidelight::proxy::body::full;
+use std::time::{Duration, Instant};
+use support::{proxy, server, Answer};
+
+fn config(upstream: &str, limits: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{upstream}"]
+routes:
+  - name: r
+    upstream: up
+    rate_limits: {limits}
+"#
+    )
+}
+
+async fn get_as(proxy: &proxy::Proxy, key: Option<&str>) -> Answer {
+    let mut req = Request::get(proxy.url("/x"));
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    support::send(req.body(full("")).unwrap()).await
+}
+
+#[tokio::test]
+async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: per-route, rate: 5/min, burst: 5 }]",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(get_as(&proxy, None).await);
+    }
+    assert!(statuses[..5].iter().all(|a| a.status == 200));
+    for a in &statuses[5..] {
+        assert_eq!(a.status, 429);
+        assert_eq!(a.header("x-sidelight-error"), "rate_limited");
+        assert_eq!(a.json()["error"]["type"], "rate_limited");
+        let retry: u64 = a.header("retry-after").parse().unwrap();
+        assert!(
+            (1..=12).contains(&retry),
+            "one request every 12 s: retry-after {retry}"
+        );
+        assert_eq!(a.header("x-ratelimit-limit"), "5");
+        assert_eq!(a.header("x-ratelimit-remaining"), "0");
+        assert_eq!(a.header("x-ratelimit-reset"), a.header("retry-after"));
+    }
+    assert_eq!(
+        up.request_count(),
+        5,
+        "rejected requests never reach the upstream"
+    );
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_decisions_total",
+            &[
+                ("route", "r"),
+                ("limit", "per-route"),
+                ("result", "allowed"),
+            ],
+            5.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_decisions_total",
+            &[
+                ("route", "r"),
+                ("limit", "per-route"),
+                ("result", "rejected"),
+            ],
+            3.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_requests_total",
+            &[("route", "r"), ("status_class", "4xx")],
+            3.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn per_credential_limits_keep_tenants_apart() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: per-key, rate: 2/min, burst: 2, key: credential }]",
+    ))
+    .await;
+    for _ in 0..2 {
+        assert_eq!(get_as(&proxy, Some("alice")).await.status, 200);
+    }
+    assert_eq!(get_as(&proxy, Some("alice")).await.status, 429);
+    assert_eq!(
+        get_as(&proxy, Some("bob")).await.status,
+        200,
+        "bob has his own bucket"
+    );
+    assert_eq!(
+        get_as(&proxy, None).await.status,
+        200,
+        "anonymous clients share one bucket"
+    );
+}
+
+#[tokio::test]
+async fn queue_mode_smooths_a_burst() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: smooth, rate: 10/s, burst: 1, mode: queue, max_wait: 5s }]",
+    ))
+    .await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let url = proxy.url("/x");
+        tasks.push(tokio::spawn(async move { support::get(&url).await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200, "queued, not rejected");
+    }
+    // One at once, then one every 100 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.request_count(), 6);
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_decisions_total",
+            &[("route", "r"), ("limit", "smooth"), ("result", "queued")],
+            5.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_queue_wait_seconds_count",
+            &[("route", "r"), ("limit", "smooth")],
+            5.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_queue_length",
+            &[("route", "r"), ("limit", "smooth")],
+            0.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_or_a_too_long_wait_rejects() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: q, rate: 1/min, burst: 1, mode: queue, max_wait: 1s, max_queue: 5 }]",
+    ))
+    .await;
+    assert_eq!(get_as(&proxy, None).await.status, 200);
+    // The next slot is a minute away: more than max_wait, so no point queueing.
+    let started = Instant::now();
+    assert_eq!(get_as(&proxy, None).await.status, 429);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "rejected at once, not after waiting"
+    );
+
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: q, rate: 2/s, burst: 1, mode: queue, max_wait: 10s, max_queue: 1 }]",
+    ))
+    .await;
+    assert_eq!(get_as(&proxy, None).await.status, 200);
+    let url = proxy.url("/x");
+    let queued = tokio::spawn(async move { support::get(&url).await.status });
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_queue_length",
+            &[("route", "r"), ("limit", "q")],
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        get_as(&proxy, None).await.status,
+        429,
+        "the queue holds one"
+    );
+    assert_eq!(queued.await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_leaves_the_queue() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: q, rate: 1/min, burst: 1, mode: queue, max_wait: 2m }]",
+    ))
+    .await;
+    assert_eq!(get_as(&proxy, None).await.status, 200);
+    let url = proxy.url("/x");
+    let waiting = tokio::spawn(async move { support::get(&url).await });
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_queue_length",
+            &[("route", "r"), ("limit", "q")],
+            1.0,
+        )
+        .await;
+    waiting.abort();
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_queue_length",
+            &[("route", "r"), ("limit", "q")],
+            0.0,
+        )
+        .await;
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn shadow_limits_only_count() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: trial, rate: 1/min, burst: 1, shadow: true }]",
+    ))
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get_as(&proxy, None).await.status, 200);
+    }
+    assert_eq!(up.request_count(), 5);
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_decisions_total",
+            &[
+                ("route", "r"),
+                ("limit", "trial"),
+                ("result", "shadow_rejected"),
+            ],
+            4.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn header_and_client_ip_keys() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: by-tenant, rate: 1/min, burst: 1, key: \"header:x-tenant\" }, { name: by-ip, rate: 3/min, burst: 3, key: client_ip }]",
+    ))
+    .await;
+    let tenant = |t: &'static str| {
+        let url = proxy.url("/x");
+        async move {
+            support::send(
+                Request::get(url)
+                    .header("x-tenant", t)
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(tenant("a").await.status, 200);
+    assert_eq!(tenant("a").await.status, 429);
+    assert_eq!(tenant("b").await.status, 200);
+    // Every request so far came from 127.0.0.1: the third allowed one used up the IP's burst.
+    assert_eq!(tenant("c").await.status, 200);
+    let a = tenant("d").await;
+    assert_eq!(a.status, 429);
+    assert!(a.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("by-ip"));
+}
+
+#[test]
+fn invalid_limits_are_reported_by_field_path() {
+    let yaml = "upstreams:\n  - { name: up, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - name: r\n    upstream: up\n    rate_limits:\n      - { name: a, rate: lots/s }\n      - { name: a, rate: 1/s, key: cookie }\n";
+    let errors = match sidelight::config::Config::from_yaml(yaml, &|_| None) {
+        Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
+        other => panic!("expected errors, got {other:?}"),
+    };
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("routes[0].rate_limits[0].rate: invalid rate \"lots/s\"")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("routes[0].rate_limits[1].name: duplicate")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("routes[0].rate_limits[1].key: unknown key \"cookie\"")),
+        "{text:?}"
+    );
+}
