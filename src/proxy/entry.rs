@@ -79,38 +79,10 @@ impl Entry {
                 total: upstream.timeouts.total,
                 metrics: upstream.metrics.clone(),
             };
-            let mut inner = RouteService::new(
-                ServiceBuilder::new()
-                    .layer(TimeoutLayer::new(timeouts))
-                    .service(Forward::new(upstream, rewrite)),
-            );
-            if r.cache.is_some() || r.dedup_enabled() {
-                let layer = CacheLayer::new(
-                    &r.name,
-                    r.cache.as_ref(),
-                    r.dedup_enabled(),
-                    r.dedup_methods(),
-                    shared.cache.clone(),
-                    metrics,
-                )
-                .map_err(|message| crate::upstream::BuildError::Route {
-                    route: r.name.clone(),
-                    message,
-                })?;
-                inner = RouteService::new(layer.layer(inner));
-            }
-            // Rate limits sit after the body limit: an oversized request costs no token.
-            if !r.rate_limits.is_empty() {
-                let layer =
-                    RateLimitLayer::new(&r.name, &r.rate_limits, metrics).map_err(|message| {
-                        crate::upstream::BuildError::Route {
-                            route: r.name.clone(),
-                            message,
-                        }
-                    })?;
-                inner = RouteService::new(layer.layer(inner));
-            }
-            let stack = ServiceBuilder::new()
+            let base = ServiceBuilder::new()
+                .layer(TimeoutLayer::new(timeouts))
+                .service(Forward::new(upstream, rewrite));
+            let outer = ServiceBuilder::new()
                 .layer(ObserveLayer::new(
                     &r.name,
                     &r.upstream,
@@ -118,8 +90,37 @@ impl Entry {
                     access_log,
                 ))
                 .layer(overload.clone())
-                .layer(BodyLimitLayer::new(limit.0))
-                .service(inner);
+                .layer(BodyLimitLayer::new(limit.0));
+            let route_err = |message| crate::upstream::BuildError::Route {
+                route: r.name.clone(),
+                message,
+            };
+            let dedup = r.dedup_enabled();
+            let service = if r.cache.is_none() && !dedup && r.rate_limits.is_empty() {
+                // The plain proxy path, without a boxed service in the middle.
+                RouteService::new(outer.service(base))
+            } else {
+                let mut inner = RouteService::new(base);
+                if r.cache.is_some() || dedup {
+                    let layer = CacheLayer::new(
+                        &r.name,
+                        r.cache.as_ref(),
+                        dedup,
+                        r.dedup_methods(),
+                        shared.cache.clone(),
+                        metrics,
+                    )
+                    .map_err(route_err)?;
+                    inner = RouteService::new(layer.layer(inner));
+                }
+                // Rate limits sit after the body limit: an oversized request costs no token.
+                if !r.rate_limits.is_empty() {
+                    let layer =
+                        RateLimitLayer::new(&r.name, &r.rate_limits, metrics).map_err(route_err)?;
+                    inner = RouteService::new(layer.layer(inner));
+                }
+                RouteService::new(outer.service(inner))
+            };
             let listener = r
                 .matcher
                 .listener
@@ -130,7 +131,7 @@ impl Entry {
                 r.matcher.path_prefix.clone(),
                 r.matcher.host.clone(),
                 listener,
-                RouteService::new(stack),
+                service,
             ));
         }
         let unmatched = ServiceBuilder::new()
