@@ -29,6 +29,8 @@ pub enum ProxyError {
         rate: u32,
         retry_after: u64,
     },
+    #[error("upstream {upstream} already has {limit} requests in flight and its queue is full or too slow")]
+    UpstreamBusy { upstream: String, limit: usize },
     #[error("cannot connect to upstream {upstream}: {detail}")]
     UpstreamConnect { upstream: String, detail: String },
     #[error("upstream {upstream} closed the connection before sending response headers: {detail}")]
@@ -57,6 +59,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
             ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
@@ -75,6 +78,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
@@ -96,6 +100,7 @@ impl ProxyError {
                 | ProxyError::BadRequest(_)
                 | ProxyError::Overloaded { .. }
                 | ProxyError::RateLimited { .. }
+                | ProxyError::UpstreamBusy { .. }
                 | ProxyError::Internal(_)
         )
     }
@@ -122,7 +127,7 @@ impl ProxyError {
             headers.insert(crate::proxy::headers::REQUEST_ID, id.clone());
         }
         match self {
-            ProxyError::Overloaded { .. } => {
+            ProxyError::Overloaded { .. } | ProxyError::UpstreamBusy { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ProxyError::RateLimited {

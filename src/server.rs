@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::entry::{Entry, Shared};
 use crate::proxy::listener::{self, ListenerTask};
+use crate::ratelimit::concurrency::ConcurrencyLimit;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -142,6 +143,14 @@ impl Sidelight {
                 coalesce_max_buffer: usize::try_from(config.cache.coalesce_max_buffer_bytes.0)
                     .unwrap_or(usize::MAX),
             },
+            concurrency: config
+                .upstreams
+                .iter()
+                .filter_map(|u| {
+                    let c = u.concurrency.as_ref()?;
+                    Some((u.name.clone(), ConcurrencyLimit::new(&u.name, c, &metrics)))
+                })
+                .collect(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
 

@@ -10,6 +10,7 @@ const CONFIG: &str = r#"
 upstreams:
   - name: up
     endpoints: ["UPSTREAM"]
+    concurrency: { max_in_flight: 100 }
 routes:
   - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }] }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }

@@ -313,3 +313,111 @@ fn invalid_limits_are_reported_by_field_path() {
         "{text:?}"
     );
 }
+
+#[tokio::test]
+async fn upstream_concurrency_limit_queues_then_rejects() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let up = server::http1()
+        .route_stream("/", move |_, tx| {
+            let mut release = release_rx.clone();
+            async move {
+                let _ = release.wait_for(|r| *r).await;
+                let _ = tx.send(Ok(bytes::Bytes::from("done"))).await;
+            }
+        })
+        .run()
+        .await;
+    let yaml = format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{}"]
+    concurrency: {{ max_in_flight: 1, max_queue: 1, max_wait: 10s }}
+routes:
+  - {{ name: r, upstream: up }}
+"#,
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let spawn = || {
+        let url = proxy.url("/x");
+        tokio::spawn(async move { support::get(&url).await })
+    };
+    let first = spawn();
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_requests_in_flight",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    let second = spawn();
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_queue_length",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    // In flight: one; queued: one; the third is refused at once.
+    let third = support::get(&proxy.url("/x")).await;
+    assert_eq!(third.status, 503);
+    assert_eq!(third.header("x-sidelight-error"), "upstream_busy");
+    assert_eq!(third.header("retry-after"), "1");
+    assert_eq!(
+        up.request_count(),
+        1,
+        "the queued request has not reached the upstream"
+    );
+    release_tx.send(true).unwrap();
+    assert_eq!(first.await.unwrap().body, "done");
+    assert_eq!(second.await.unwrap().body, "done");
+    assert_eq!(up.request_count(), 2);
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_requests_in_flight",
+            &[("upstream", "up")],
+            0.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_concurrency_decisions_total",
+            &[("upstream", "up"), ("result", "rejected")],
+            1.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_queue_wait_seconds_count",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn upstream_concurrency_wait_is_bounded() {
+    let up = server::http1().route_hang("/").run().await;
+    let yaml = format!(
+        "upstreams:\n  - name: up\n    endpoints: [\"{}\"]\n    concurrency: {{ max_in_flight: 1, max_wait: 300ms }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let url = proxy.url("/x");
+    let _hung = tokio::spawn(async move { support::get(&url).await });
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_requests_in_flight",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    let started = Instant::now();
+    let answer = support::get(&proxy.url("/x")).await;
+    assert_eq!(answer.status, 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "waited its max_wait first"
+    );
+}

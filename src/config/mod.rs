@@ -215,6 +215,21 @@ pub struct UpstreamConfig {
     pub headers: BTreeMap<String, EnvString>,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// At most this many requests at the upstream at once (off when absent).
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    pub max_in_flight: usize,
+    /// Longest a request waits for a slot before 503.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Requests waiting at most; one more gets 503 at once.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -154,6 +154,16 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                 "must be greater than 0 (set max_idle_per_endpoint: 0 to disable pooling)",
             );
         }
+        if up
+            .concurrency
+            .as_ref()
+            .is_some_and(|c| c.max_in_flight == 0)
+        {
+            errs.add(
+                format!("{at}.concurrency.max_in_flight"),
+                "must be at least 1",
+            );
+        }
         if let Some(ca) = &up.tls.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
                 errs.add(

@@ -127,6 +127,10 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub coalesced: IntCounterVec,
     pub ratelimit_decisions: IntCounterVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub upstream_queue_length: IntGaugeVec,
+    pub upstream_queue_wait: HistogramVec,
+    pub upstream_concurrency_decisions: IntCounterVec,
     pub ratelimit_queue_wait: HistogramVec,
     pub ratelimit_queue_length: IntGaugeVec,
     pub upstream_calls_saved: IntCounterVec,
@@ -213,6 +217,10 @@ impl Metrics {
             },
             coalesced: counter(&r, "sidelight_coalesced_requests_total", "Requests answered by joining an identical request already in flight.", &["route"]),
             ratelimit_decisions: counter(&r, "sidelight_ratelimit_decisions_total", "Rate-limit decisions, by route, limit and result: allowed, queued, rejected, shadow_rejected (a shadow limit only counts).", &["route", "limit", "result"]),
+            upstream_in_flight: gauge(&r, "sidelight_upstream_requests_in_flight", "Requests holding a concurrency slot of an upstream (with upstreams[].concurrency).", &["upstream"]),
+            upstream_queue_length: gauge(&r, "sidelight_upstream_queue_length", "Requests waiting for a concurrency slot of an upstream.", &["upstream"]),
+            upstream_queue_wait: histogram(&r, "sidelight_upstream_queue_wait_seconds", "Time requests waited for a concurrency slot of an upstream.", &["upstream"], LATENCY_BUCKETS),
+            upstream_concurrency_decisions: counter(&r, "sidelight_upstream_concurrency_decisions_total", "Concurrency-limit decisions per upstream: allowed, queued, rejected (503 upstream_busy).", &["upstream", "result"]),
             ratelimit_queue_wait: histogram(&r, "sidelight_ratelimit_queue_wait_seconds", "Time queued requests waited for a rate-limit slot.", &["route", "limit"], LATENCY_BUCKETS),
             ratelimit_queue_length: gauge(&r, "sidelight_ratelimit_queue_length", "Requests waiting for a rate-limit slot.", &["route", "limit"]),
             upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
@@ -237,6 +245,17 @@ impl Metrics {
         self.in_flight.with_label_values(&[route]);
         self.request_bytes.with_label_values(&[route]);
         self.response_bytes.with_label_values(&[route]);
+    }
+
+    /// Series of an upstream's concurrency limit.
+    pub fn init_concurrency(&self, upstream: &str) {
+        self.upstream_in_flight.with_label_values(&[upstream]);
+        self.upstream_queue_length.with_label_values(&[upstream]);
+        self.upstream_queue_wait.with_label_values(&[upstream]);
+        for result in ["allowed", "queued", "rejected"] {
+            self.upstream_concurrency_decisions
+                .with_label_values(&[upstream, result]);
+        }
     }
 
     /// Series of one rate limit.

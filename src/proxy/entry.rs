@@ -11,6 +11,7 @@ use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
+use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
 use crate::upstream::Upstream;
 use http::Request;
@@ -30,6 +31,8 @@ pub struct Shared {
     /// Requests in flight across all workers (`limits.max_in_flight_requests`).
     pub in_flight: Arc<AtomicUsize>,
     pub cache: crate::cache::layer::Shared,
+    /// Per-upstream concurrency limits, by upstream name (process-wide, like the upstream).
+    pub concurrency: HashMap<String, Arc<ConcurrencyLimit>>,
 }
 
 #[derive(Clone)]
@@ -96,11 +99,17 @@ impl Entry {
                 message,
             };
             let dedup = r.dedup_enabled();
-            let service = if r.cache.is_none() && !dedup && r.rate_limits.is_empty() {
+            let concurrency = shared.concurrency.get(&r.upstream).cloned();
+            let plain = r.cache.is_none() && !dedup && r.rate_limits.is_empty();
+            let service = if plain && concurrency.is_none() {
                 // The plain proxy path, without a boxed service in the middle.
                 RouteService::new(outer.service(base))
             } else {
                 let mut inner = RouteService::new(base);
+                // Inside the cache: hits never take an upstream slot.
+                if let Some(limit) = concurrency {
+                    inner = RouteService::new(ConcurrencyLayer::new(limit).layer(inner));
+                }
                 if r.cache.is_some() || dedup {
                     let layer = CacheLayer::new(
                         &r.name,

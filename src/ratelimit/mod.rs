@@ -5,6 +5,7 @@
 //! evicted, and its frequency-based admission keeps a flood of one-off random keys from pushing
 //! out the clients that are actually busy, so memory stays bounded whatever clients send.
 
+pub mod concurrency;
 pub mod layer;
 
 use governor::clock::{Clock, DefaultClock};

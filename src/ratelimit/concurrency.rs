@@ -1,0 +1,171 @@
+//! Per-upstream concurrency limits: at most `max_in_flight` requests at an upstream at once
+//! (across all workers and routes), the rest wait in a bounded queue or get 503. A request holds
+//! its slot until its response body has ended. Cache hits never take a slot.
+
+use crate::config::ConcurrencyConfig;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::body::{BodyObserver, Observed};
+use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
+
+/// One upstream's limit, shared by every route and worker that uses the upstream.
+pub struct ConcurrencyLimit {
+    upstream: Arc<str>,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    waiting: AtomicUsize,
+    max_wait: Duration,
+    max_queue: usize,
+    in_flight: IntGauge,
+    queue_length: IntGauge,
+    queue_wait: Histogram,
+    allowed: IntCounter,
+    queued: IntCounter,
+    rejected: IntCounter,
+}
+
+impl ConcurrencyLimit {
+    pub fn new(upstream: &str, config: &ConcurrencyConfig, metrics: &Metrics) -> Arc<Self> {
+        metrics.init_concurrency(upstream);
+        let d = |result: &str| {
+            metrics
+                .upstream_concurrency_decisions
+                .with_label_values(&[upstream, result])
+        };
+        Arc::new(ConcurrencyLimit {
+            upstream: Arc::from(upstream),
+            slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            max_in_flight: config.max_in_flight,
+            waiting: AtomicUsize::new(0),
+            max_wait: config.max_wait,
+            max_queue: config.max_queue,
+            in_flight: metrics.upstream_in_flight.with_label_values(&[upstream]),
+            queue_length: metrics.upstream_queue_length.with_label_values(&[upstream]),
+            queue_wait: metrics.upstream_queue_wait.with_label_values(&[upstream]),
+            allowed: d("allowed"),
+            queued: d("queued"),
+            rejected: d("rejected"),
+        })
+    }
+
+    fn busy(&self) -> ProxyError {
+        self.rejected.inc();
+        ProxyError::UpstreamBusy {
+            upstream: self.upstream.to_string(),
+            limit: self.max_in_flight,
+        }
+    }
+
+    async fn acquire(&self) -> Result<Slot, ProxyError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            self.allowed.inc();
+            return Ok(self.slot(permit));
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.busy());
+        }
+        // Leaves the queue however the wait ends, including the client going away.
+        struct Waiting<'a>(&'a ConcurrencyLimit);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.0.queue_length.dec();
+            }
+        }
+        self.queued.inc();
+        self.queue_length.inc();
+        let _waiting = Waiting(self);
+        let started = Instant::now();
+        match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                self.queue_wait.observe(started.elapsed().as_secs_f64());
+                Ok(self.slot(permit))
+            }
+            // Timed out (or the semaphore closed, which it never is).
+            _ => Err(self.busy()),
+        }
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.in_flight.inc();
+        Slot {
+            _permit: permit,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+/// A taken slot; given back when the response body is done (or the request dropped).
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+impl BodyObserver for Slot {}
+
+#[derive(Clone)]
+pub struct ConcurrencyLayer {
+    limit: Arc<ConcurrencyLimit>,
+}
+
+impl ConcurrencyLayer {
+    pub fn new(limit: Arc<ConcurrencyLimit>) -> Self {
+        ConcurrencyLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLayer {
+    type Service = Concurrency<S>;
+    fn layer(&self, inner: S) -> Concurrency<S> {
+        Concurrency {
+            inner,
+            limit: self.limit.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Concurrency<S> {
+    inner: S,
+    limit: Arc<ConcurrencyLimit>,
+}
+
+impl<S> Service<ProxyRequest> for Concurrency<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let limit = self.limit.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let slot = limit.acquire().await?;
+            let response = inner.call(req).await?;
+            Ok(response.map(|body| Observed::boxed(body, slot)))
+        })
+    }
+}
