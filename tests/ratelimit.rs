@@ -21,6 +21,17 @@ routes:
     )
 }
 
+/// Waits until `limit` on route `r` has made `n` decisions of kind `result`.
+async fn assert_decisions(proxy: &proxy::Proxy, limit: &str, result: &str, n: f64) {
+    proxy
+        .assert_metric_eventually(
+            "sidelight_ratelimit_decisions_total",
+            &[("route", "r"), ("limit", limit), ("result", result)],
+            n,
+        )
+        .await;
+}
+
 async fn get_as(proxy: &proxy::Proxy, key: Option<&str>) -> Answer {
     let mut req = Request::get(proxy.url("/x"));
     if let Some(key) = key {
@@ -60,28 +71,8 @@ async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers() {
         5,
         "rejected requests never reach the upstream"
     );
-    proxy
-        .assert_metric_eventually(
-            "sidelight_ratelimit_decisions_total",
-            &[
-                ("route", "r"),
-                ("limit", "per-route"),
-                ("result", "allowed"),
-            ],
-            5.0,
-        )
-        .await;
-    proxy
-        .assert_metric_eventually(
-            "sidelight_ratelimit_decisions_total",
-            &[
-                ("route", "r"),
-                ("limit", "per-route"),
-                ("result", "rejected"),
-            ],
-            3.0,
-        )
-        .await;
+    assert_decisions(&proxy, "per-route", "allowed", 5.0).await;
+    assert_decisions(&proxy, "per-route", "rejected", 3.0).await;
     proxy
         .assert_metric_eventually(
             "sidelight_requests_total",
@@ -243,17 +234,7 @@ async fn shadow_limits_only_count() {
         assert_eq!(get_as(&proxy, None).await.status, 200);
     }
     assert_eq!(up.request_count(), 5);
-    proxy
-        .assert_metric_eventually(
-            "sidelight_ratelimit_decisions_total",
-            &[
-                ("route", "r"),
-                ("limit", "trial"),
-                ("result", "shadow_rejected"),
-            ],
-            4.0,
-        )
-        .await;
+    assert_decisions(&proxy, "trial", "shadow_rejected", 4.0).await;
 }
 
 #[tokio::test]
