@@ -151,6 +151,11 @@ impl Sidelight {
                     Some((u.name.clone(), ConcurrencyLimit::new(&u.name, c, &metrics)))
                 })
                 .collect(),
+            balancers: config
+                .upstreams
+                .iter()
+                .map(|u| (u.name.clone(), Shared::balancer(u, &metrics)))
+                .collect(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
 

@@ -116,7 +116,7 @@ async fn concurrent_requests_open_connections_then_reuse_them() {
 }
 
 #[tokio::test]
-async fn round_robin_across_endpoints() {
+async fn idle_endpoints_share_the_traffic() {
     let a = server::http1().route("/", "a").run().await;
     let b = server::http1().route("/", "b").run().await;
     let yaml = format!(
@@ -125,10 +125,13 @@ async fn round_robin_across_endpoints() {
         b.url()
     );
     let proxy = proxy::start(&yaml).await;
-    for _ in 0..10 {
+    for _ in 0..40 {
         assert_eq!(support::get(&proxy.url("/")).await.status, 200);
     }
-    assert_eq!((a.request_count(), b.request_count()), (5, 5));
+    // Power of two choices with equal load picks at random: both get a fair share.
+    let (a, b) = (a.request_count(), b.request_count());
+    assert_eq!(a + b, 40);
+    assert!(a >= 8 && b >= 8, "a={a} b={b}");
 }
 
 /// An upstream that answers one request per connection and then closes the socket without
@@ -207,4 +210,84 @@ async fn connections_closed_by_the_upstream_are_not_reused() {
             5.0,
         )
         .await;
+}
+
+#[tokio::test]
+async fn an_endpoint_that_answers_429_is_rested_for_its_retry_after() {
+    let limited = server::http1()
+        .route_fn("/", |_| {
+            http::Response::builder()
+                .status(429)
+                .header("retry-after", "60")
+                .body(sidelight::proxy::body::full("slow down"))
+                .unwrap()
+        })
+        .run()
+        .await;
+    let healthy = server::http1().route("/", "ok").run().await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        limited.url(),
+        healthy.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(support::get(&proxy.url("/")).await.status.as_u16());
+    }
+    assert!(
+        limited.request_count() <= 1,
+        "the 429 endpoint was asked again: {}",
+        limited.request_count()
+    );
+    assert_eq!(limited.request_count() + healthy.request_count(), 20);
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        healthy.request_count()
+    );
+    proxy
+        .assert_metric_eventually(
+            "sidelight_endpoint_cooldowns_total",
+            &[("upstream", "up")],
+            limited.request_count() as f64,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn busy_endpoints_get_fewer_new_requests() {
+    let stuck = server::http1().route_hang("/").run().await;
+    let fast = server::http1().route("/", "ok").run().await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        stuck.url(),
+        fast.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    // Requests go out (and are left hanging) until one lands on the stuck endpoint.
+    let mut hanging = Vec::new();
+    while stuck.request_count() == 0 {
+        let url = proxy.url("/");
+        hanging.push(tokio::spawn(async move { support::get(&url).await }));
+        support::eventually(
+            "the request landed somewhere",
+            Duration::from_secs(5),
+            || async { stuck.request_count() + fast.request_count() == hanging.len() },
+        )
+        .await;
+    }
+    proxy
+        .assert_metric_eventually(
+            "sidelight_endpoint_requests_in_flight",
+            &[("upstream", "up"), ("endpoint", &stuck.addr.to_string())],
+            1.0,
+        )
+        .await;
+    // With one request stuck there, every new one goes to the idle endpoint.
+    let before = fast.request_count();
+    for _ in 0..20 {
+        assert_eq!(support::get(&proxy.url("/")).await.status, 200);
+    }
+    assert_eq!(fast.request_count() - before, 20);
+    assert_eq!(stuck.request_count(), 1);
 }

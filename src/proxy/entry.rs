@@ -13,6 +13,7 @@ use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
+use crate::upstream::balance::Balancer;
 use crate::upstream::Upstream;
 use http::Request;
 use http_body_util::BodyExt;
@@ -33,6 +34,27 @@ pub struct Shared {
     pub cache: crate::cache::layer::Shared,
     /// Per-upstream concurrency limits, by upstream name (process-wide, like the upstream).
     pub concurrency: HashMap<String, Arc<ConcurrencyLimit>>,
+    /// Endpoint load and back-off, by upstream name.
+    pub balancers: HashMap<String, Arc<Balancer>>,
+}
+
+impl Shared {
+    /// The balancer of one upstream, with its per-endpoint gauges.
+    pub fn balancer(u: &crate::config::UpstreamConfig, metrics: &Metrics) -> Arc<Balancer> {
+        let gauges = u
+            .endpoints
+            .iter()
+            .map(|e| {
+                metrics
+                    .endpoint_in_flight
+                    .with_label_values(&[&u.name, &Upstream::endpoint_label(&e.value)])
+            })
+            .collect();
+        Balancer::new(
+            gauges,
+            metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -50,7 +72,14 @@ impl Entry {
     ) -> Result<Entry, crate::upstream::BuildError> {
         let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
         for u in &config.upstreams {
-            upstreams.insert(u.name.as_str(), Arc::new(Upstream::build(u, metrics)?));
+            let balancer = match shared.balancers.get(&u.name) {
+                Some(b) => b.clone(),
+                None => Shared::balancer(u, metrics),
+            };
+            upstreams.insert(
+                u.name.as_str(),
+                Arc::new(Upstream::build(u, metrics, balancer)?),
+            );
         }
         let overload = OverloadLayer::new(
             shared.in_flight.clone(),

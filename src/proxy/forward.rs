@@ -3,6 +3,7 @@
 use super::headers;
 use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
+use crate::upstream::balance::backoff_from;
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
 use http::uri::PathAndQuery;
@@ -83,6 +84,7 @@ impl Service<ProxyRequest> for Forward {
     fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
         let upstream = self.upstream.clone();
         let index = upstream.pick();
+        let in_flight = upstream.balancer.enter(index);
         let endpoint = &upstream.endpoints[index];
         let path = self.rewrite.apply(endpoint, req.uri());
         // Origin-form: the transport adds scheme and authority where its protocol needs them.
@@ -118,9 +120,15 @@ impl Service<ProxyRequest> for Forward {
             match result {
                 Ok(response) => {
                     metrics.response_time.observe(wait.as_secs_f64());
+                    if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                        // The endpoint asked for a pause: others take its traffic meanwhile.
+                        let pause = backoff_from(response.headers());
+                        upstream.balancer.cool_down(index, pause);
+                        tracing::info!(upstream = %upstream.name, endpoint = index, pause_ms = pause.as_millis() as u64, "endpoint answered 429; backing off");
+                    }
                     let body_errors = metrics.body_errors.clone();
                     let name = upstream.name.clone();
-                    let mut response = response.map(move |body| {
+                    let response = response.map(move |body| {
                         body.map_err(move |e| {
                             body_errors.inc();
                             BoxError::from(ProxyError::UpstreamBody {
@@ -130,6 +138,8 @@ impl Service<ProxyRequest> for Forward {
                         })
                         .boxed_unsync()
                     });
+                    let mut response =
+                        response.map(|body| crate::proxy::body::Observed::boxed(body, in_flight));
                     headers::to_client(response.headers_mut(), &request_id);
                     response.extensions_mut().insert(UpstreamWait(wait));
                     Ok(response)

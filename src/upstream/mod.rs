@@ -1,6 +1,7 @@
 //! Upstreams: named sets of endpoints, each reached through a connection pool: sidelight's own
 //! HTTP/1.1 pool, or hyper-util's client for HTTP/2 (multiplexed) upstreams.
 
+pub mod balance;
 mod connector;
 mod pool;
 
@@ -19,7 +20,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,11 +67,16 @@ pub struct Upstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub metrics: UpstreamMetrics,
     transport: Transport,
-    next: AtomicUsize,
+    /// Shared with the same upstream on every other worker.
+    pub balancer: Arc<balance::Balancer>,
 }
 
 impl Upstream {
-    pub fn build(config: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, BuildError> {
+    pub fn build(
+        config: &UpstreamConfig,
+        metrics: &Metrics,
+        balancer: Arc<balance::Balancer>,
+    ) -> Result<Upstream, BuildError> {
         let name = config.name.as_str();
         metrics.init_upstream(name);
         let endpoints = config
@@ -192,13 +197,29 @@ impl Upstream {
             headers,
             metrics: upstream_metrics,
             transport,
-            next: AtomicUsize::new(0),
+            balancer,
         })
     }
 
-    /// Round robin over the endpoints (health-aware balancing comes with traffic control).
+    /// Power of two choices on requests in flight, skipping endpoints backing off.
     pub fn pick(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()
+        self.balancer
+            .pick()
+            .min(self.endpoints.len().saturating_sub(1))
+    }
+
+    /// The endpoint label for metrics: host and port, never credentials from the URL.
+    pub fn endpoint_label(url: &str) -> String {
+        match url.parse::<http::Uri>() {
+            Ok(uri) => {
+                let host = uri.host().unwrap_or("?");
+                match uri.port_u16() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_string(),
+                }
+            }
+            Err(_) => "?".into(),
+        }
     }
 
     /// Sends a request whose URI is origin-form (path and query) and whose `Host` is set, to
