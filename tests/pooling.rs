@@ -291,3 +291,38 @@ async fn busy_endpoints_get_fewer_new_requests() {
     assert_eq!(fast.request_count() - before, 20);
     assert_eq!(stuck.request_count(), 1);
 }
+
+#[tokio::test]
+async fn an_endpoint_failing_in_a_row_is_ejected() {
+    let broken = server::http1().status("/", 500, "broken").run().await;
+    let healthy = server::http1().route("/", "ok").run().await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"], outlier_detection: {{ consecutive_failures: 5, base_ejection_time: 1m }} }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        broken.url(),
+        healthy.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    for _ in 0..40 {
+        support::get(&proxy.url("/")).await;
+    }
+    assert_eq!(
+        broken.request_count(),
+        5,
+        "ejected after five failures in a row"
+    );
+    assert_eq!(healthy.request_count(), 35);
+    proxy
+        .assert_metric_eventually(
+            "sidelight_endpoint_ejections_total",
+            &[("upstream", "up")],
+            1.0,
+        )
+        .await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_endpoint_ejected",
+            &[("upstream", "up"), ("endpoint", &broken.addr.to_string())],
+            1.0,
+        )
+        .await;
+}

@@ -218,6 +218,43 @@ pub struct UpstreamConfig {
     /// At most this many requests at the upstream at once (off when absent).
     #[serde(default)]
     pub concurrency: Option<ConcurrencyConfig>,
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
+}
+
+/// Passive health checks: endpoints that keep failing are taken out of rotation for a while.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Connect errors, resets and 5xx in a row that eject an endpoint (0: off).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u64,
+    /// The first ejection lasts this long, the n-th n times as long (at most 10x).
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Never eject more than this share of the endpoints; at least one always stays.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u64 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejected_percent() -> u8 {
+    50
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

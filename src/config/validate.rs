@@ -154,6 +154,12 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                 "must be greater than 0 (set max_idle_per_endpoint: 0 to disable pooling)",
             );
         }
+        if up.outlier_detection.max_ejected_percent > 100 {
+            errs.add(
+                format!("{at}.outlier_detection.max_ejected_percent"),
+                "at most 100",
+            );
+        }
         if up
             .concurrency
             .as_ref()

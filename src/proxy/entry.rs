@@ -13,7 +13,7 @@ use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
-use crate::upstream::balance::Balancer;
+use crate::upstream::balance::{Balancer, Outliers};
 use crate::upstream::Upstream;
 use http::Request;
 use http_body_util::BodyExt;
@@ -45,14 +45,24 @@ impl Shared {
             .endpoints
             .iter()
             .map(|e| {
-                metrics
-                    .endpoint_in_flight
-                    .with_label_values(&[&u.name, &Upstream::endpoint_label(&e.value)])
+                let endpoint = Upstream::endpoint_label(&e.value);
+                let labels = [u.name.as_str(), endpoint.as_str()];
+                (
+                    metrics.endpoint_in_flight.with_label_values(&labels),
+                    metrics.endpoint_ejected.with_label_values(&labels),
+                )
             })
             .collect();
+        let o = &u.outlier_detection;
         Balancer::new(
             gauges,
             metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
+            Outliers {
+                consecutive_failures: o.consecutive_failures,
+                base_ejection: o.base_ejection_time,
+                max_ejected_percent: o.max_ejected_percent,
+            },
+            metrics.endpoint_ejections.with_label_values(&[&u.name]),
         )
     }
 }

@@ -120,6 +120,9 @@ impl Service<ProxyRequest> for Forward {
             match result {
                 Ok(response) => {
                     metrics.response_time.observe(wait.as_secs_f64());
+                    upstream
+                        .balancer
+                        .record(index, !response.status().is_server_error());
                     if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
                         // The endpoint asked for a pause: others take its traffic meanwhile.
                         let pause = backoff_from(response.headers());
@@ -144,7 +147,10 @@ impl Service<ProxyRequest> for Forward {
                     response.extensions_mut().insert(UpstreamWait(wait));
                     Ok(response)
                 }
-                Err(err) => Err(classify(&upstream, err)),
+                Err(err) => {
+                    upstream.balancer.record(index, false);
+                    Err(classify(&upstream, err))
+                }
             }
         })
     }

@@ -9,9 +9,25 @@ use std::time::{Duration, Instant};
 
 struct EndpointState {
     in_flight: AtomicUsize,
+    /// Consecutive failures (connect errors, resets, 5xx) since the last success.
+    failures: AtomicU64,
+    /// How many times this endpoint was ejected: each ejection lasts longer.
+    ejections: AtomicU64,
+    ejected_gauge: IntGauge,
     /// Milliseconds since `Balancer::epoch` before which the endpoint is not used.
     cooling_until_ms: AtomicU64,
     in_flight_gauge: IntGauge,
+}
+
+/// Passive health checking (outlier detection), as Envoy does it.
+#[derive(Clone, Copy, Debug)]
+pub struct Outliers {
+    /// Consecutive failures that eject an endpoint (0: never).
+    pub consecutive_failures: u64,
+    /// First ejection's length; the n-th lasts n times as long (capped at 10x).
+    pub base_ejection: Duration,
+    /// Never eject more than this share of the endpoints (at least one stays).
+    pub max_ejected_percent: u8,
 }
 
 pub struct Balancer {
@@ -19,16 +35,26 @@ pub struct Balancer {
     epoch: Instant,
     seed: AtomicU64,
     cooldowns: IntCounter,
+    outliers: Outliers,
+    ejections: IntCounter,
 }
 
 impl Balancer {
-    /// `gauges`: one in-flight gauge per endpoint, in endpoint order.
-    pub fn new(gauges: Vec<IntGauge>, cooldowns: IntCounter) -> Arc<Balancer> {
+    /// `gauges`: per endpoint, in endpoint order, its in-flight and its ejected gauge.
+    pub fn new(
+        gauges: Vec<(IntGauge, IntGauge)>,
+        cooldowns: IntCounter,
+        outliers: Outliers,
+        ejections: IntCounter,
+    ) -> Arc<Balancer> {
         Arc::new(Balancer {
             endpoints: gauges
                 .into_iter()
-                .map(|in_flight_gauge| EndpointState {
+                .map(|(in_flight_gauge, ejected_gauge)| EndpointState {
                     in_flight: AtomicUsize::new(0),
+                    failures: AtomicU64::new(0),
+                    ejections: AtomicU64::new(0),
+                    ejected_gauge,
                     cooling_until_ms: AtomicU64::new(0),
                     in_flight_gauge,
                 })
@@ -36,7 +62,45 @@ impl Balancer {
             epoch: Instant::now(),
             seed: AtomicU64::new(0x853c_49e6_748f_ea9b),
             cooldowns,
+            outliers,
+            ejections,
         })
+    }
+
+    /// Records how a request to endpoint `i` went; enough failures in a row eject it.
+    pub fn record(&self, i: usize, success: bool) {
+        let e = &self.endpoints[i];
+        if success {
+            e.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = e.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let o = self.outliers;
+        if o.consecutive_failures == 0 || failures < o.consecutive_failures {
+            return;
+        }
+        let now = self.now_ms();
+        let n = self.endpoints.len();
+        let ejected = (0..n).filter(|&j| !self.ready(j, now)).count();
+        let allowed = (n * usize::from(o.max_ejected_percent) / 100).min(n.saturating_sub(1));
+        if !self.ready(i, now) || ejected >= allowed {
+            return;
+        }
+        let times = e.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = o.base_ejection * u32::try_from(times.min(10)).unwrap_or(10);
+        e.failures.store(0, Ordering::Relaxed);
+        e.cooling_until_ms.fetch_max(
+            now + u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2),
+            Ordering::Relaxed,
+        );
+        e.ejected_gauge.set(1);
+        self.ejections.inc();
+        tracing::warn!(
+            endpoint = i,
+            failures,
+            ejection_ms = length.as_millis() as u64,
+            "endpoint ejected after consecutive failures"
+        );
     }
 
     /// splitmix64 over an atomic counter: cheap, lock-free, good enough to pick two endpoints.
@@ -55,7 +119,12 @@ impl Balancer {
     }
 
     fn ready(&self, i: usize, now: u64) -> bool {
-        self.endpoints[i].cooling_until_ms.load(Ordering::Relaxed) <= now
+        let e = &self.endpoints[i];
+        let ready = e.cooling_until_ms.load(Ordering::Relaxed) <= now;
+        if ready && e.ejected_gauge.get() != 0 {
+            e.ejected_gauge.set(0);
+        }
+        ready
     }
 
     fn load(&self, i: usize) -> usize {
@@ -174,11 +243,68 @@ fn go_duration(text: &str) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    fn outliers() -> Outliers {
+        Outliers {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }
+    }
+
     fn balancer(n: usize) -> Arc<Balancer> {
         let gauges = (0..n)
-            .map(|i| IntGauge::new(format!("g{i}"), "test").unwrap())
+            .map(|i| {
+                (
+                    IntGauge::new(format!("g{i}"), "test").unwrap(),
+                    IntGauge::new(format!("e{i}"), "test").unwrap(),
+                )
+            })
             .collect();
-        Balancer::new(gauges, IntCounter::new("c", "test").unwrap())
+        Balancer::new(
+            gauges,
+            IntCounter::new("c", "test").unwrap(),
+            outliers(),
+            IntCounter::new("x", "test").unwrap(),
+        )
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_share() {
+        let b = balancer(4);
+        b.record(0, false);
+        b.record(0, false);
+        b.record(0, true); // a success resets the count
+        b.record(0, false);
+        b.record(0, false);
+        for _ in 0..100 {
+            let _ = b.pick();
+        }
+        b.record(0, false); // third in a row: ejected
+        for _ in 0..200 {
+            assert_ne!(b.pick(), 0);
+        }
+        for _ in 0..3 {
+            b.record(1, false);
+        }
+        // Two of four are ejected (50%): a third endpoint is not.
+        for _ in 0..3 {
+            b.record(2, false);
+        }
+        let picks: std::collections::HashSet<usize> = (0..300).map(|_| b.pick()).collect();
+        assert!(
+            picks.contains(&2) && picks.contains(&3) && !picks.contains(&0) && !picks.contains(&1),
+            "{picks:?}"
+        );
+    }
+
+    #[test]
+    fn a_single_endpoint_is_never_ejected() {
+        let b = balancer(1);
+        for _ in 0..10 {
+            b.record(0, false);
+        }
+        assert_eq!(b.pick(), 0);
+        assert_eq!(b.endpoints[0].ejections.load(Ordering::Relaxed), 0);
     }
 
     #[test]
