@@ -71,7 +71,10 @@ impl Balancer {
     pub fn record(&self, i: usize, success: bool) {
         let e = &self.endpoints[i];
         if success {
-            e.failures.store(0, Ordering::Relaxed);
+            // Read first: a store on every request would bounce the line between workers.
+            if e.failures.load(Ordering::Relaxed) != 0 {
+                e.failures.store(0, Ordering::Relaxed);
+            }
             return;
         }
         let failures = e.failures.fetch_add(1, Ordering::Relaxed) + 1;
