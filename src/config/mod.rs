@@ -315,6 +315,10 @@ pub struct RouteConfig {
     /// Used as the `route` metric label; defaults to the upstream's name.
     #[serde(default)]
     pub name: String,
+    /// What the route carries: `http` (a plain proxy, nothing parsed), `openai` or `anthropic`
+    /// (the LLM features in `src/llm/` read models, usage and stream events).
+    #[serde(default)]
+    pub kind: RouteKind,
     #[serde(default, rename = "match")]
     pub matcher: MatchConfig,
     pub upstream: String,
@@ -337,6 +341,21 @@ pub struct RouteConfig {
     /// Request rate limits, checked in order before the cache and the upstream.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Openai,
+    Anthropic,
+}
+
+impl RouteKind {
+    pub fn is_llm(self) -> bool {
+        self != RouteKind::Http
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
