@@ -26,11 +26,13 @@ impl Usage {
 /// extensions; the accounting layer calls every hook it finds. A request that ends without usage
 /// (an error, a client that went away) calls no hook.
 #[derive(Clone, Default)]
-pub struct UsageHooks(pub Vec<Arc<dyn Fn(&Usage) + Send + Sync>>);
+pub struct UsageHooks(pub Vec<UsageHook>);
+
+pub type UsageHook = Arc<dyn Fn(&Usage) + Send + Sync>;
 
 impl UsageHooks {
     /// Adds `hook` to the request's hooks.
-    pub fn add<B>(req: &mut http::Request<B>, hook: Arc<dyn Fn(&Usage) + Send + Sync>) {
+    pub fn add<B>(req: &mut http::Request<B>, hook: UsageHook) {
         match req.extensions_mut().get_mut::<UsageHooks>() {
             Some(hooks) => hooks.0.push(hook),
             None => {
