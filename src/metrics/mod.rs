@@ -21,6 +21,17 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.1, 0.25, 1.0,
 ];
 
+/// Batch sizes, in inputs or requests: powers of two up to well past any provider's limit.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
+/// A batch's wait is bounded by its `max_wait`, typically milliseconds.
+pub const BATCH_WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
 /// Route label for requests that matched no route.
 pub const NO_ROUTE: &str = "_none";
 
@@ -138,6 +149,10 @@ pub struct Metrics {
     pub ratelimit_queue_wait: HistogramVec,
     pub ratelimit_queue_length: IntGaugeVec,
     pub upstream_calls_saved: IntCounterVec,
+    pub embeddings_batch_inputs: HistogramVec,
+    pub embeddings_batch_requests: HistogramVec,
+    pub embeddings_batch_wait: HistogramVec,
+    pub embeddings_cached_inputs: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -231,7 +246,11 @@ impl Metrics {
             upstream_concurrency_decisions: counter(&r, "sidelight_upstream_concurrency_decisions_total", "Concurrency-limit decisions per upstream: allowed, queued, rejected (503 upstream_busy).", &["upstream", "result"]),
             ratelimit_queue_wait: histogram(&r, "sidelight_ratelimit_queue_wait_seconds", "Time queued requests waited for a rate-limit slot.", &["route", "limit"], LATENCY_BUCKETS),
             ratelimit_queue_length: gauge(&r, "sidelight_ratelimit_queue_length", "Requests waiting for a rate-limit slot.", &["route", "limit"]),
-            upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
+            upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit), dedup (coalesced) or batch (embeddings requests merged into one call).", &["route", "reason"]),
+            embeddings_batch_inputs: histogram(&r, "sidelight_embeddings_batch_inputs", "Inputs per upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
+            embeddings_batch_requests: histogram(&r, "sidelight_embeddings_batch_requests", "Client requests merged into each upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
+            embeddings_batch_wait: histogram(&r, "sidelight_embeddings_batch_wait_seconds", "Time an embeddings request waited for its batch to be sent.", &["route"], BATCH_WAIT_BUCKETS),
+            embeddings_cached_inputs: counter(&r, "sidelight_embeddings_cached_inputs_total", "Embedding inputs answered from the per-input cache (not sent upstream).", &["route"]),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
                 let g = IntGauge::new("sidelight_ready", "1 when listeners are bound and the config is loaded, 0 while starting or draining.")
@@ -290,6 +309,18 @@ impl Metrics {
         }
         for cause in ["expired", "size", "purged", "replaced"] {
             self.cache_evictions.with_label_values(&[cause]);
+        }
+    }
+
+    /// Series of a route with embeddings batching on.
+    pub fn init_batch_route(&self, route: &str) {
+        self.embeddings_batch_inputs.with_label_values(&[route]);
+        self.embeddings_batch_requests.with_label_values(&[route]);
+        self.embeddings_batch_wait.with_label_values(&[route]);
+        self.embeddings_cached_inputs.with_label_values(&[route]);
+        for reason in ["batch", "cache"] {
+            self.upstream_calls_saved
+                .with_label_values(&[route, reason]);
         }
     }
 

@@ -10,6 +10,7 @@ use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
 use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::llm::batch::{BatchLayer, InputCache};
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
@@ -139,7 +140,11 @@ impl Entry {
             };
             let dedup = r.dedup_enabled();
             let concurrency = shared.concurrency.get(&r.upstream).cloned();
-            let plain = r.cache.is_none() && !dedup && r.rate_limits.is_empty();
+            let batch = r
+                .batch
+                .as_ref()
+                .filter(|_| r.kind == crate::config::RouteKind::Openai);
+            let plain = r.cache.is_none() && !dedup && r.rate_limits.is_empty() && batch.is_none();
             let service = if plain && concurrency.is_none() {
                 // The plain proxy path, without a boxed service in the middle.
                 RouteService::new(outer.service(base))
@@ -149,8 +154,17 @@ impl Entry {
                 if let Some(limit) = concurrency {
                     inner = RouteService::new(ConcurrencyLayer::new(limit).layer(inner));
                 }
+                // Inside the cache, outside the concurrency limit: a merged call takes one slot.
+                if let Some(batch) = batch {
+                    let inputs = r
+                        .cache
+                        .as_ref()
+                        .map(|c| InputCache::new(&r.name, c, shared.cache.store.clone()));
+                    let layer = BatchLayer::new(&r.name, &r.upstream, batch, inputs, metrics);
+                    inner = RouteService::new(layer.layer(inner));
+                }
                 if r.cache.is_some() || dedup {
-                    let layer = CacheLayer::new(
+                    let mut layer = CacheLayer::new(
                         &r.name,
                         r.cache.as_ref(),
                         dedup,
@@ -159,6 +173,10 @@ impl Entry {
                         metrics,
                     )
                     .map_err(route_err)?;
+                    if batch.is_some() {
+                        // The batch layer caches embeddings input by input.
+                        layer = layer.skipping(crate::llm::batch::is_embeddings);
+                    }
                     inner = RouteService::new(layer.layer(inner));
                 }
                 // Rate limits sit after the body limit: an oversized request costs no token.
