@@ -36,7 +36,7 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use prometheus::{Histogram, IntCounter};
+use prometheus::{Histogram, IntCounter, IntGauge};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -65,6 +65,7 @@ struct BatchMetrics {
     requests: Histogram,
     wait: Histogram,
     cached_inputs: IntCounter,
+    pending: IntGauge,
     saved_batch: IntCounter,
     saved_cache: IntCounter,
 }
@@ -113,6 +114,9 @@ impl BatchLayer {
                         .with_label_values(&[route]),
                     wait: metrics.embeddings_batch_wait.with_label_values(&[route]),
                     cached_inputs: metrics.embeddings_cached_inputs.with_label_values(&[route]),
+                    pending: metrics
+                        .embeddings_pending_inputs
+                        .with_label_values(&[route]),
                     saved_batch: metrics
                         .upstream_calls_saved
                         .with_label_values(&[route, "batch"]),
@@ -517,7 +521,7 @@ impl State {
                     || p.bytes.saturating_add(bytes) > settings.max_bytes
             });
             if overflows {
-                if let Some(full) = groups.remove(&key) {
+                if let Some(full) = self.take(&mut groups, &key) {
                     send.push((full, "full"));
                 }
             }
@@ -545,9 +549,10 @@ impl State {
                 pending.inputs += count;
                 pending.bytes += bytes;
                 pending.members.push(member);
+                settings.metrics.pending.add(count as i64);
                 let batch = pending.id;
                 if pending.inputs >= settings.max_inputs {
-                    if let Some(full) = groups.remove(&key) {
+                    if let Some(full) = self.take(&mut groups, &key) {
                         send.push((full, "full"));
                     }
                 } else {
@@ -574,6 +579,13 @@ impl State {
         })
     }
 
+    /// Takes a pending batch out of its group, to be sent.
+    fn take(&self, groups: &mut HashMap<GroupKey, Pending>, key: &GroupKey) -> Option<Pending> {
+        let batch = groups.remove(key)?;
+        self.settings.metrics.pending.sub(batch.inputs as i64);
+        Some(batch)
+    }
+
     fn arm_timer(self: &Arc<Self>, key: GroupKey, batch: u64) {
         let state = self.clone();
         tokio::spawn(async move {
@@ -581,7 +593,7 @@ impl State {
             let due = {
                 let mut groups = state.lock();
                 if groups.get(&key).is_some_and(|p| p.id == batch) {
-                    groups.remove(&key)
+                    state.take(&mut groups, &key)
                 } else {
                     None
                 }
@@ -601,6 +613,7 @@ impl State {
             let gone = pending.members.remove(at);
             pending.inputs -= gone.inputs.len();
             pending.bytes -= gone.bytes;
+            self.settings.metrics.pending.sub(gone.inputs.len() as i64);
             tracing::debug!(route = %self.settings.route, inputs = gone.inputs.len(), "client went away; its inputs leave the pending embeddings batch");
         }
         if pending.members.is_empty() {

@@ -153,6 +153,7 @@ pub struct Metrics {
     pub embeddings_batch_requests: HistogramVec,
     pub embeddings_batch_wait: HistogramVec,
     pub embeddings_cached_inputs: IntCounterVec,
+    pub embeddings_pending_inputs: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -250,6 +251,7 @@ impl Metrics {
             embeddings_batch_inputs: histogram(&r, "sidelight_embeddings_batch_inputs", "Inputs per upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
             embeddings_batch_requests: histogram(&r, "sidelight_embeddings_batch_requests", "Client requests merged into each upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
             embeddings_batch_wait: histogram(&r, "sidelight_embeddings_batch_wait_seconds", "Time an embeddings request waited for its batch to be sent.", &["route"], BATCH_WAIT_BUCKETS),
+            embeddings_pending_inputs: gauge(&r, "sidelight_embeddings_pending_inputs", "Embedding inputs waiting in batches not sent yet.", &["route"]),
             embeddings_cached_inputs: counter(&r, "sidelight_embeddings_cached_inputs_total", "Embedding inputs answered from the per-input cache (not sent upstream).", &["route"]),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
@@ -318,6 +320,7 @@ impl Metrics {
         self.embeddings_batch_requests.with_label_values(&[route]);
         self.embeddings_batch_wait.with_label_values(&[route]);
         self.embeddings_cached_inputs.with_label_values(&[route]);
+        self.embeddings_pending_inputs.with_label_values(&[route]);
         for reason in ["batch", "cache"] {
             self.upstream_calls_saved
                 .with_label_values(&[route, reason]);
