@@ -808,3 +808,6 @@ fn respond(
     response.extensions_mut().insert(UpstreamWait(waited));
     response
 }
+
+#[cfg(test)]
+mod tests;
