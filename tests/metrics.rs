@@ -14,6 +14,7 @@ upstreams:
 routes:
   - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }] }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
+  - { name: embed, kind: openai, upstream: up, match: { path_prefix: /embed }, cache: { ttl: 1m }, batch: { max_wait: 1ms } }
 "#;
 
 /// Starts sidelight and sends one of each kind of request so every series exists.
@@ -26,7 +27,14 @@ async fn exercised() -> (proxy::Proxy, server::Server) {
     );
     assert_eq!(support::get(&proxy.url("/nowhere")).await.status, 404);
     assert_eq!(support::get(&proxy.url("/cached/x")).await.status, 200);
-    for route in ["api", "cached"] {
+    // An embeddings request the test upstream cannot answer as JSON: batched, then passed on.
+    let embed = support::post(
+        &proxy.url("/embed/v1/embeddings"),
+        r#"{"model":"m","input":"x"}"#,
+    )
+    .await;
+    assert_eq!(embed.status, 200);
+    for route in ["api", "cached", "embed"] {
         proxy
             .assert_metric_eventually("sidelight_requests_in_flight", &[("route", route)], 0.0)
             .await;
@@ -77,7 +85,7 @@ async fn exports_request_upstream_and_connection_metrics() {
             "sidelight_upstream_response_seconds_count",
             &[("upstream", "up")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(m("sidelight_request_bytes_total", &[("route", "api")]), 5.0);
     assert_eq!(
@@ -142,8 +150,12 @@ async fn metric_names_follow_conventions() {
             );
         }
         if kind == "histogram" {
+            // Counts have no unit: batch sizes are counted in inputs and requests.
             assert!(
-                name.ends_with("_seconds") || name.ends_with("_bytes"),
+                name.ends_with("_seconds")
+                    || name.ends_with("_bytes")
+                    || name.ends_with("_inputs")
+                    || name.ends_with("_requests"),
                 "histogram {name} must be in base units"
             );
         }
