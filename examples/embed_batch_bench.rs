@@ -40,7 +40,7 @@ use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use tokio::sync::watch;
 
 const USAGE: &str = "usage: embed_batch_bench [--clients N] [--rounds N] [--latency-ms N] \
-                     [--dim N] [--max-wait-ms N] [--timeout-s N] [--out FILE]";
+                     [--dim N] [--max-wait-ms N] [--upstream fixed|mock] [--timeout-s N] [--out FILE]";
 
 struct Args {
     clients: usize,
@@ -48,6 +48,7 @@ struct Args {
     latency_ms: u64,
     dim: usize,
     max_wait_ms: u64,
+    upstream: UpstreamKind,
     timeout: Duration,
     out: std::path::PathBuf,
     given: Vec<String>,
@@ -61,6 +62,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         latency_ms: 20,
         dim: 1536,
         max_wait_ms: 5,
+        upstream: UpstreamKind::Fixed,
         timeout: Duration::from_secs(30),
         out: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("benches/results/embed-batch-latest.md"),
@@ -92,10 +94,148 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--max-wait-ms" => a.max_wait_ms = num(&value)?,
             "--timeout-s" => a.timeout = Duration::from_secs(num(&value)?),
             "--out" => a.out = value.into(),
+            "--upstream" => {
+                a.upstream = match value.as_str() {
+                    "fixed" => UpstreamKind::Fixed,
+                    "mock" => UpstreamKind::Mock,
+                    other => {
+                        return Err(format!("--upstream: expected fixed or mock, got {other:?}"))
+                    }
+                }
+            }
             _ => return Err(format!("unknown argument {flag}\n{USAGE}")),
         }
     }
     Ok(Some(a))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum UpstreamKind {
+    /// [`FixedUpstream`]: the call's latency is the only cost that grows with calls.
+    Fixed,
+    /// The bundled mock, which computes every vector (serially within one call).
+    Mock,
+}
+
+/// An embeddings upstream whose cost is its latency per call: it answers each input with one
+/// of 16 precomputed vectors (picked by the input's hash), so an answer costs a copy, not a
+/// computation, whatever the number of inputs. Like a GPU-backed provider, where a call of 256
+/// short inputs takes about as long as a call of one.
+struct FixedUpstream {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FixedUpstream {
+    async fn start(latency: Duration, dim: usize) -> std::io::Result<FixedUpstream> {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let vectors: Arc<Vec<String>> = Arc::new(
+            (0..16u32)
+                .map(|k| {
+                    let v: Vec<f32> = (0..dim)
+                        .map(|i| ((i as u32 * 2654435761u32) ^ k) as f32 / u32::MAX as f32 - 0.5)
+                        .collect();
+                    serde_json::to_string(&v).unwrap_or_default()
+                })
+                .collect(),
+        );
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let (vectors, counter) = (vectors.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let (vectors, counter) = (vectors.clone(), counter.clone());
+                            async move {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let parsed: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                let inputs: Vec<String> = match &parsed["input"] {
+                                    serde_json::Value::Array(items) => {
+                                        items.iter().map(|i| i.to_string()).collect()
+                                    }
+                                    other => vec![other.to_string()],
+                                };
+                                tokio::time::sleep(latency).await;
+                                let mut out = String::with_capacity(
+                                    inputs.len() * (vectors[0].len() + 64) + 128,
+                                );
+                                out.push_str(r#"{"object":"list","data":["#);
+                                for (i, input) in inputs.iter().enumerate() {
+                                    if i > 0 {
+                                        out.push(',');
+                                    }
+                                    let k = input.bytes().fold(0usize, |h, b| {
+                                        h.wrapping_mul(31).wrapping_add(b as usize)
+                                    }) % vectors.len();
+                                    let _ = write!(
+                                        out,
+                                        r#"{{"object":"embedding","index":{i},"embedding":{}}}"#,
+                                        vectors[k]
+                                    );
+                                }
+                                let n = inputs.len();
+                                let _ = write!(
+                                    out,
+                                    r#"],"model":"fixed-embedding","usage":{{"prompt_tokens":{n},"total_tokens":{n}}}}}"#
+                                );
+                                let mut resp = hyper::Response::new(Full::new(Bytes::from(out)));
+                                resp.headers_mut().insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static("application/json"),
+                                );
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(FixedUpstream { addr, requests })
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Either upstream, behind what the benchmark needs: an address and a call counter.
+enum Upstream {
+    Fixed(FixedUpstream),
+    Mock(MockServer),
+}
+
+impl Upstream {
+    fn addr(&self) -> std::net::SocketAddr {
+        match self {
+            Upstream::Fixed(u) => u.addr,
+            Upstream::Mock(m) => m.addr(),
+        }
+    }
+    fn requests(&self) -> u64 {
+        match self {
+            Upstream::Fixed(u) => u.requests(),
+            Upstream::Mock(m) => m.requests(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -182,12 +322,25 @@ async fn one(
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             ));
         }
-        let v: serde_json::Value =
+        // Checked without parsing the floats, so the clients' own JSON work (the same in both
+        // modes, but all at once when a batch answers) stays small next to the proxy's.
+        #[derive(serde::Deserialize)]
+        struct Answer<'a> {
+            #[serde(borrow)]
+            data: Vec<Item<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item<'a> {
+            index: usize,
+            #[serde(borrow)]
+            embedding: &'a serde_json::value::RawValue,
+        }
+        let answer: Answer =
             serde_json::from_slice(&body).map_err(|e| format!("answer is not JSON: {e}"))?;
-        let data = v["data"].as_array().ok_or("no data")?;
-        let ok = data.len() == 1
-            && data[0]["index"] == 0
-            && data[0]["embedding"].as_array().map(Vec::len) == Some(dim);
+        let floats = |raw: &str| raw.starts_with('[').then(|| raw.matches(',').count() + 1);
+        let ok = answer.data.len() == 1
+            && answer.data[0].index == 0
+            && floats(answer.data[0].embedding.get()) == Some(dim);
         if !ok {
             return Err("the answer is not exactly one embedding".into());
         }
@@ -232,7 +385,7 @@ async fn burst(
     out
 }
 
-async fn measure(client: &HttpClient, mock: &MockServer, url: &str, tag: &str, args: &Args) -> Run {
+async fn measure(client: &HttpClient, mock: &Upstream, url: &str, tag: &str, args: &Args) -> Run {
     let before = mock.requests();
     let outcomes = burst(client, url, tag, args).await;
     let mut run = Run {
@@ -298,9 +451,18 @@ async fn main() -> ExitCode {
         embedding_dim: args.dim,
         ..Default::default()
     };
-    let mock = MockServer::start(([127, 0, 0, 1], 0).into(), mock_cfg)
-        .await
-        .expect("embed_batch_bench: cannot start the mock upstream on 127.0.0.1:0");
+    let mock = match args.upstream {
+        UpstreamKind::Mock => Upstream::Mock(
+            MockServer::start(([127, 0, 0, 1], 0).into(), mock_cfg)
+                .await
+                .expect("embed_batch_bench: cannot start the mock upstream on 127.0.0.1:0"),
+        ),
+        UpstreamKind::Fixed => Upstream::Fixed(
+            FixedUpstream::start(Duration::from_millis(args.latency_ms), args.dim)
+                .await
+                .expect("embed_batch_bench: cannot start the upstream on 127.0.0.1:0"),
+        ),
+    };
     let pool = args.clients.max(64);
     let yaml = format!(
         r#"
@@ -402,8 +564,13 @@ routes:
     );
     let _ = writeln!(
         md,
-        "{} clients, one single-input `POST /v1/embeddings` each, all at once; upstream latency {} ms per call, {} floats per vector; `max_wait: {}ms`; {} rounds, medians.\n",
-        args.clients, args.latency_ms, args.dim, args.max_wait_ms, args.rounds
+        "{} clients, one single-input `POST /v1/embeddings` each, all at once; upstream: {} with {} ms latency per call, {} floats per vector; `max_wait: {}ms`; {} rounds, medians.\n",
+        args.clients,
+        match args.upstream {
+            UpstreamKind::Fixed => "`fixed` (precomputed vectors: a call costs its latency)",
+            UpstreamKind::Mock => "`mock` (the bundled mock, computing every vector)",
+        },
+        args.latency_ms, args.dim, args.max_wait_ms, args.rounds
     );
     let _ = writeln!(md, "| mode | upstream calls per burst (min..max) | client p50 (ms) | client p99 (ms) | client max (ms) | errors |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");

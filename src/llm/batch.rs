@@ -515,28 +515,29 @@ impl State {
         let mut waiting_in = None;
         {
             let mut groups = self.lock();
+            let alone = count >= settings.max_inputs
+                || params_bytes.saturating_add(bytes) >= settings.max_bytes;
             // A batch this request would overflow goes first.
-            let overflows = groups.get(&key).is_some_and(|p| {
-                p.inputs + count > settings.max_inputs
-                    || p.bytes.saturating_add(bytes) > settings.max_bytes
-            });
+            let overflows = !alone
+                && groups.get(&key).is_some_and(|p| {
+                    p.inputs + count > settings.max_inputs
+                        || p.bytes.saturating_add(bytes) > settings.max_bytes
+                });
             if overflows {
                 if let Some(full) = self.take(&mut groups, &key) {
                     send.push((full, "full"));
                 }
             }
-            if count >= settings.max_inputs
-                || params_bytes.saturating_add(bytes) >= settings.max_bytes
-            {
+            if alone {
                 // Full on its own: sent alone, never split across batches.
-                let alone = Pending {
+                let single = Pending {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     params,
                     inputs: count,
                     bytes,
                     members: vec![member],
                 };
-                send.push((alone, "full"));
+                send.push((single, "full"));
             } else {
                 let pending = groups.entry(key).or_insert_with(|| Pending {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -156,3 +156,17 @@ async fn a_dropped_request_leaves_its_batch() {
     assert_eq!(calls.lock().unwrap()[0]["input"], serde_json::json!(["z"]));
     assert_eq!(pending.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_as_large_as_a_batch_goes_alone_and_leaves_the_pending_batch_waiting() {
+    let (service, calls, _) = batcher(3, Duration::from_millis(5));
+    let small = tokio::spawn(service.clone().call(request(&["a"])));
+    settle().await;
+    let large = tokio::spawn(service.clone().call(request(&["b", "c", "d", "e"])));
+    settle().await;
+    assert_eq!(sizes(&calls), vec![4]);
+    assert!(large.await.unwrap().is_ok());
+    tokio::time::advance(Duration::from_millis(5)).await;
+    assert!(small.await.unwrap().is_ok());
+    assert_eq!(sizes(&calls), vec![4, 1]);
+}

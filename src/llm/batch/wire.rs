@@ -168,31 +168,59 @@ struct Item<'a> {
     embedding: &'a RawValue,
 }
 
+/// The top level of an answer, read in one pass over the body: `data` straight into items
+/// whose embeddings borrow the body, other fields as raw text (a repeated name is an error).
+struct AnswerFields<'a> {
+    envelope: Vec<(String, &'a RawValue)>,
+    usage: Option<Value>,
+    data: Option<Vec<Item<'a>>>,
+}
+
+impl<'de> Deserialize<'de> for AnswerFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnswerFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = AnswerFields {
+                    envelope: Vec::new(),
+                    usage: None,
+                    data: None,
+                };
+                let mut seen = HashSet::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if !seen.insert(name.clone()) {
+                        return Err(de::Error::custom(format!("repeated field {name:?}")));
+                    }
+                    match name.as_str() {
+                        "data" => out.data = Some(map.next_value()?),
+                        "usage" => out.usage = Some(map.next_value()?),
+                        _ => out.envelope.push((name, map.next_value()?)),
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Splits an upstream answer expected to hold `expected` embeddings. `None` when it does not
 /// (not JSON, no `data`, a count or index that does not match): the caller then never guesses.
 pub fn parse_answer(body: &[u8], expected: usize) -> Option<Answer> {
-    let Fields(fields) = serde_json::from_slice(body).ok()?;
-    let mut envelope = Vec::with_capacity(fields.len());
-    let mut usage = None;
-    let mut data = None;
-    for (name, value) in fields {
-        match name.as_str() {
-            "data" => data = Some(value),
-            "usage" => usage = Some(serde_json::from_str::<Value>(value.get()).ok()?),
-            _ => envelope.push((name, value)),
-        }
-    }
-    let data = data?;
-    let items: Vec<&RawValue> = serde_json::from_str(data.get()).ok()?;
+    let fields: AnswerFields = serde_json::from_slice(body).ok()?;
+    let items = fields.data?;
     if items.len() != expected {
         return None;
     }
     let mut slots: Vec<Option<Box<RawValue>>> = vec![None; expected];
-    let mut indexed = None;
-    for (position, raw) in items.iter().enumerate() {
-        let item: Item = serde_json::from_str(raw.get()).ok()?;
+    let indexed = items.first().is_some_and(|i| i.index.is_some());
+    for (position, item) in items.iter().enumerate() {
         // Either every item says where it goes, or none does and the order is the input order.
-        if *indexed.get_or_insert(item.index.is_some()) != item.index.is_some() {
+        if item.index.is_some() != indexed {
             return None;
         }
         let slot = slots.get_mut(item.index.unwrap_or(position))?;
@@ -203,8 +231,12 @@ pub fn parse_answer(body: &[u8], expected: usize) -> Option<Answer> {
     }
     let embeddings = slots.into_iter().collect::<Option<Vec<_>>>()?;
     Some(Answer {
-        envelope,
-        usage,
+        envelope: fields
+            .envelope
+            .into_iter()
+            .map(|(name, value)| (name, value.to_owned()))
+            .collect(),
+        usage: fields.usage,
         embeddings,
     })
 }
