@@ -156,6 +156,7 @@ impl Sidelight {
                 .iter()
                 .map(|u| (u.name.clone(), Shared::balancer(u, &metrics)))
                 .collect(),
+            batches: Default::default(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
 

@@ -637,3 +637,30 @@ async fn bodies_it_cannot_batch_pass_through_untouched() {
         );
     }
 }
+
+#[tokio::test]
+async fn requests_on_different_workers_share_a_batch() {
+    let up = embedder(Duration::ZERO).await;
+    let yaml = config(
+        &up.server.url(),
+        "{ max_inputs: 1000, max_wait: 300ms }",
+        "",
+    ) + "\nruntime: { workers: 2 }\n";
+    let proxy = proxy::start(&yaml).await;
+    // Each request on its own connection: the kernel spreads them over both workers.
+    let bodies: Vec<Value> = (0..40)
+        .map(|i| json!({"model": "m", "input": format!("w{i}")}))
+        .collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    for (answer, body) in answers.iter().zip(&bodies) {
+        assert_own_vectors(answer, body);
+    }
+    assert_eq!(
+        upstream_inputs(&up)
+            .iter()
+            .map(Vec::len)
+            .collect::<Vec<_>>(),
+        vec![40]
+    );
+}

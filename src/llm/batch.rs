@@ -84,19 +84,23 @@ struct Settings {
 #[derive(Clone)]
 pub struct BatchLayer {
     settings: Arc<Settings>,
+    groups: Arc<Groups>,
 }
 
 impl BatchLayer {
-    /// `cache`: the per-input cache, when the route caches.
+    /// `cache`: the per-input cache, when the route caches. `groups`: the route's pending
+    /// batches, shared by every worker ([`Batches::route`]).
     pub fn new(
         route: &str,
         upstream: &str,
         config: &BatchConfig,
         cache: Option<InputCache>,
+        groups: Arc<Groups>,
         metrics: &Metrics,
     ) -> BatchLayer {
         metrics.init_batch_route(route);
         BatchLayer {
+            groups,
             settings: Arc::new(Settings {
                 route: Arc::from(route),
                 upstream: Arc::from(upstream),
@@ -136,8 +140,7 @@ impl Layer<RouteService> for BatchLayer {
             state: Arc::new(State {
                 settings: self.settings.clone(),
                 inner: inner.clone(),
-                groups: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
+                groups: self.groups.clone(),
             }),
             inner,
         }
@@ -149,11 +152,31 @@ impl Layer<RouteService> for BatchLayer {
 type GroupKey = [u8; 32];
 type Params = Vec<(String, Box<RawValue>)>;
 
+/// The pending batches of every batching route, shared by all workers, so that requests that
+/// arrive on different worker threads still share a batch. A batch is sent through the stack
+/// (and connection pool) of the worker that sends it.
+#[derive(Clone, Default)]
+pub struct Batches(Arc<Mutex<HashMap<String, Arc<Groups>>>>);
+
+impl Batches {
+    /// The pending batches of one route.
+    pub fn route(&self, route: &str) -> Arc<Groups> {
+        let mut routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        routes.entry(route.to_string()).or_default().clone()
+    }
+}
+
+/// One route's pending batches, by group.
+#[derive(Default)]
+pub struct Groups {
+    pending: Mutex<HashMap<GroupKey, Pending>>,
+    next_id: AtomicU64,
+}
+
 struct State {
     settings: Arc<Settings>,
     inner: RouteService,
-    groups: Mutex<HashMap<GroupKey, Pending>>,
-    next_id: AtomicU64,
+    groups: Arc<Groups>,
 }
 
 /// A batch still taking requests.
@@ -325,7 +348,10 @@ impl Drop for LeaveOnDrop<'_> {
 impl State {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Pending>> {
         // A panic elsewhere cannot leave the map half-updated in a way that matters here.
-        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+        self.groups
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     async fn handle(self: Arc<Self>, req: ProxyRequest) -> Result<ProxyResponse, ProxyError> {
@@ -493,7 +519,7 @@ impl State {
     ) -> Outcome {
         let settings = &self.settings;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.groups.next_id.fetch_add(1, Ordering::Relaxed);
         let count = inputs.len();
         let bytes: usize = inputs.iter().map(|i| i.get().len() + 1).sum();
         let member = Member {
@@ -531,7 +557,7 @@ impl State {
             if alone {
                 // Full on its own: sent alone, never split across batches.
                 let single = Pending {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    id: self.groups.next_id.fetch_add(1, Ordering::Relaxed),
                     params,
                     inputs: count,
                     bytes,
@@ -540,7 +566,7 @@ impl State {
                 send.push((single, "full"));
             } else {
                 let pending = groups.entry(key).or_insert_with(|| Pending {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    id: self.groups.next_id.fetch_add(1, Ordering::Relaxed),
                     params,
                     members: Vec::new(),
                     inputs: 0,

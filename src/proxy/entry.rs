@@ -37,6 +37,8 @@ pub struct Shared {
     pub concurrency: HashMap<String, Arc<ConcurrencyLimit>>,
     /// Endpoint load and back-off, by upstream name.
     pub balancers: HashMap<String, Arc<Balancer>>,
+    /// Pending embeddings batches, by route: requests on every worker batch together.
+    pub batches: crate::llm::batch::Batches,
 }
 
 impl Shared {
@@ -160,7 +162,9 @@ impl Entry {
                         .cache
                         .as_ref()
                         .map(|c| InputCache::new(&r.name, c, shared.cache.store.clone()));
-                    let layer = BatchLayer::new(&r.name, &r.upstream, batch, inputs, metrics);
+                    let groups = shared.batches.route(&r.name);
+                    let layer =
+                        BatchLayer::new(&r.name, &r.upstream, batch, inputs, groups, metrics);
                     inner = RouteService::new(layer.layer(inner));
                 }
                 if r.cache.is_some() || dedup {

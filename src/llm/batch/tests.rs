@@ -42,7 +42,7 @@ fn batcher(max_inputs: usize, max_wait: Duration) -> (Batch, Calls, Arc<Metrics>
         max_wait,
         ..BatchConfig::default()
     };
-    let layer = BatchLayer::new("r", "u", &config, None, &metrics);
+    let layer = BatchLayer::new("r", "u", &config, None, Arc::default(), &metrics);
     (layer.layer(upstream(calls.clone())), calls, metrics)
 }
 
