@@ -5,9 +5,11 @@
 //! cargo run --release --example embed_batch_bench -- --clients 256 --rounds 5
 //! ```
 //!
-//! Starts, in this process, the bundled mock upstream (every embeddings call takes
-//! `--latency-ms`, default 20 ms, whatever its number of inputs; vectors of `--dim` floats,
-//! default 1536 like OpenAI's small model) and one sidelight (`runtime: { workers: 1 }`, ports
+//! Starts, in this process, an upstream (every embeddings call takes `--latency-ms`, default
+//! 20 ms, whatever its number of inputs; vectors of `--dim` floats, default 1536 like OpenAI's
+//! small model; `--upstream fixed`, the default, answers with precomputed vectors so a call
+//! costs its latency, `--upstream mock` is the bundled mock, which computes every vector) and
+//! one sidelight (`runtime: { workers: 1 }`, ports
 //! 127.0.0.1:0) with two `kind: openai` routes to it that differ only in batching:
 //!
 //! - `/batch/...`   → `batch: { max_inputs: 256, max_wait: <--max-wait-ms, default 5> ms }`
