@@ -314,7 +314,7 @@ async fn base64_and_token_inputs_are_split_like_strings() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 300ms }",
+        "{ max_inputs: 100, max_wait: 500ms }",
         "",
     ))
     .await;
@@ -341,7 +341,7 @@ async fn base64_and_token_inputs_are_split_like_strings() {
         assert_eq!(indexes, (0..indexes.len() as u64).collect::<Vec<_>>());
     }
     // Sent when max_wait ran out, not before.
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() >= Duration::from_millis(500));
     // Three groups: base64 strings, token arrays, float strings.
     let mut calls: Vec<Vec<String>> = upstream_inputs(&up)
         .into_iter()
@@ -356,7 +356,7 @@ async fn base64_and_token_inputs_are_split_like_strings() {
         calls,
         vec![
             vec!["\"hello\"", "\"x\"", "\"yy\""],
-            vec!["\"more\"", "\"plain\"", "\"plain\""],
+            vec!["\"more\"", "\"plain\""], // "plain" twice in one batch: sent once
             vec!["[1,2,3]", "[4,5]", "[6]"],
         ]
     );
@@ -412,7 +412,7 @@ async fn an_upstream_error_reaches_every_request_of_the_batch() {
     up.fail_status.store(503, Ordering::SeqCst);
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 200ms }",
+        "{ max_inputs: 100, max_wait: 500ms }",
         "",
     ))
     .await;
@@ -451,7 +451,7 @@ async fn split_mode_isolates_the_request_with_the_bad_input() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 200ms, on_error: split }",
+        "{ max_inputs: 100, max_wait: 500ms, on_error: split }",
         "",
     ))
     .await;
@@ -490,7 +490,7 @@ async fn a_client_that_leaves_before_the_batch_is_sent_takes_its_inputs_out() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 1s }",
+        "{ max_inputs: 100, max_wait: 2s }",
         "",
     ))
     .await;
@@ -643,7 +643,7 @@ async fn requests_on_different_workers_share_a_batch() {
     let up = embedder(Duration::ZERO).await;
     let yaml = config(
         &up.server.url(),
-        "{ max_inputs: 1000, max_wait: 300ms }",
+        "{ max_inputs: 1000, max_wait: 500ms }",
         "",
     ) + "\nruntime: { workers: 2 }\n";
     let proxy = proxy::start(&yaml).await;
@@ -663,4 +663,36 @@ async fn requests_on_different_workers_share_a_batch() {
             .collect::<Vec<_>>(),
         vec![40]
     );
+}
+
+#[tokio::test]
+async fn an_input_asked_for_twice_in_one_batch_is_sent_once() {
+    let up = embedder(Duration::ZERO).await;
+    let proxy = proxy::start(&config(
+        &up.server.url(),
+        "{ max_inputs: 100, max_wait: 500ms }",
+        "",
+    ))
+    .await;
+    let bodies = [
+        json!({"model": "m", "input": ["dup", "x"]}),
+        json!({"model": "m", "input": "dup"}),
+        json!({"model": "m", "input": ["y", "dup", "dup"]}),
+    ];
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let mut tokens = 0;
+    for (answer, body) in answers.iter().zip(&bodies) {
+        assert_own_vectors(answer, body);
+        tokens += answer.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    let mut sent: Vec<String> = upstream_inputs(&up)
+        .concat()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, vec!["dup", "x", "y"]);
+    // The clients' usage shares add up to what the upstream billed for the three inputs.
+    assert_eq!(tokens, 5);
 }

@@ -689,11 +689,26 @@ impl State {
             let Some(first) = members.first() else {
                 return;
             };
-            let total: usize = members.iter().map(|m| m.inputs.len()).sum();
-            let body = wire::request_body(
-                &params,
-                members.iter().flat_map(|m| m.inputs.iter().map(|i| &**i)),
-            );
+            // The same input twice in one batch (same tenant and parameters) is sent once.
+            let mut unique: Vec<&RawValue> = Vec::new();
+            let mut seen: HashMap<&str, usize> = HashMap::new();
+            let slots: Vec<Vec<usize>> = members
+                .iter()
+                .map(|m| {
+                    m.inputs
+                        .iter()
+                        .map(|input| {
+                            *seen.entry(input.get()).or_insert_with(|| {
+                                unique.push(input);
+                                unique.len() - 1
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            let total = unique.len();
+            let body = wire::request_body(&params, unique.into_iter());
+            drop(seen);
             let req = upstream_request(&first.parts, Bytes::from(body));
             let response = match self.inner.clone().call(req).await {
                 Ok(response) => response,
@@ -781,9 +796,11 @@ impl State {
                 .as_ref()
                 .map(|u| wire::share_usage(u, &weights).into_iter());
             let envelope = Arc::new(answer.envelope);
-            let mut embeddings = answer.embeddings.into_iter();
-            for m in members {
-                let mine: Vec<Box<RawValue>> = embeddings.by_ref().take(m.inputs.len()).collect();
+            for (m, slots) in members.into_iter().zip(slots) {
+                let mine: Vec<Box<RawValue>> = slots
+                    .iter()
+                    .filter_map(|u| answer.embeddings.get(*u).cloned())
+                    .collect();
                 let _ = m.tx.send(Outcome::Embeddings {
                     status,
                     headers: headers.clone(),
