@@ -12,7 +12,7 @@
 //! one sidelight (`runtime: { workers: 1 }`, ports
 //! 127.0.0.1:0) with two `kind: openai` routes to it that differ only in batching:
 //!
-//! - `/batch/...`   → `batch: { max_inputs: 256, max_wait: <--max-wait-ms, default 5> ms }`
+//! - `/batch/...`   → `batch: { max_inputs: <--max-inputs, default 256>, max_wait: <--max-wait-ms, default 5> ms }`
 //! - `/nobatch/...` → no `batch:` (every request is its own upstream call)
 //!
 //! Each round, for each mode (order alternating per round), `--clients` tasks wait on one start
@@ -42,13 +42,14 @@ use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use tokio::sync::watch;
 
 const USAGE: &str = "usage: embed_batch_bench [--clients N] [--rounds N] [--latency-ms N] \
-                     [--dim N] [--max-wait-ms N] [--upstream fixed|mock] [--timeout-s N] [--out FILE]";
+                     [--dim N] [--max-inputs N] [--max-wait-ms N] [--upstream fixed|mock] [--timeout-s N] [--out FILE]";
 
 struct Args {
     clients: usize,
     rounds: usize,
     latency_ms: u64,
     dim: usize,
+    max_inputs: usize,
     max_wait_ms: u64,
     upstream: UpstreamKind,
     timeout: Duration,
@@ -63,6 +64,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         rounds: 5,
         latency_ms: 20,
         dim: 1536,
+        max_inputs: 256,
         max_wait_ms: 5,
         upstream: UpstreamKind::Fixed,
         timeout: Duration::from_secs(30),
@@ -94,6 +96,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--latency-ms" => a.latency_ms = num(&value)?,
             "--dim" => a.dim = num(&value)? as usize,
             "--max-wait-ms" => a.max_wait_ms = num(&value)?,
+            "--max-inputs" => a.max_inputs = num(&value)? as usize,
             "--timeout-s" => a.timeout = Duration::from_secs(num(&value)?),
             "--out" => a.out = value.into(),
             "--upstream" => {
@@ -475,7 +478,7 @@ routes:
     match: {{ path_prefix: /batch }}
     upstream: mock
     strip_prefix: true
-    batch: {{ max_inputs: 256, max_wait: {wait}ms }}
+    batch: {{ max_inputs: {max_inputs}, max_wait: {wait}ms }}
   - name: nobatch
     kind: openai
     match: {{ path_prefix: /nobatch }}
@@ -484,6 +487,7 @@ routes:
 "#,
         mock = mock.addr(),
         wait = args.max_wait_ms,
+        max_inputs = args.max_inputs,
     );
     let config = Config::from_yaml(&yaml, &|_| None).expect("embed_batch_bench: config");
     let running = Sidelight::start(config)
@@ -558,13 +562,13 @@ routes:
     );
     let _ = writeln!(
         md,
-        "{} clients, one single-input `POST /v1/embeddings` each, all at once; upstream: {} with {} ms latency per call, {} floats per vector; `max_wait: {}ms`; {} rounds, medians.\n",
+        "{} clients, one single-input `POST /v1/embeddings` each, all at once; upstream: {} with {} ms latency per call, {} floats per vector; `max_inputs: {}`, `max_wait: {}ms`; {} rounds, medians.\n",
         args.clients,
         match args.upstream {
             UpstreamKind::Fixed => "`fixed` (precomputed vectors: a call costs its latency)",
             UpstreamKind::Mock => "`mock` (the bundled mock, computing every vector)",
         },
-        args.latency_ms, args.dim, args.max_wait_ms, args.rounds
+        args.latency_ms, args.dim, args.max_inputs, args.max_wait_ms, args.rounds
     );
     let _ = writeln!(md, "| mode | upstream calls per burst (min..max) | client p50 (ms) | client p99 (ms) | client max (ms) | errors |");
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
