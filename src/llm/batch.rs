@@ -216,7 +216,7 @@ enum Outcome {
         status: StatusCode,
         headers: HeaderMap,
         envelope: Arc<Params>,
-        embeddings: Vec<Box<RawValue>>,
+        embeddings: Vec<Bytes>,
         usage: Option<Value>,
     },
     Failed(ProxyError),
@@ -376,7 +376,7 @@ impl State {
 
         let (no_cache, no_store) = cache_controls(&parts.headers);
         let mut keys = vec![None; count];
-        let mut found: Vec<Option<Box<RawValue>>> = vec![None; count];
+        let mut found: Vec<Option<Bytes>> = vec![None; count];
         if let Some(cache) = &settings.cache {
             for (i, input) in parsed.inputs.iter().enumerate() {
                 keys[i] = cache.key(&parts, &parsed.params, input);
@@ -485,7 +485,7 @@ impl State {
                     );
                 }
                 let mut fresh = embeddings.into_iter();
-                let all: Option<Vec<Box<RawValue>>> = found
+                let all: Option<Vec<Bytes>> = found
                     .into_iter()
                     .map(|cached| cached.or_else(|| fresh.next()))
                     .collect();
@@ -494,7 +494,7 @@ impl State {
                         "embeddings batch answered fewer inputs than it was sent".into(),
                     ));
                 };
-                let body = wire::answer_body(&envelope, all.iter().map(|b| &**b), usage.as_ref());
+                let body = wire::answer_body(&envelope, all.iter().map(|b| &b[..]), usage.as_ref());
                 Ok(respond(
                     status,
                     headers,
@@ -797,7 +797,7 @@ impl State {
                 .map(|u| wire::share_usage(u, &weights).into_iter());
             let envelope = Arc::new(answer.envelope);
             for (m, slots) in members.into_iter().zip(slots) {
-                let mine: Vec<Box<RawValue>> = slots
+                let mine: Vec<Bytes> = slots
                     .iter()
                     .filter_map(|u| answer.embeddings.get(*u).cloned())
                     .collect();

@@ -71,21 +71,24 @@ impl InputCache {
         .ok()
     }
 
-    /// The stored embedding (raw JSON: a float array or a base64 string), while fresh.
-    pub fn get(&self, key: &CacheKey) -> Option<Box<RawValue>> {
+    /// The stored embedding (its JSON text: a float array or a base64 string), while fresh.
+    pub fn get(&self, key: &CacheKey) -> Option<Bytes> {
         let hit = self.store.get(key).filter(|s| s.is_fresh())?;
-        let text = String::from_utf8(hit.chunks.concat()).ok()?;
-        RawValue::from_string(text).ok()
+        match hit.chunks.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
     }
 
-    pub fn put(&self, key: CacheKey, embedding: &RawValue) {
+    pub fn put(&self, key: CacheKey, embedding: &[u8]) {
         self.store.insert(
             key,
             Stored {
                 route: self.route.clone(),
                 status: StatusCode::OK,
                 headers: HeaderMap::new(),
-                chunks: vec![Bytes::copy_from_slice(embedding.get().as_bytes())],
+                // A copy: a slice would keep the whole batch's answer alive in the cache.
+                chunks: vec![Bytes::copy_from_slice(embedding)],
                 stored_at: Instant::now(),
                 ttl: self.ttl,
                 grace: Duration::ZERO,

@@ -5,6 +5,7 @@
 //! is re-encoded, so a float vector comes back byte for byte as the upstream wrote it, and
 //! splitting a large answer costs a scan, not a float parse.
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -158,7 +159,8 @@ pub struct Answer {
     /// Top-level fields other than `data` and `usage`, in the upstream's order.
     pub envelope: Vec<(String, Box<RawValue>)>,
     pub usage: Option<Value>,
-    pub embeddings: Vec<Box<RawValue>>,
+    /// Each embedding's JSON text (a float array or a base64 string), sharing the body's memory.
+    pub embeddings: Vec<Bytes>,
 }
 
 #[derive(Deserialize)]
@@ -210,41 +212,253 @@ impl<'de> Deserialize<'de> for AnswerFields<'de> {
 
 /// Splits an upstream answer expected to hold `expected` embeddings. `None` when it does not
 /// (not JSON, no `data`, a count or index that does not match): the caller then never guesses.
-pub fn parse_answer(body: &[u8], expected: usize) -> Option<Answer> {
-    let fields: AnswerFields = serde_json::from_slice(body).ok()?;
-    let items = fields.data?;
+pub fn parse_answer(body: &Bytes, expected: usize) -> Option<Answer> {
+    scan_answer(body, expected).or_else(|| parse_answer_slowly(body, expected))
+}
+
+/// Places items by their `index`, or by position when none has one.
+fn place(items: Vec<(Option<usize>, Bytes)>, expected: usize) -> Option<Vec<Bytes>> {
     if items.len() != expected {
         return None;
     }
-    let mut slots: Vec<Option<Box<RawValue>>> = vec![None; expected];
-    let indexed = items.first().is_some_and(|i| i.index.is_some());
-    for (position, item) in items.iter().enumerate() {
+    let indexed = items.first().is_some_and(|i| i.0.is_some());
+    let mut slots: Vec<Option<Bytes>> = vec![None; expected];
+    for (position, (index, embedding)) in items.into_iter().enumerate() {
         // Either every item says where it goes, or none does and the order is the input order.
-        if item.index.is_some() != indexed {
+        if index.is_some() != indexed {
             return None;
         }
-        let slot = slots.get_mut(item.index.unwrap_or(position))?;
+        let slot = slots.get_mut(index.unwrap_or(position))?;
         if slot.is_some() {
             return None;
         }
-        *slot = Some(item.embedding.to_owned());
+        *slot = Some(embedding);
     }
-    let embeddings = slots.into_iter().collect::<Option<Vec<_>>>()?;
+    slots.into_iter().collect()
+}
+
+/// serde_json reading of the whole answer: the reference for [`scan_answer`], and the fallback
+/// for anything the scanner does not take.
+fn parse_answer_slowly(body: &Bytes, expected: usize) -> Option<Answer> {
+    let fields: AnswerFields = serde_json::from_slice(body).ok()?;
+    let items = fields
+        .data?
+        .into_iter()
+        .map(|item| (item.index, body.slice_ref(item.embedding.get().as_bytes())))
+        .collect();
     Some(Answer {
+        embeddings: place(items, expected)?,
         envelope: fields
             .envelope
             .into_iter()
             .map(|(name, value)| (name, value.to_owned()))
             .collect(),
         usage: fields.usage,
-        embeddings,
     })
+}
+
+/// The fast reading of an answer: the structure is walked, but the numbers inside an embedding
+/// are not parsed (an embedding array is found by its closing bracket, with SIMD search), since
+/// they are passed on as the upstream wrote them. Every other field is parsed by serde_json.
+/// `None` for anything unexpected; the caller then uses serde_json for the whole body.
+fn scan_answer(body: &Bytes, expected: usize) -> Option<Answer> {
+    let mut s = Scanner { b: body, i: 0 };
+    let mut envelope = Vec::new();
+    let mut usage = None;
+    let mut items = None;
+    let mut seen = HashSet::new();
+    s.expect(b'{')?;
+    if s.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        let name = s.key()?;
+        if !seen.insert(name.clone()) {
+            return None;
+        }
+        match name.as_str() {
+            "data" => items = Some(s.items(body)?),
+            "usage" => {
+                let (a, b) = s.value()?;
+                usage = Some(serde_json::from_slice::<Value>(&body[a..b]).ok()?);
+            }
+            _ => {
+                let (a, b) = s.value()?;
+                envelope.push((
+                    name,
+                    serde_json::from_slice::<Box<RawValue>>(&body[a..b]).ok()?,
+                ));
+            }
+        }
+        match s.next()? {
+            b',' => continue,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    s.ws();
+    if s.i != body.len() {
+        return None;
+    }
+    Some(Answer {
+        envelope,
+        usage,
+        embeddings: place(items?, expected)?,
+    })
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn ws(&mut self) {
+        while matches!(self.b.get(self.i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn expect(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// `"name":`, the name unescaped by serde_json.
+    fn key(&mut self) -> Option<String> {
+        self.ws();
+        let (a, b) = self.string()?;
+        self.expect(b':')?;
+        serde_json::from_slice(&self.b[a..b]).ok()
+    }
+
+    /// The span of a string, quotes included; at its opening quote.
+    fn string(&mut self) -> Option<(usize, usize)> {
+        let start = self.i;
+        if self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        self.i += 1;
+        loop {
+            let at = memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
+            self.i += at;
+            if self.b[self.i] == b'\\' {
+                self.i += 2;
+            } else {
+                self.i += 1;
+                return Some((start, self.i));
+            }
+        }
+    }
+
+    /// The span of any value, checked only for balance: what is passed on unparsed must at
+    /// least end where it seems to.
+    fn value(&mut self) -> Option<(usize, usize)> {
+        self.ws();
+        let start = self.i;
+        match *self.b.get(self.i)? {
+            b'"' => self.string(),
+            b'[' | b'{' => {
+                // A flat array (an embedding): its end is the next ']' if nothing nests before.
+                if self.b[self.i] == b'[' {
+                    let rest = self.b.get(self.i + 1..)?;
+                    if let Some(end) = memchr::memchr(b']', rest) {
+                        if memchr::memchr3(b'[', b'{', b'"', &rest[..end]).is_none() {
+                            self.i += end + 2;
+                            return Some((start, self.i));
+                        }
+                    }
+                }
+                let mut depth = 0usize;
+                loop {
+                    match *self.b.get(self.i)? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'[' | b'{' => depth += 1,
+                        b']' | b'}' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.i += 1;
+                                return Some((start, self.i));
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                // A number, true, false or null: up to the next delimiter.
+                while !matches!(
+                    self.b.get(self.i),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
+                ) {
+                    self.i += 1;
+                }
+                (self.i > start).then_some((start, self.i))
+            }
+        }
+    }
+
+    /// `[{"index": i, "embedding": ...}, ...]`: each item's index and embedding.
+    fn items(&mut self, body: &Bytes) -> Option<Vec<(Option<usize>, Bytes)>> {
+        self.expect(b'[')?;
+        let mut items = Vec::new();
+        if self.peek()? == b']' {
+            self.i += 1;
+            return Some(items);
+        }
+        loop {
+            self.expect(b'{')?;
+            let mut index = None;
+            let mut embedding = None;
+            if self.peek()? != b'}' {
+                loop {
+                    let name = self.key()?;
+                    let (a, b) = self.value()?;
+                    match name.as_str() {
+                        "index" if index.is_none() => {
+                            index = Some(std::str::from_utf8(&self.b[a..b]).ok()?.parse().ok()?)
+                        }
+                        "embedding" if embedding.is_none() => embedding = Some(body.slice(a..b)),
+                        "index" | "embedding" => return None,
+                        _ => {}
+                    }
+                    match self.next()? {
+                        b',' => continue,
+                        b'}' => break,
+                        _ => return None,
+                    }
+                }
+            } else {
+                self.i += 1;
+            }
+            items.push((index, embedding?));
+            match self.next()? {
+                b',' => continue,
+                b']' => return Some(items),
+                _ => return None,
+            }
+        }
+    }
 }
 
 /// One client's answer: the envelope, its embeddings renumbered from 0, its usage.
 pub fn answer_body<'a>(
     envelope: &[(String, Box<RawValue>)],
-    embeddings: impl Iterator<Item = &'a RawValue>,
+    embeddings: impl Iterator<Item = &'a [u8]>,
     usage: Option<&Value>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
@@ -262,7 +476,7 @@ pub fn answer_body<'a>(
         out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
         out.extend_from_slice(i.to_string().as_bytes());
         out.extend_from_slice(b",\"embedding\":");
-        out.extend_from_slice(embedding.get().as_bytes());
+        out.extend_from_slice(embedding);
         out.push(b'}');
     }
     out.push(b']');
@@ -387,16 +601,40 @@ mod tests {
         );
     }
 
+    fn both(body: &[u8], expected: usize) -> Option<Answer> {
+        let body = Bytes::copy_from_slice(body);
+        let fast = scan_answer(&body, expected);
+        let slow = parse_answer_slowly(&body, expected);
+        // On these bodies the scanner may decline what serde_json takes, never the other way
+        // round, and never reads it differently. (It does not check the numbers inside an
+        // embedding: those reach the client as the upstream wrote them, valid or not.)
+        if let Some(fast) = &fast {
+            let slow = slow
+                .as_ref()
+                .expect("serde_json reads what the scanner read");
+            assert_eq!(fast.embeddings, slow.embeddings);
+            assert_eq!(fast.usage, slow.usage);
+            let names = |a: &Answer| {
+                a.envelope
+                    .iter()
+                    .map(|(n, v)| format!("{n}={}", v.get()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(fast), names(slow));
+        }
+        slow
+    }
+
     #[test]
     fn answers_are_placed_by_index() {
         let body = br#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.25]},{"object":"embedding","index":0,"embedding":"AAAA"}],"model":"m","usage":{"prompt_tokens":3,"total_tokens":3}}"#;
-        let a = parse_answer(body, 2).unwrap();
-        assert_eq!(a.embeddings[0].get(), "\"AAAA\"");
-        assert_eq!(a.embeddings[1].get(), "[0.25]");
-        assert!(parse_answer(body, 3).is_none());
+        let a = both(body, 2).unwrap();
+        assert_eq!(&a.embeddings[0][..], b"\"AAAA\"");
+        assert_eq!(&a.embeddings[1][..], b"[0.25]");
+        assert!(both(body, 3).is_none());
         let out = answer_body(
             &a.envelope,
-            a.embeddings[1..].iter().map(|b| &**b),
+            a.embeddings[1..].iter().map(|b| &b[..]),
             a.usage.as_ref(),
         );
         assert_eq!(
@@ -404,14 +642,44 @@ mod tests {
             r#"{"object":"list","model":"m","data":[{"object":"embedding","index":0,"embedding":[0.25]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#
         );
         let dup = br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[2]}]}"#;
-        assert!(parse_answer(dup, 2).is_none());
+        assert!(both(dup, 2).is_none());
         let mixed = br#"{"data":[{"index":0,"embedding":[1]},{"embedding":[2]}]}"#;
-        assert!(parse_answer(mixed, 2).is_none());
+        assert!(both(mixed, 2).is_none());
         let positional = br#"{"data":[{"embedding":[1]},{"embedding":[2]}]}"#;
-        assert_eq!(
-            parse_answer(positional, 2).unwrap().embeddings[1].get(),
-            "[2]"
-        );
+        assert_eq!(&both(positional, 2).unwrap().embeddings[1][..], b"[2]");
+    }
+
+    #[test]
+    fn the_scanner_reads_what_serde_json_reads() {
+        let cases: &[&[u8]] = &[
+            br#" { "data" : [ { "embedding" : [ 1.5e-3 , -2 ] , "index" : 0 } ] , "model" : "m\"x" } "#,
+            br#"{"data":[{"index":0,"extra":{"a":[1,{"b":"]}"}]},"embedding":[[1],[2]]}],"usage":null}"#,
+            br#"{"data":[{"index":0,"embedding":"a\"]b"}],"object":"list","meta":[{"x":"}"}]}"#,
+            br#"{"data":[{"index":0,"embedding":[1,2]}],"usage":{"prompt_tokens":2,"d":{"x":1}}}"#,
+            br#"{"data":[],"model":"m"}"#,
+            br#"{"data":[{"index":0,"embedding":[1]}]}trailing"#,
+            br#"{"data":[{"index":0,"embedding":[1]}],"data":[]}"#,
+            br#"{"data":[{"index":0,"embedding":[1]}"#,
+            br#"{"data":[{"index":0,"embedding":[1}]}"#,
+            br#"{"data":[{"index":-1,"embedding":[1]}]}"#,
+            br#"{"data":[{"index":0,"index":0,"embedding":[1]}]}"#,
+            br#"{"data":[{"index":0}]}"#,
+            br#"{"data":[{"index":0,"embedding":[1]}],"model":tru}"#,
+            br#"{"d\u0061ta":[{"index":0,"embedding":[7]}]}"#,
+            b"",
+            b"{}",
+            b"[]",
+        ];
+        for case in cases {
+            for expected in [0, 1, 2] {
+                let _ = both(case, expected);
+            }
+        }
+        let escaped = both(br#"{"d\u0061ta":[{"index":0,"embedding":[7]}]}"#, 1).unwrap();
+        assert_eq!(&escaped.embeddings[0][..], b"[7]");
+        let spaced = both(br#" { "data" : [ { "embedding" : [ 1.5e-3 , -2 ] , "index" : 0 } ] , "model" : "m\"x" } "#, 1).unwrap();
+        assert_eq!(&spaced.embeddings[0][..], b"[ 1.5e-3 , -2 ]");
+        assert!(scan_answer(&Bytes::copy_from_slice(br#" { "data" : [ { "embedding" : [ 1.5e-3 , -2 ] , "index" : 0 } ] , "model" : "m\"x" } "#), 1).is_some());
     }
 
     #[test]
