@@ -6,7 +6,7 @@ mod support;
 use http::Request;
 use serde_json::{json, Value};
 use sidelight::proxy::body::full;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{proxy, server, Answer};
@@ -18,6 +18,8 @@ use support::{proxy, server, Answer};
 struct Embedder {
     server: server::Server,
     fail_status: Arc<AtomicU16>,
+    /// While set, answers to calls with more than one input have one embedding too few.
+    short_answers: Arc<AtomicBool>,
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -91,9 +93,12 @@ fn json_response(status: u16, body: &Value) -> http::Response<sidelight::proxy::
 async fn embedder(latency: Duration) -> Embedder {
     let fail_status = Arc::new(AtomicU16::new(0));
     let fail = fail_status.clone();
+    let short_answers = Arc::new(AtomicBool::new(false));
+    let short = short_answers.clone();
     let server = server::http1()
         .route_async("/v1/embeddings", move |r| {
             let fail = fail.load(Ordering::SeqCst);
+            let short = short.load(Ordering::SeqCst);
             async move {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
@@ -118,6 +123,9 @@ async fn embedder(latency: Duration) -> Embedder {
                     .map(|(i, input)| json!({"object": "embedding", "index": i, "embedding": expected(input, b64)}))
                     .collect();
                 data.reverse();
+                if short && data.len() > 1 {
+                    data.pop();
+                }
                 let tokens: u64 = inputs.iter().map(weight).sum();
                 json_response(
                     200,
@@ -131,6 +139,7 @@ async fn embedder(latency: Duration) -> Embedder {
     Embedder {
         server,
         fail_status,
+        short_answers,
     }
 }
 
@@ -695,4 +704,27 @@ async fn an_input_asked_for_twice_in_one_batch_is_sent_once() {
     assert_eq!(sent, vec!["dup", "x", "y"]);
     // The clients' usage shares add up to what the upstream billed for the three inputs.
     assert_eq!(tokens, 5);
+}
+
+#[tokio::test]
+async fn an_answer_that_cannot_be_split_is_never_guessed_at() {
+    let up = embedder(Duration::ZERO).await;
+    up.short_answers.store(true, Ordering::SeqCst);
+    let proxy = proxy::start(&config(
+        &up.server.url(),
+        "{ max_inputs: 100, max_wait: 500ms }",
+        "",
+    ))
+    .await;
+    let bodies: Vec<Value> = (0..3)
+        .map(|i| json!({"model": "m", "input": format!("s{i}")}))
+        .collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    // The batched answer had 2 embeddings for 3 inputs: each request was sent again alone.
+    for (answer, body) in answers.iter().zip(&bodies) {
+        assert_own_vectors(answer, body);
+    }
+    let sizes: Vec<usize> = upstream_inputs(&up).iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![3, 1, 1, 1]);
 }

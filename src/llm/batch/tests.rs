@@ -35,13 +35,16 @@ fn upstream(calls: Calls) -> RouteService {
 }
 
 fn batcher(max_inputs: usize, max_wait: Duration) -> (Batch, Calls, Arc<Metrics>) {
-    let calls = Calls::default();
-    let metrics = Arc::new(Metrics::new());
-    let config = BatchConfig {
+    batcher_with(BatchConfig {
         max_inputs,
         max_wait,
         ..BatchConfig::default()
-    };
+    })
+}
+
+fn batcher_with(config: BatchConfig) -> (Batch, Calls, Arc<Metrics>) {
+    let calls = Calls::default();
+    let metrics = Arc::new(Metrics::new());
     let layer = BatchLayer::new("r", "u", &config, None, Arc::default(), &metrics);
     (layer.layer(upstream(calls.clone())), calls, metrics)
 }
@@ -169,4 +172,29 @@ async fn a_request_as_large_as_a_batch_goes_alone_and_leaves_the_pending_batch_w
     tokio::time::advance(Duration::from_millis(5)).await;
     assert!(small.await.unwrap().is_ok());
     assert_eq!(sizes(&calls), vec![4, 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_sent_before_its_body_would_pass_max_body_bytes() {
+    let (service, calls, _) = batcher_with(BatchConfig {
+        max_inputs: 100,
+        max_wait: Duration::from_millis(5),
+        max_body_bytes: Some(crate::config::ByteSize(120)),
+        ..BatchConfig::default()
+    });
+    let long = |c: &str| c.repeat(40);
+    let a = tokio::spawn(service.clone().call(request(&[&long("a")])));
+    settle().await;
+    let b = tokio::spawn(service.clone().call(request(&[&long("b")])));
+    settle().await;
+    assert!(sizes(&calls).is_empty(), "two fit");
+    let c = tokio::spawn(service.clone().call(request(&[&long("c")])));
+    settle().await;
+    // A third would pass 120 bytes: the first two go now, the third starts a new batch.
+    assert_eq!(sizes(&calls), vec![2]);
+    tokio::time::advance(Duration::from_millis(5)).await;
+    for t in [a, b, c] {
+        assert!(t.await.unwrap().is_ok());
+    }
+    assert_eq!(sizes(&calls), vec![2, 1]);
 }
