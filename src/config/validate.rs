@@ -170,6 +170,47 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                 "must be at least 1",
             );
         }
+        if let Some(hc) = &up.health_check {
+            let at = format!("{at}.health_check");
+            if hc.interval.is_zero() {
+                errs.add(format!("{at}.interval"), "must be greater than 0");
+            }
+            if hc.timeout.is_zero() {
+                errs.add(format!("{at}.timeout"), "must be greater than 0");
+            }
+            if hc.healthy_threshold == 0 {
+                errs.add(format!("{at}.healthy_threshold"), "must be at least 1");
+            }
+            if hc.unhealthy_threshold == 0 {
+                errs.add(format!("{at}.unhealthy_threshold"), "must be at least 1");
+            }
+            if let Some(p) = &hc.path {
+                if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
+                    errs.add(
+                        format!("{at}.path"),
+                        format!("must be a path starting with '/', got {p:?}"),
+                    );
+                }
+            }
+            if hc.expected_statuses.is_empty() {
+                errs.add(
+                    format!("{at}.expected_statuses"),
+                    "list at least one status",
+                );
+            }
+            for (j, s) in hc.expected_statuses.iter().enumerate() {
+                if let Err(e) = crate::health::StatusMatch::parse(s) {
+                    errs.add(format!("{at}.expected_statuses[{j}]"), e);
+                }
+            }
+        }
+        let budget = &up.retry_budget;
+        if !(0.0..=1000.0).contains(&budget.percent) {
+            errs.add(
+                format!("{at}.retry_budget.percent"),
+                "must be between 0 and 1000",
+            );
+        }
         if let Some(ca) = &up.tls.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
                 errs.add(
@@ -295,6 +336,28 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
             }
             if limit.max_keys == 0 {
                 errs.add(format!("{at}.max_keys"), "must be at least 1");
+            }
+        }
+        if let Some(retries) = &route.retries {
+            let at = format!("{at}.retries");
+            for (i, m) in retries.methods.iter().flatten().enumerate() {
+                if http::Method::from_bytes(m.as_bytes()).is_err() {
+                    errs.add(
+                        format!("{at}.methods[{i}]"),
+                        format!("invalid method {m:?}"),
+                    );
+                }
+            }
+            for (i, s) in retries.statuses.iter().enumerate() {
+                if !(400..=599).contains(s) {
+                    errs.add(
+                        format!("{at}.statuses[{i}]"),
+                        format!("{s} is not an error status (400-599)"),
+                    );
+                }
+            }
+            if retries.backoff > retries.max_backoff {
+                errs.add(format!("{at}.backoff"), "must not exceed max_backoff");
             }
         }
         for (i, m) in route.dedup_methods().unwrap_or_default().iter().enumerate() {
