@@ -11,8 +11,11 @@ upstreams:
   - name: up
     endpoints: ["UPSTREAM"]
     concurrency: { max_in_flight: 100 }
+  - name: probed
+    endpoints: ["UPSTREAM"]
+    health_check: { interval: 1s }
 routes:
-  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }] }
+  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }], retries: {} }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
 "#;
 

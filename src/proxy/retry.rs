@@ -58,6 +58,14 @@ impl RetryLayer {
         budget: Arc<TpsBudget>,
         metrics: &Metrics,
     ) -> Self {
+        // Every reason this route can retry for starts at zero, so rates work from the start.
+        let reasons = ["connect_failure", "reset"]
+            .map(String::from)
+            .into_iter()
+            .chain(config.statuses.iter().map(u16::to_string));
+        for reason in reasons {
+            metrics.retries.with_label_values(&[upstream, &reason]);
+        }
         RetryLayer {
             policy: Arc::new(Policy {
                 upstream: Arc::from(upstream),
