@@ -274,11 +274,7 @@ where
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // The key needs the whole body; the body-limit layer outside bounds it.
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| ProxyError::ClientBody(e.to_string()))?
-                .to_bytes();
+            let body = crate::proxy::body::read_whole(body).await?;
             let readonly = policy.rules.as_ref().is_none_or(|r| {
                 r.allows(&parts.method, parts.uri.path(), parts.uri.query(), &body)
             });

@@ -488,6 +488,14 @@ impl RouteKind {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+pub enum RateUnit {
+    #[default]
+    Requests,
+    Tokens,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum RateLimitMode {
     /// Over the limit: 429 with Retry-After.
     #[default]
@@ -501,8 +509,12 @@ pub enum RateLimitMode {
 pub struct RateLimitConfig {
     /// The `limit` metric label and what 429 bodies name.
     pub name: String,
-    /// `100/s`, `600/min`, `5000/h`.
+    /// `100/s`, `600/min`, `5000/h`: requests, or tokens with `unit: tokens`.
     pub rate: String,
+    /// What the rate counts: `requests`, or LLM `tokens` (charged the request's estimate up
+    /// front, corrected by the usage the upstream reports; `openai`/`anthropic` routes only).
+    #[serde(default)]
+    pub unit: RateUnit,
     /// Requests allowed at once above the steady rate (default: the rate's count).
     #[serde(default)]
     pub burst: Option<u32>,

@@ -331,6 +331,12 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                     }
                 }
             }
+            if limit.unit == super::RateUnit::Tokens && !route.kind.is_llm() {
+                errs.add(
+                    format!("{at}.unit"),
+                    "token limits need a route of kind openai or anthropic (it reads the usage)",
+                );
+            }
             if let Err(e) = crate::ratelimit::layer::KeyBy::parse(&limit.key) {
                 errs.add(format!("{at}.key"), e);
             }

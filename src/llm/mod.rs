@@ -2,6 +2,8 @@
 //! `kind: openai` or `kind: anthropic` use it; every other route stays a plain HTTP proxy whose
 //! bodies are never parsed.
 
+pub mod estimate;
+
 use std::sync::Arc;
 
 /// Tokens one LLM request used, as the upstream reported them (or as estimated when it did

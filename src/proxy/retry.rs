@@ -9,7 +9,7 @@
 //! the upstream's budget (a share of recent requests plus a floor per second, tower's
 //! `TpsBudget`, as linkerd and Finagle do), so retries cannot multiply an outage.
 
-use super::body::full;
+use super::body::{full, read_whole};
 use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
@@ -17,7 +17,6 @@ use crate::metrics::Metrics;
 use crate::upstream::balance::{requested_wait, Balancer, TriedEndpoints};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
 use prometheus::{IntCounter, IntCounterVec};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -146,15 +145,7 @@ where
                 .map(|m| Instant::from_std(m.start) + policy.total);
             let (parts, body) = req.into_parts();
             // Kept whole so it can be sent again; the body limit layer already bounds it.
-            let body: Bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    return Err(match e.downcast::<ProxyError>() {
-                        Ok(err) => *err,
-                        Err(e) => ProxyError::ClientBody(e.to_string()),
-                    })
-                }
-            };
+            let body: Bytes = read_whole(body).await?;
             let retryable_method = policy.methods.contains(&parts.method);
             let tried = TriedEndpoints::default();
             let mut attempt = 0u32;
