@@ -402,3 +402,82 @@ async fn upstream_concurrency_wait_is_bounded() {
         "waited its max_wait first"
     );
 }
+
+/// An OpenAI-style upstream whose every answer reports `prompt` + `completion` tokens used.
+async fn usage_upstream(prompt: u64, completion: u64) -> server::Server {
+    server::http1()
+        .route_fn("/v1/chat/completions", move |_| {
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(format!(
+                    r#"{{"id":"c","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{}}}}}"#,
+                    prompt + completion
+                )))
+                .unwrap()
+        })
+        .run()
+        .await
+}
+
+fn token_config(upstream: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{upstream}"]
+routes:
+  - name: r
+    kind: openai
+    upstream: up
+    rate_limits: [{{ name: tpm, rate: 2000/min, unit: tokens }}]
+"#
+    )
+}
+
+async fn chat(proxy: &proxy::Proxy, max_tokens: u64) -> Answer {
+    support::post(
+        &proxy.url("/v1/chat/completions"),
+        &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hello"}}],"max_tokens":{max_tokens}}}"#),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn token_limits_charge_the_usage_the_upstream_reports() {
+    // Each request is estimated at ~100 tokens but really uses 1000.
+    let up = usage_upstream(10, 990).await;
+    let proxy = proxy::start(&token_config(&up.url())).await;
+    assert_eq!(chat(&proxy, 100).await.status, 200);
+    assert_eq!(chat(&proxy, 100).await.status, 200);
+    // 2000 of 2000 tokens used: had the estimate stood, 18 more would pass.
+    let third = chat(&proxy, 100).await;
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert_eq!(third.json()["error"]["type"], "rate_limited");
+    assert_eq!(third.header("x-ratelimit-limit"), "2000");
+    assert_eq!(up.request_count(), 2);
+}
+
+#[tokio::test]
+async fn token_limits_give_back_what_an_estimate_overcharged() {
+    // Each request reserves 1500 output tokens but uses 50 in all.
+    let up = usage_upstream(20, 30).await;
+    let proxy = proxy::start(&token_config(&up.url())).await;
+    for i in 0..10 {
+        let a = chat(&proxy, 1500).await;
+        assert_eq!(a.status, 200, "request {i}: {}", a.body);
+    }
+    assert_eq!(up.request_count(), 10);
+}
+
+#[test]
+fn token_limits_need_an_llm_route() {
+    let yaml = r#"
+upstreams: [{ name: up, endpoints: ["http://127.0.0.1:1"] }]
+routes:
+  - { name: r, upstream: up, rate_limits: [{ name: tpm, rate: 1000/min, unit: tokens }] }
+"#;
+    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("routes[0].rate_limits[0].unit"), "{err}");
+}
