@@ -165,7 +165,6 @@ impl Sidelight {
                 .collect(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
-        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers)?;
 
         // Bind every socket before serving any, so a taken port fails the start cleanly.
         let mut listeners = Vec::new();
@@ -184,6 +183,8 @@ impl Sidelight {
         }
         let admin_listener = bind("admin.address", config.admin.address)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
+        // After every bind: a start that fails leaves no probe running.
+        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers)?;
 
         let (stop, stop_rx) = watch::channel(false);
         let mut sockets = sockets.into_iter();
