@@ -154,6 +154,48 @@ async fn queue_mode_smooths_a_burst() {
 }
 
 #[tokio::test]
+async fn a_limit_holds_its_rate_over_a_measured_window() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: hundred, rate: 100/s, burst: 10 }]",
+    ))
+    .await;
+    // Eight clients as fast as they can for two seconds: far above the limit.
+    let window = Duration::from_secs(2);
+    let end = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/x");
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited) = (0u32, 0u32);
+            while Instant::now() < end {
+                match support::get(&url).await.status.as_u16() {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, limited)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l) = t.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    // 100/s over the window plus the burst of ten, within 5%.
+    let expected = 100.0 * window.as_secs_f64() + 10.0;
+    assert!(
+        (f64::from(ok) - expected).abs() <= expected * 0.05,
+        "admitted {ok} in {window:?}, expected ~{expected} ({limited} rejected)"
+    );
+    assert!(limited > ok, "the clients really were over the limit");
+    assert_eq!(up.request_count(), ok as usize);
+}
+
+#[tokio::test]
 async fn a_full_queue_or_a_too_long_wait_rejects() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
