@@ -196,6 +196,7 @@ where
             let body = TokenBody {
                 held,
                 end,
+                flushed: false,
                 over: false,
                 inner: body,
                 watch: limits.max_gap.map(|_| watch),
@@ -232,6 +233,8 @@ pin_project_lite::pin_project! {
         held: VecDeque<Frame<Bytes>>,
         // How the stream ended while it was held (`Some(None)`: cleanly), or the gap error.
         end: Option<Option<BoxError>>,
+        // The poll before an error end was spent letting the server flush.
+        flushed: bool,
         over: bool,
         #[pin]
         inner: ProxyBody,
@@ -256,6 +259,14 @@ impl Body for TokenBody {
             return Poll::Ready(Some(Ok(frame)));
         }
         if let Some(end) = this.end.take() {
+            if end.is_some() && !*this.flushed {
+                // Let the server write out the error event before the error aborts the
+                // connection (hyper drops unflushed bytes on a body error).
+                *this.flushed = true;
+                *this.end = Some(end);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             *this.over = true;
             return Poll::Ready(end.map(Err));
         }

@@ -592,3 +592,153 @@ impl Body for AccountedBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::RouteService;
+    use http_body_util::StreamBody;
+    use std::sync::Mutex;
+
+    fn route(kind: &str) -> RouteConfig {
+        serde_yaml::from_str(&format!("{{name: r, upstream: u, kind: {kind}}}")).unwrap()
+    }
+
+    /// An upstream answering with `chunks` (then `fail`ing, if set) and the given headers.
+    fn upstream(
+        headers: &'static [(&'static str, &'static str)],
+        chunks: &'static [&'static str],
+        fail: bool,
+    ) -> RouteService {
+        RouteService::new(tower::service_fn(
+            move |_req: ProxyRequest| -> ProxyFuture {
+                Box::pin(async move {
+                    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+                        .iter()
+                        .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+                        .collect();
+                    if fail {
+                        frames.push(Err("cut".into()));
+                    }
+                    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+                    let mut response = ProxyResponse::new(body);
+                    for (k, v) in headers {
+                        response
+                            .headers_mut()
+                            .insert(*k, HeaderValue::from_static(v));
+                    }
+                    Ok(response)
+                })
+            },
+        ))
+    }
+
+    /// Sends `body` through the layer; returns what the client read and what the hooks got.
+    async fn run(kind: &str, svc: RouteService, body: &'static str) -> (String, Vec<Usage>) {
+        let metrics = Arc::new(Metrics::new());
+        let mut svc = LlmLayer::new(&route(kind), &metrics).unwrap().layer(svc);
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut req = http::Request::post("/v1/chat/completions")
+            .body(full(body))
+            .unwrap();
+        let sink = got.clone();
+        UsageHooks::add(
+            &mut req,
+            Arc::new(move |u: &Usage| sink.lock().unwrap().push(*u)),
+        );
+        let response = svc.call(req).await.unwrap();
+        let text = match response.into_body().collect().await {
+            Ok(b) => String::from_utf8(b.to_bytes().to_vec()).unwrap(),
+            Err(e) => format!("error: {e}"),
+        };
+        let usages = got.lock().unwrap().clone();
+        (text, usages)
+    }
+
+    const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+    const SSE: &[(&str, &str)] = &[("content-type", "text/event-stream")];
+    const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"12345678"}]}"#;
+
+    #[tokio::test]
+    async fn hooks_get_the_reported_usage() {
+        let svc = upstream(
+            JSON,
+            &[
+                r#"{"model":"m","usage":{"prompt_tokens":5,"#,
+                r#""completion_tokens":2}}"#,
+            ],
+            false,
+        );
+        let (_, usages) = run("openai", svc, CHAT).await;
+        assert_eq!(
+            usages,
+            [Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                cached_tokens: 0,
+                estimated: false
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn hooks_get_an_estimate_when_a_stream_has_none() {
+        let svc = upstream(
+            SSE,
+            &[
+                "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"del",
+                "ta\":{\"content\":\"b\"}}]}\n\ndata: [DONE]\n\n",
+            ],
+            false,
+        );
+        let (_, usages) = run("openai", svc, CHAT).await;
+        // 8 characters of prompt: 2 tokens; two content deltas.
+        assert_eq!(
+            usages,
+            [Usage {
+                prompt_tokens: 2,
+                completion_tokens: 2,
+                cached_tokens: 0,
+                estimated: true
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn hooks_get_zero_for_an_answer_from_the_cache() {
+        let svc = upstream(
+            &[("content-type", "application/json"), (CACHE_HEADER, "HIT")],
+            &[r#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#],
+            false,
+        );
+        let (_, usages) = run("openai", svc, CHAT).await;
+        assert_eq!(usages, [Usage::default()]);
+    }
+
+    #[tokio::test]
+    async fn no_hook_when_the_stream_fails() {
+        let svc = upstream(
+            SSE,
+            &["event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n"],
+            true,
+        );
+        let (text, usages) = run("anthropic", svc, CHAT).await;
+        assert!(text.starts_with("error"), "{text}");
+        assert!(usages.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_last_event_still_reaches_a_client_whose_usage_chunk_is_removed() {
+        let svc = upstream(
+            SSE,
+            &[
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
+                "data: [DONE]",
+            ],
+            false,
+        );
+        let (text, usages) = run("openai", svc, r#"{"model":"m","stream":true}"#).await;
+        assert_eq!(text, "data: [DONE]");
+        assert_eq!(usages[0].prompt_tokens, 1);
+    }
+}
