@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[test]
+    fn llm_options_are_checked() {
+        let errs = errors(
+            r#"
+upstreams: [{ name: u, endpoints: ["http://127.0.0.1:1"] }]
+routes:
+  - { name: a, upstream: u, match: { path_prefix: /a }, llm: { include_usage: true } }
+  - { name: b, kind: openai, upstream: u, match: { path_prefix: /b }, llm: { max_models: 0, first_token_timeout: 0s } }
+  - { name: c, kind: anthropic, upstream: u, match: { path_prefix: /c }, llm: { first_token_timeout: 10s, max_token_gap: 2s } }
+"#,
+        );
+        assert_eq!(
+            errs,
+            [
+                "routes[0].llm: only routes of kind openai or anthropic read LLM traffic",
+                "routes[1].llm.max_models: must be at least 1",
+                "routes[1].llm.first_token_timeout: must be more than 0 (leave it out to turn it off)",
+            ]
+        );
+    }
+
+    #[test]
     fn lists_every_problem_by_path() {
         let errs = errors(
             r#"
