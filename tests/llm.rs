@@ -298,6 +298,40 @@ async fn cache_hits_count_avoided_tokens_and_each_client_gets_its_own_view() {
 }
 
 #[tokio::test]
+async fn answers_shared_with_an_identical_request_count_as_avoided_spend() {
+    let up = server::http1()
+        .route_stream("/v1/chat/completions", |_, tx| async move {
+            // Slow enough for the second request to join the first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = tx.send(Ok(Bytes::from(openai_stream(true)))).await;
+        })
+        .run()
+        .await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "kind: openai, dedup: { methods: [POST] }",
+    ))
+    .await;
+    let url = proxy.url("/v1/chat/completions");
+    let body = r#"{"model":"gpt-test","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let (a, b) = tokio::join!(support::post(&url, body), support::post(&url, body));
+    let mut labels = [a.header("x-sidelight-cache"), b.header("x-sidelight-cache")];
+    labels.sort();
+    assert_eq!(labels, ["COALESCED", "MISS"]);
+    assert_eq!(up.request_count(), 1);
+    assert_eq!(a.body, openai_stream(true));
+    assert_eq!(b.body, openai_stream(true));
+    assert_tokens(&proxy, "gpt-test", 11.0, 3.0).await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_llm_tokens_avoided_total",
+            &[("route", "llm"), ("model", "gpt-test"), ("source", "dedup")],
+            14.0,
+        )
+        .await;
+}
+
+#[tokio::test]
 async fn the_model_label_is_bounded() {
     let mock = mock().await;
     let proxy = proxy::start(&config(

@@ -205,9 +205,12 @@ where
             let body = match parsed {
                 Some(value) if strip => match with_include_usage(&raw, value) {
                     Some(changed) => {
-                        parts
-                            .headers
-                            .insert(CONTENT_LENGTH, HeaderValue::from(changed.len()));
+                        // Without one, hyper sets it from the body's exact size.
+                        if parts.headers.contains_key(CONTENT_LENGTH) {
+                            parts
+                                .headers
+                                .insert(CONTENT_LENGTH, HeaderValue::from(changed.len()));
+                        }
                         changed
                     }
                     None => raw,
@@ -248,7 +251,7 @@ where
                     splitter: Splitter::new(MAX_EVENT_BYTES),
                     strip,
                 }
-            } else if content_type.contains("json") {
+            } else if content_type.contains("json") || content_type.is_empty() {
                 Shape::Json {
                     kept: Vec::new(),
                     kept_len: 0,
