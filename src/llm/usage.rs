@@ -3,6 +3,8 @@
 //! - OpenAI: `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`)
 //!   in a whole response, an embeddings response, or the last chunk of a stream (sent when the
 //!   request has `stream_options.include_usage`).
+//! - OpenAI Responses API: `usage` (`input_tokens`, `output_tokens`,
+//!   `input_tokens_details.cached_tokens`) of a whole response or of `response.completed`.
 //! - Anthropic: `message_start` (`message.usage.input_tokens`, `cache_read_input_tokens`,
 //!   `cache_creation_input_tokens`), then `message_delta` (`usage.output_tokens`, cumulative);
 //!   `usage` with the same fields in a whole response. Anthropic's `input_tokens` leaves out the
@@ -25,6 +27,8 @@ struct RawUsage {
     output_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
+    /// OpenAI Responses API.
+    input_tokens_details: Option<Details>,
 }
 
 #[derive(Deserialize, Default)]
@@ -47,6 +51,8 @@ struct Payload {
     delta: Option<Value>,
     /// Anthropic whole response.
     content: Option<Value>,
+    /// OpenAI Responses API `response.completed`.
+    response: Option<AnthropicMessage>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +140,13 @@ impl Tally {
         if let Some(o) = u.output_tokens {
             self.completion = Some(o);
         }
+        if let Some(cached) = u
+            .input_tokens_details
+            .as_ref()
+            .and_then(|d| d.cached_tokens)
+        {
+            self.cached = Some(cached);
+        }
     }
 
     fn model_from(&mut self, model: &Option<String>) {
@@ -155,6 +168,22 @@ impl Tally {
         };
         self.model_from(&p.model);
         let chars = match provider {
+            Provider::OpenAi if p.kind.is_some() => {
+                // Responses API events: `response.*.delta` carry output, `response.completed`
+                // the usage.
+                let kind = p.kind.as_deref().unwrap_or("");
+                if let Some(r) = &p.response {
+                    self.model_from(&r.model);
+                    if let Some(u) = &r.usage {
+                        self.apply(u);
+                    }
+                }
+                if kind.ends_with(".delta") {
+                    p.delta.as_ref().map_or(0, text_chars).max(1)
+                } else {
+                    0
+                }
+            }
             Provider::OpenAi => {
                 if let Some(u) = &p.usage {
                     self.apply(u);
@@ -436,6 +465,41 @@ mod tests {
         let u = t.usage(7);
         assert!(!u.estimated);
         assert_eq!((u.prompt_tokens, u.completion_tokens), (4, 2));
+    }
+
+    #[test]
+    fn openai_responses_api() {
+        let mut t = Tally::default();
+        let p = Provider::OpenAi;
+        assert!(!t.on_event(
+            p,
+            &ev(
+                Some("response.created"),
+                r#"{"type":"response.created","response":{"model":"gpt-5","usage":null}}"#
+            )
+        ));
+        assert!(t.on_event(
+            p,
+            &ev(
+                Some("response.output_text.delta"),
+                r#"{"type":"response.output_text.delta","delta":"Hi"}"#
+            )
+        ));
+        t.on_event(p, &ev(Some("response.completed"), r#"{"type":"response.completed","response":{"model":"gpt-5","usage":{"input_tokens":30,"input_tokens_details":{"cached_tokens":10},"output_tokens":4}}}"#));
+        assert_eq!(t.model.as_deref(), Some("gpt-5"));
+        assert_eq!(
+            t.usage(0),
+            Usage {
+                prompt_tokens: 30,
+                completion_tokens: 4,
+                cached_tokens: 10,
+                estimated: false
+            }
+        );
+        let mut whole = Tally::default();
+        whole.on_body(br#"{"object":"response","model":"gpt-5","output":[],"usage":{"input_tokens":7,"input_tokens_details":{"cached_tokens":0},"output_tokens":2}}"#);
+        assert_eq!(whole.usage(0).prompt_tokens, 7);
+        assert_eq!(whole.usage(0).completion_tokens, 2);
     }
 
     #[test]
