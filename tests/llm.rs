@@ -221,7 +221,14 @@ async fn include_usage_is_asked_for_and_removed_for_a_client_that_did_not_ask() 
     let url = proxy.url("/v1/chat/completions");
 
     let plain = r#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let answer = support::post(&url, plain).await;
+    let answer = support::send(
+        Request::post(&url)
+            .header("content-type", "application/json")
+            .header("accept-encoding", "gzip")
+            .body(full(plain))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(answer.status, 200);
     // Byte for byte what the upstream sends a client that did not ask for usage.
     assert_eq!(answer.body, openai_stream(false));
@@ -235,6 +242,8 @@ async fn include_usage_is_asked_for_and_removed_for_a_client_that_did_not_ask() 
         sent.headers["content-length"],
         sent.body.len().to_string().as_str()
     );
+    // Usage is read on the way back: the upstream is asked for an uncompressed answer.
+    assert!(sent.headers.get("accept-encoding").is_none());
     // ... and its usage counted, not estimated.
     assert_tokens(&proxy, "gpt-test", 11.0, 3.0).await;
 

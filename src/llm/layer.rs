@@ -20,7 +20,7 @@ use crate::proxy::body::{full, ProxyBody};
 use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::BoxError;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -217,6 +217,9 @@ where
                 },
                 _ => raw,
             };
+            // Usage is read from the response as it passes: ask for it uncompressed (SDKs send
+            // `accept-encoding: gzip`, and an upstream may honour it for JSON answers).
+            parts.headers.remove(ACCEPT_ENCODING);
             let hooks = parts.extensions.get::<UsageHooks>().cloned();
             let start = parts
                 .extensions
@@ -239,6 +242,14 @@ where
             let mut response = result?;
             response.extensions_mut().insert(facts.clone());
             if !status.is_success() {
+                return Ok(response);
+            }
+            let encoded = response
+                .headers()
+                .get(CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if encoded {
+                tracing::debug!(route = %state.route, "compressed LLM response: usage not read");
                 return Ok(response);
             }
             let content_type = response
