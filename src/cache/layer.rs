@@ -154,6 +154,22 @@ impl CacheLayer {
     }
 }
 
+impl CacheLayer {
+    /// Also leaves `fields` out of the key (the defaults of LLM routes, see
+    /// [`crate::llm::cache_ignored_fields`]).
+    pub fn ignoring_json_fields(mut self, fields: Vec<String>) -> Self {
+        // Called right after `new`, before the policy is shared.
+        if let Some(policy) = Arc::get_mut(&mut self.policy) {
+            for f in fields {
+                if !policy.ignore_fields.contains(&f) {
+                    policy.ignore_fields.push(f);
+                }
+            }
+        }
+        self
+    }
+}
+
 impl<S> Layer<S> for CacheLayer {
     type Service = Cache<S>;
     fn layer(&self, inner: S) -> Cache<S> {

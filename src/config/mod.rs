@@ -469,6 +469,50 @@ pub struct RouteConfig {
     /// Retries on another endpoint (off when absent).
     #[serde(default)]
     pub retries: Option<RetryConfig>,
+    /// LLM accounting and stream timeouts (`kind: openai | anthropic` routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmConfig>,
+}
+
+/// A route's LLM options; every field has a default, so `llm` can be left out.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Ask an OpenAI upstream for usage in streams (`stream_options.include_usage`) even when
+    /// the client did not; the extra chunk is removed from what that client receives.
+    /// Default: true on `openai` routes (Anthropic streams always carry usage).
+    #[serde(default = "default_true")]
+    pub include_usage: bool,
+    /// A stream that sends no content token for this long after the request is failed with 504
+    /// `first_token_timeout` (nothing has reached the client yet). Off when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub first_token_timeout: Option<Duration>,
+    /// After the first token, a longer gap between two tokens ends the stream with an error
+    /// event. Off when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub max_token_gap: Option<Duration>,
+    /// The values of the `model` metric label. Empty: the first `max_models` models seen.
+    /// Anything else is `other`.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default = "default_max_models")]
+    pub max_models: usize,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            include_usage: true,
+            first_token_timeout: None,
+            max_token_gap: None,
+            models: Vec::new(),
+            max_models: default_max_models(),
+        }
+    }
+}
+
+fn default_max_models() -> usize {
+    20
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -585,6 +629,11 @@ impl RouteConfig {
             Some(DedupConfig::Methods(_)) => true,
             None => self.cache.is_some(),
         }
+    }
+
+    /// The route's LLM options (defaults when `llm` is absent).
+    pub fn llm_config(&self) -> LlmConfig {
+        self.llm.clone().unwrap_or_default()
     }
 
     /// Methods coalesced on a route without a cache.

@@ -1,7 +1,7 @@
 //! Semantic checks that serde cannot express. Every problem is collected (not just the first) and
 //! reported with its field path, e.g. `routes[2].upstream: unknown upstream "opneai"`.
 
-use super::{Config, EnvString};
+use super::{Config, EnvString, LlmConfig, RouteKind};
 use std::collections::HashSet;
 use std::fmt;
 
@@ -243,6 +243,29 @@ fn check_endpoint_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_route_llm(at: &str, kind: RouteKind, llm: &LlmConfig, errs: &mut Errors) {
+    if !kind.is_llm() {
+        errs.add(
+            at,
+            "only routes of kind openai or anthropic read LLM traffic",
+        );
+    }
+    if llm.max_models == 0 {
+        errs.add(format!("{at}.max_models"), "must be at least 1");
+    }
+    for (field, value) in [
+        ("first_token_timeout", llm.first_token_timeout),
+        ("max_token_gap", llm.max_token_gap),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            errs.add(
+                format!("{at}.{field}"),
+                "must be more than 0 (leave it out to turn it off)",
+            );
+        }
+    }
+}
+
 fn check_routes(config: &mut Config, errs: &mut Errors) {
     let upstream_names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
@@ -313,6 +336,9 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         }
         if let Some(cache) = &route.cache {
             check_route_cache(&format!("{at}.cache"), cache, errs);
+        }
+        if let Some(llm) = &route.llm {
+            check_route_llm(&format!("{at}.llm"), route.kind, llm, errs);
         }
         let mut limit_names = HashSet::new();
         for (i, limit) in route.rate_limits.iter().enumerate() {
@@ -464,6 +490,27 @@ mod tests {
             Err(ConfigError::Invalid(list)) => list.iter().map(ToString::to_string).collect(),
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    #[test]
+    fn llm_options_are_checked() {
+        let errs = errors(
+            r#"
+upstreams: [{ name: u, endpoints: ["http://127.0.0.1:1"] }]
+routes:
+  - { name: a, upstream: u, match: { path_prefix: /a }, llm: { include_usage: true } }
+  - { name: b, kind: openai, upstream: u, match: { path_prefix: /b }, llm: { max_models: 0, first_token_timeout: 0s } }
+  - { name: c, kind: anthropic, upstream: u, match: { path_prefix: /c }, llm: { first_token_timeout: 10s, max_token_gap: 2s } }
+"#,
+        );
+        assert_eq!(
+            errs,
+            [
+                "routes[0].llm: only routes of kind openai or anthropic read LLM traffic",
+                "routes[1].llm.max_models: must be at least 1",
+                "routes[1].llm.first_token_timeout: must be more than 0 (leave it out to turn it off)",
+            ]
+        );
     }
 
     #[test]

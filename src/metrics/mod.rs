@@ -21,6 +21,20 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.1, 0.25, 1.0,
 ];
 
+/// Time to the first token of an LLM stream: tens of milliseconds to minutes.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+    60.0, 120.0,
+];
+
+/// Time per output token: 1000 tokens/s down to 1 token/s.
+pub const TOKEN_TIME_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// LLM timeout kinds: a closed set.
+pub const LLM_TIMEOUT_KINDS: &[&str] = &["first_token", "token_gap"];
+
 /// Route label for requests that matched no route.
 pub const NO_ROUTE: &str = "_none";
 
@@ -143,6 +157,19 @@ pub struct Metrics {
     pub ratelimit_queue_wait: HistogramVec,
     pub ratelimit_queue_length: IntGaugeVec,
     pub upstream_calls_saved: IntCounterVec,
+    pub llm_tokens: IntCounterVec,
+    pub llm_requests: IntCounterVec,
+    pub llm_time_to_first_token: HistogramVec,
+    pub llm_time_per_output_token: HistogramVec,
+    pub llm_stream_duration: HistogramVec,
+    pub llm_tokens_avoided: IntCounterVec,
+    pub llm_usage_estimated: IntCounterVec,
+    pub llm_timeouts: IntCounterVec,
+    /// The bounded `model` label of each LLM route, shared by every worker (so the first N
+    /// models are the first N of the process, not of each worker).
+    llm_models: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<crate::llm::models::ModelLabels>>,
+    >,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -242,6 +269,15 @@ impl Metrics {
             ratelimit_queue_wait: histogram(&r, "sidelight_ratelimit_queue_wait_seconds", "Time queued requests waited for a rate-limit slot.", &["route", "limit"], LATENCY_BUCKETS),
             ratelimit_queue_length: gauge(&r, "sidelight_ratelimit_queue_length", "Requests waiting for a rate-limit slot.", &["route", "limit"]),
             upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
+            llm_tokens: counter(&r, "sidelight_llm_tokens_total", "Tokens of LLM requests sent upstream, as the upstream reported them (or estimated), by kind: prompt, completion, cached (prompt tokens the provider served from its prompt cache).", &["route", "model", "kind"]),
+            llm_requests: counter(&r, "sidelight_llm_requests_total", "LLM requests, by model and status class (cache hits included).", &["route", "model", "status_class"]),
+            llm_time_to_first_token: histogram(&r, "sidelight_llm_time_to_first_token_seconds", "Time from request arrival to the first generated token of an LLM stream (from upstream).", &["route", "model"], TTFT_BUCKETS),
+            llm_time_per_output_token: histogram(&r, "sidelight_llm_time_per_output_token_seconds", "Time between output tokens of an LLM stream after the first (1 / output tokens per second).", &["route", "model"], TOKEN_TIME_BUCKETS),
+            llm_stream_duration: histogram(&r, "sidelight_llm_stream_duration_seconds", "Time from request arrival to the end of an LLM stream (from upstream).", &["route", "model"], LATENCY_BUCKETS),
+            llm_tokens_avoided: counter(&r, "sidelight_llm_tokens_avoided_total", "Tokens (prompt + completion) of LLM answers served without an upstream call, by source: cache or dedup: spend avoided.", &["route", "model", "source"]),
+            llm_usage_estimated: counter(&r, "sidelight_llm_usage_estimated_total", "LLM responses whose usage the upstream did not report, so sidelight estimated it.", &["route", "model"]),
+            llm_timeouts: counter(&r, "sidelight_llm_timeouts_total", "LLM streams cut by a timeout, by kind: first_token (504 before anything was sent) or token_gap (stream ended with an error event).", &["route", "kind"]),
+            llm_models: Default::default(),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
                 let g = IntGauge::new("sidelight_ready", "1 when listeners are bound and the config is loaded, 0 while starting or draining.")
@@ -301,6 +337,31 @@ impl Metrics {
         for cause in ["expired", "size", "purged", "replaced"] {
             self.cache_evictions.with_label_values(&[cause]);
         }
+    }
+
+    /// Series of an LLM route.
+    pub fn init_llm_route(&self, route: &str) {
+        for kind in LLM_TIMEOUT_KINDS {
+            self.llm_timeouts.with_label_values(&[route, kind]);
+        }
+    }
+
+    /// The `model` label bound of an LLM route, created by the first worker that asks.
+    pub fn llm_models(
+        &self,
+        route: &str,
+        allowed: &[String],
+        max: usize,
+    ) -> std::sync::Arc<crate::llm::models::ModelLabels> {
+        let mut map = self
+            .llm_models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(route.to_string())
+            .or_insert_with(|| {
+                std::sync::Arc::new(crate::llm::models::ModelLabels::new(allowed, max))
+            })
+            .clone()
     }
 
     pub fn init_upstream(&self, upstream: &str) {

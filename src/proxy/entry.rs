@@ -11,6 +11,8 @@ use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
 use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::llm::first_token::FirstTokenLayer;
+use crate::llm::layer::LlmLayer;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
@@ -146,13 +148,20 @@ impl Entry {
             };
             let dedup = r.dedup_enabled();
             let concurrency = shared.concurrency.get(&r.upstream).cloned();
-            let plain =
-                r.cache.is_none() && !dedup && r.rate_limits.is_empty() && r.retries.is_none();
+            let plain = r.cache.is_none()
+                && !dedup
+                && r.rate_limits.is_empty()
+                && r.retries.is_none()
+                && !r.kind.is_llm();
             let service = if plain && concurrency.is_none() {
                 // The plain proxy path, without a boxed service in the middle.
                 RouteService::new(outer.service(base))
             } else {
                 let mut inner = RouteService::new(base);
+                // Right around the upstream timeouts: LLM first-token and token-gap limits.
+                if let Some(layer) = FirstTokenLayer::new(r, metrics) {
+                    inner = RouteService::new(layer.layer(inner));
+                }
                 if let Some(retries) = &r.retries {
                     let budget = match shared.retry_budgets.get(&r.upstream) {
                         Some(b) => b.clone(),
@@ -182,7 +191,12 @@ impl Entry {
                         shared.cache.clone(),
                         metrics,
                     )
-                    .map_err(route_err)?;
+                    .map_err(route_err)?
+                    .ignoring_json_fields(crate::llm::cache_ignored_fields(r));
+                    inner = RouteService::new(layer.layer(inner));
+                }
+                // Outside the cache, so hits are accounted for too.
+                if let Some(layer) = LlmLayer::new(r, metrics) {
                     inner = RouteService::new(layer.layer(inner));
                 }
                 // Rate limits sit after the body limit: an oversized request costs no token.
