@@ -483,3 +483,56 @@ routes:
         assert!(err.contains(want), "missing {want} in:\n{err}");
     }
 }
+
+#[tokio::test]
+async fn a_stream_without_a_first_token_in_time_is_retried_on_another_endpoint() {
+    let role = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+    let token = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n";
+    // Sends headers and a role chunk at once, then generates nothing.
+    let stalled = server::http1()
+        .route_stream("/v1/chat/completions", move |_, tx| async move {
+            let _ = tx.send(Ok(Bytes::from(role))).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .run()
+        .await;
+    let fine = server::http1()
+        .route_stream("/v1/chat/completions", move |_, tx| async move {
+            let _ = tx.send(Ok(Bytes::from(role))).await;
+            let _ = tx.send(Ok(Bytes::from(token))).await;
+        })
+        .run()
+        .await;
+    let yaml = format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{}", "{}"]
+    outlier_detection: {{ consecutive_failures: 0 }}
+routes:
+  - name: r
+    kind: openai
+    upstream: up
+    llm: {{ first_token_timeout: 300ms, include_usage: false }}
+    retries: {{ max_retries: 1, backoff: 1ms }}
+"#,
+        stalled.url(),
+        fine.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    // Until one request has met the stalled endpoint (P2C may not pick it at first).
+    while stalled.request_count() == 0 {
+        let a = support::post(
+            &proxy.url("/v1/chat/completions"),
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(
+            a.body,
+            format!("{role}{token}"),
+            "the whole stream of the good endpoint"
+        );
+    }
+    assert_eq!(retries(&proxy, "first_token_timeout").await, 1.0);
+}
