@@ -117,20 +117,11 @@ async fn retryable_statuses_go_to_another_endpoint_only_for_retryable_methods() 
 async fn llm_posts_are_retryable_and_resets_before_headers_are_retried() {
     let resetting = server::http1().route_reset("/").run().await;
     let healthy = server::http1().route("/", "{\"ok\":true}").run().await;
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{}", "{}"]
-    outlier_detection: {{ consecutive_failures: 0 }}
-routes:
-  - name: r
-    kind: openai
-    upstream: up
-    retries: {{ backoff: 1ms }}
-"#,
-        resetting.url(),
-        healthy.url()
+    let yaml = two_endpoints(
+        &resetting.url(),
+        &healthy.url(),
+        "    outlier_detection: { consecutive_failures: 0 }",
+        "    kind: openai\n    retries: { backoff: 1ms }",
     );
     let proxy = proxy::start(&yaml).await;
     for _ in 0..10 {
@@ -146,19 +137,7 @@ routes:
 
 #[tokio::test]
 async fn no_retry_after_response_bytes_were_sent() {
-    // The upstream breaks its stream once the client has the first event.
-    let (break_tx, break_rx) = tokio::sync::watch::channel(false);
-    let breaking = server::http1()
-        .route_stream("/", move |_, tx| {
-            let mut break_rx = break_rx.clone();
-            async move {
-                let _ = tx.send(Ok(Bytes::from("data: first\n\n"))).await;
-                let _ = break_rx.wait_for(|b| *b).await;
-                let _ = tx.send(Err(())).await;
-            }
-        })
-        .run()
-        .await;
+    let (breaking, break_tx) = server::stream_that_breaks("data: first\n\n").await;
     let yaml = format!(
         "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, retries: {{ max_retries: 3, backoff: 1ms }} }}\n",
         breaking.url()
@@ -503,21 +482,13 @@ async fn a_stream_without_a_first_token_in_time_is_retried_on_another_endpoint()
         })
         .run()
         .await;
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{}", "{}"]
-    outlier_detection: {{ consecutive_failures: 0 }}
-routes:
-  - name: r
-    kind: openai
-    upstream: up
-    llm: {{ first_token_timeout: 300ms, include_usage: false }}
-    retries: {{ max_retries: 1, backoff: 1ms }}
-"#,
-        stalled.url(),
-        fine.url()
+    let yaml = two_endpoints(
+        &stalled.url(),
+        &fine.url(),
+        "    outlier_detection: { consecutive_failures: 0 }",
+        "    kind: openai
+    llm: { first_token_timeout: 300ms, include_usage: false }
+    retries: { max_retries: 1, backoff: 1ms }",
     );
     let proxy = proxy::start(&yaml).await;
     // Until one request has met the stalled endpoint (P2C may not pick it at first).
