@@ -19,6 +19,9 @@
 #   HIGH_CONNS=64   the "many connections" level (>= 2; wrk uses 2 threads for it)
 #   SKIP_BUILD=1    don't run cargo build (use the existing target/release binaries)
 #   NO_NGINX=1      skip the nginx column
+#   TC=1            add a "sidelight-tc" target: sidelight with traffic control on (two rate
+#                   limits that never reject, two endpoints balanced by P2C, retries with a
+#                   budget, outlier detection, active health checks), to measure its cost
 #   QUIET_WAIT=0    if > 0: before each run, wait up to this many seconds for other
 #                   processes to use < QUIET_PCT% (default 10) of the CPU
 #   KEEP_TMP=1      keep the temp dir (configs, server logs, raw wrk output)
@@ -32,6 +35,7 @@ WARMUP=${WARMUP:-2}
 HIGH_CONNS=${HIGH_CONNS:-64}
 SKIP_BUILD=${SKIP_BUILD:-0}
 NO_NGINX=${NO_NGINX:-0}
+TC=${TC:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 QUIET_WAIT=${QUIET_WAIT:-0}
@@ -192,7 +196,7 @@ wait_ready() {  # wait_ready NAME PID URL [EXPECT]
 # Pick 4 free loopback ports *below* the kernel's ephemeral range, so that
 # outgoing connections (wrk's, the proxies', other jobs' on this machine) can't
 # grab them between this check and the servers' bind().
-read -r P_UP P_SL P_ADMIN P_NGX < <(python3 -c '
+read -r P_UP P_SL P_ADMIN P_NGX P_TC P_TCADMIN < <(python3 -c '
 import random, socket
 try:
     lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
@@ -209,10 +213,10 @@ for port in random.sample(range(lo - 10000, lo), 200):
     finally:
         s.close()
     ports.append(port)
-    if len(ports) == 4:
+    if len(ports) == 6:
         break
 print(*ports)') || true
-[[ -n ${P_NGX:-} ]] || die "could not pick free ports"
+[[ -n ${P_TCADMIN:-} ]] || die "could not pick free ports"
 
 # --- upstream
 start mock "$TMP/mock.log" "$MOCK_BIN" --listen "127.0.0.1:$P_UP"
@@ -245,12 +249,48 @@ wait_ready "sidelight admin" "$SL_PID" "http://127.0.0.1:$P_ADMIN/readyz"
 wait_ready sidelight "$SL_PID" "http://127.0.0.1:$P_SL/ping" pong
 log "sidelight ready on 127.0.0.1:$P_SL (admin $P_ADMIN, pid $SL_PID)"
 
-# --- nginx
 TARGETS=(direct sidelight)
 declare -A URL=(
     [direct]="http://127.0.0.1:$P_UP/ping"
     [sidelight]="http://127.0.0.1:$P_SL/ping"
 )
+
+# --- sidelight with traffic control (TC=1)
+if [[ $TC == 1 ]]; then
+    cat >"$TMP/sidelight-tc.yaml" <<EOF
+listeners:
+  - name: main
+    address: 127.0.0.1:$P_TC
+admin:
+  address: 127.0.0.1:$P_TCADMIN
+log:
+  level: warn
+  access_log: false
+upstreams:
+  - name: mock
+    # The same server twice: two endpoints, two pools, P2C between them.
+    endpoints: ["http://127.0.0.1:$P_UP", "http://127.0.0.1:$P_UP/"]
+    pool: { max_idle_per_endpoint: 256 }
+    health_check: { path: /ping, interval: 1s }
+routes:
+  - name: mock
+    match: { path_prefix: / }
+    upstream: mock
+    retries: { max_retries: 1 }
+    rate_limits:
+      - { name: route, rate: 100000000/s }
+      - { name: per-ip, rate: 100000000/s, key: client_ip }
+EOF
+    start sidelight-tc "$TMP/sidelight-tc.log" "$SIDELIGHT_BIN" --config "$TMP/sidelight-tc.yaml"
+    TC_PID=${PIDS[-1]}
+    wait_ready "sidelight-tc admin" "$TC_PID" "http://127.0.0.1:$P_TCADMIN/readyz"
+    wait_ready sidelight-tc "$TC_PID" "http://127.0.0.1:$P_TC/ping" pong
+    log "sidelight-tc ready on 127.0.0.1:$P_TC (pid $TC_PID)"
+    TARGETS+=(sidelight-tc)
+    URL[sidelight-tc]="http://127.0.0.1:$P_TC/ping"
+fi
+
+# --- nginx
 NGINX_VERSION="not run"
 if [[ -n $NGINX_BIN ]]; then
     NGINX_VERSION=$("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')
@@ -346,6 +386,7 @@ log "note: $NOTE"
 # the upstream's, "direct" is the upstream too (the process under test there).
 cpusnap() { python3 "$PARSE" cpusnap "${CPU_GROUPS[@]}"; }
 CPU_GROUPS=("bench=$$" "upstream=$MOCK_PID" "direct=$MOCK_PID" "sidelight=$SL_PID")
+[[ -n ${TC_PID:-} ]] && CPU_GROUPS+=("sidelight-tc=$TC_PID")
 [[ -n ${NGX_PID:-} ]] && CPU_GROUPS+=("nginx=$NGX_PID")
 
 # Is the machine already busy? Measure 1s of idle time before loading it.
@@ -419,6 +460,7 @@ cmd="ROUNDS=$ROUNDS DURATION=$DURATION bash benches/proxy_bench.sh"
 [[ $WARMUP != 2 ]] && cmd="WARMUP=$WARMUP $cmd"
 [[ $HIGH_CONNS != 64 ]] && cmd="HIGH_CONNS=$HIGH_CONNS $cmd"
 [[ $NO_NGINX == 1 ]] && cmd="NO_NGINX=1 $cmd"
+[[ $TC == 1 ]] && cmd="TC=1 $cmd"
 [[ $QUIET_WAIT != 0 ]] && cmd="QUIET_WAIT=$QUIET_WAIT QUIET_PCT=$QUIET_PCT $cmd"
 cpu=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n1)
 rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)

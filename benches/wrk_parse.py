@@ -209,7 +209,7 @@ def _ratio(a, b):
     return a / b
 
 
-def build_report(summary, targets_order=("direct", "sidelight", "nginx")):
+def build_report(summary, targets_order=("direct", "sidelight", "sidelight-tc", "nginx")):
     """Returns (rows, ratio_lines, warnings)."""
     conns_levels = sorted({c for c, _ in summary})
     rows = []
@@ -262,6 +262,14 @@ def build_report(summary, targets_order=("direct", "sidelight", "nginx")):
             ratios.append(
                 f"proxy CPU per request @{c}: sidelight {sc:.1f}us vs nginx {nc:.1f}us (= {sc / nc:.2f}x)"
             )
+    for c in conns_levels:
+        r = _ratio(get(c, "sidelight-tc", "rps"), get(c, "sidelight", "rps"))
+        if r is not None:
+            line = f"sidelight-tc/sidelight throughput @{c} = {r:.2f}"
+            if c == hi:
+                verdict = "MET" if r >= 0.90 else "NOT MET"
+                line += f" (traffic control costs < 10%: {verdict})"
+            ratios.append(line)
     if have_nginx and lo != hi:
         r = _ratio(get(lo, "sidelight", "rps"), get(lo, "nginx", "rps"))
         if r is not None:

@@ -43,6 +43,13 @@ pub enum ProxyError {
     TotalTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} sent nothing for {timeout:?} in the middle of the response body")]
     IdleTimeout { upstream: String, timeout: Duration },
+    /// An LLM stream sent no generated token in time. Returned before any byte of the response
+    /// reached the client, so it is safe to retry.
+    #[error("upstream {upstream} sent no token within {timeout:?}")]
+    FirstTokenTimeout { upstream: String, timeout: Duration },
+    /// An LLM stream stopped sending tokens in the middle (ends the body; never a response).
+    #[error("upstream {upstream} sent no token for {timeout:?} in the middle of the stream")]
+    TokenGapTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} response body failed: {detail}")]
     UpstreamBody { upstream: String, detail: String },
     #[error("internal error: {0}")]
@@ -66,6 +73,8 @@ impl ProxyError {
             ProxyError::FirstByteTimeout { .. } => "upstream_first_byte_timeout",
             ProxyError::TotalTimeout { .. } => "upstream_total_timeout",
             ProxyError::IdleTimeout { .. } => "upstream_idle_timeout",
+            ProxyError::FirstTokenTimeout { .. } => "first_token_timeout",
+            ProxyError::TokenGapTimeout { .. } => "token_gap_timeout",
             ProxyError::UpstreamBody { .. } => "upstream_body_error",
             ProxyError::Internal(_) => "internal",
         }
@@ -85,7 +94,9 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. }
             | ProxyError::FirstByteTimeout { .. }
             | ProxyError::TotalTimeout { .. }
-            | ProxyError::IdleTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            | ProxyError::IdleTimeout { .. }
+            | ProxyError::FirstTokenTimeout { .. }
+            | ProxyError::TokenGapTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

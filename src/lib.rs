@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod llm;
 pub mod metrics;
 pub mod proxy;

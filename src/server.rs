@@ -58,6 +58,8 @@ pub struct Running {
     /// The other workers report whether they drained cleanly.
     worker_done: Vec<oneshot::Receiver<bool>>,
     admin_task: JoinHandle<()>,
+    /// Active health check probes, stopped with the admin port.
+    health_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Binds `addr` with `SO_REUSEPORT`, so each worker can have its own socket on the same port.
@@ -156,6 +158,11 @@ impl Sidelight {
                 .iter()
                 .map(|u| (u.name.clone(), Shared::balancer(u, &metrics)))
                 .collect(),
+            retry_budgets: config
+                .upstreams
+                .iter()
+                .map(|u| (u.name.clone(), crate::proxy::retry::budget(&u.retry_budget)))
+                .collect(),
             batches: Default::default(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
@@ -177,6 +184,8 @@ impl Sidelight {
         }
         let admin_listener = bind("admin.address", config.admin.address)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
+        // After every bind: a start that fails leaves no probe running.
+        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers)?;
 
         let (stop, stop_rx) = watch::channel(false);
         let mut sockets = sockets.into_iter();
@@ -224,6 +233,16 @@ impl Sidelight {
             config_yaml: config.redacted_yaml(),
             cache: shared.cache.clone(),
             cache_max_bytes: config.cache.max_bytes.0,
+            routes: config
+                .routes
+                .iter()
+                .map(|r| (r.name.clone(), r.upstream.clone()))
+                .collect(),
+            balancers: config
+                .upstreams
+                .iter()
+                .filter_map(|u| Some((u.name.clone(), shared.balancers.get(&u.name)?.clone())))
+                .collect(),
         });
         let (admin_stop, admin_stop_rx) = watch::channel(());
         let admin_task = tokio::spawn(admin::serve(admin_listener, state, admin_stop_rx));
@@ -239,6 +258,7 @@ impl Sidelight {
             tasks,
             worker_done,
             admin_task,
+            health_tasks,
         })
     }
 }
@@ -300,6 +320,9 @@ impl Running {
             clean &= done.await.unwrap_or(false);
         }
         self.admin_task.abort();
+        for task in self.health_tasks {
+            task.abort();
+        }
         clean
     }
 }

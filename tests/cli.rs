@@ -651,3 +651,56 @@ async fn listen_address_in_use_is_a_clear_error() {
     assert!(stderr.contains(&addr.to_string()), "{}", sl.output());
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_of_an_llm_request_has_model_tokens_and_time_to_first_token() {
+    let stream = concat!(
+        "data: {\"model\":\"gpt-log\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"model\":\"gpt-log\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let up = server::http1()
+        .route_stream("/", move |_, tx| async move {
+            let _ = tx.send(Ok(Bytes::from(stream))).await;
+        })
+        .run()
+        .await;
+    let yaml = one_route(&up.url(), "log: { format: json, level: info }", "")
+        .replace("{ name: api,", "{ name: api, kind: openai,");
+    let mut sl = Sidelight::start(
+        "access_log_of_an_llm_request_has_model_tokens_and_time_to_first_token",
+        &yaml,
+        &[],
+    )
+    .await;
+    let req = Request::post(sl.url("/api/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "llm-log-1")
+        .body(full(
+            r#"{"model":"gpt-log","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        ))
+        .unwrap();
+    let answer = support::send(req).await;
+    assert_eq!(answer.body, stream);
+
+    let access_line = |stdout: &str| -> Option<serde_json::Value> {
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "sidelight::access" && v["request_id"] == "llm-log-1")
+    };
+    support::eventually("the access log line", Duration::from_secs(10), || {
+        let found = access_line(&sl.stdout()).is_some();
+        async move { found }
+    })
+    .await;
+    let line = access_line(&sl.stdout()).expect("access line");
+    assert_eq!(line["model"], "gpt-log", "{line}");
+    assert_eq!(line["prompt_tokens"], 12, "{line}");
+    assert_eq!(line["completion_tokens"], 5, "{line}");
+    assert_eq!(line["usage_estimated"], false, "{line}");
+    assert!(line["ttft_ms"].as_f64().is_some(), "{line}");
+    sl.sigterm();
+    let status = sl.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", sl.output());
+}

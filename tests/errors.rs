@@ -289,19 +289,7 @@ async fn total_timeout_cuts_the_stream_with_an_error() {
 
 #[tokio::test]
 async fn upstream_breaking_mid_stream_reaches_the_client_as_an_error() {
-    // The upstream breaks its stream once the client has the first event.
-    let (break_tx, break_rx) = tokio::sync::watch::channel(false);
-    let up = server::http1()
-        .route_stream("/", move |_, tx| {
-            let mut break_rx = break_rx.clone();
-            async move {
-                let _ = tx.send(Ok(Bytes::from("data: first\n\n"))).await;
-                let _ = break_rx.wait_for(|b| *b).await;
-                let _ = tx.send(Err(())).await;
-            }
-        })
-        .run()
-        .await;
+    let (up, break_tx) = server::stream_that_breaks("data: first\n\n").await;
     let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
     let response = support::client()
         .request(Request::get(proxy.url("/r")).body(full("")).unwrap())

@@ -11,35 +11,79 @@ upstreams:
   - name: up
     endpoints: ["UPSTREAM"]
     concurrency: { max_in_flight: 100 }
+  - name: probed
+    endpoints: ["UPSTREAM"]
+    health_check: { interval: 1s }
 routes:
-  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }] }
+  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }], retries: {} }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
   - { name: embed, kind: openai, upstream: up, match: { path_prefix: /embed }, cache: { ttl: 1m }, batch: { max_wait: 1ms } }
+  - name: llm
+    kind: openai
+    upstream: llmup
+    match: { path_prefix: /llm }
+    cache: { ttl: 1m, methods: [POST] }
+    llm: { include_usage: false, first_token_timeout: 1m }
 "#;
 
+/// An OpenAI stream without usage (so it is estimated).
+const LLM_STREAM: &[&str] = &[
+    "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+    "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n\n",
+    "data: [DONE]\n\n",
+];
+
 /// Starts sidelight and sends one of each kind of request so every series exists.
-async fn exercised() -> (proxy::Proxy, server::Server) {
+async fn exercised() -> (proxy::Proxy, (server::Server, server::Server)) {
     let up = server::http1().route("/", "hello").run().await;
-    let proxy = proxy::start(&CONFIG.replace("UPSTREAM", &up.url())).await;
+    let llm_up = server::http1()
+        .route_stream("/llm", |_, tx| async move {
+            for event in LLM_STREAM {
+                if tx.send(Ok(bytes::Bytes::from(*event))).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .run()
+        .await;
+    let config = CONFIG.replace("UPSTREAM", &up.url()).replace(
+        "upstreams:\n",
+        &format!(
+            "upstreams:\n  - {{ name: llmup, endpoints: [\"{}\"] }}\n",
+            llm_up.url()
+        ),
+    );
+    let proxy = proxy::start(&config).await;
     assert_eq!(
         support::post(&proxy.url("/api/x"), "12345").await.status,
         200
     );
     assert_eq!(support::get(&proxy.url("/nowhere")).await.status, 404);
     assert_eq!(support::get(&proxy.url("/cached/x")).await.status, 200);
-    // An embeddings request the test upstream cannot answer as JSON: batched, then passed on.
-    let embed = support::post(
-        &proxy.url("/embed/v1/embeddings"),
-        r#"{"model":"m","input":"x"}"#,
-    )
-    .await;
-    assert_eq!(embed.status, 200);
-    for route in ["api", "cached", "embed"] {
+    // An LLM stream, then the same from the cache.
+    for cache in ["MISS", "HIT"] {
+        let llm = support::post(
+            &proxy.url("/llm/v1/chat/completions"),
+            r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+        assert_eq!(llm.header("x-sidelight-cache"), cache);
+        assert_eq!(llm.body, LLM_STREAM.concat());
+    }
+    proxy
+        .assert_metric_eventually(
+            "sidelight_llm_tokens_avoided_total",
+            &[("route", "llm"), ("source", "cache")],
+            // "hi": 1 prompt token; 11 characters in 2 deltas: 3 completion tokens (estimated).
+            4.0,
+        )
+        .await;
+    for route in ["api", "cached", "llm"] {
         proxy
             .assert_metric_eventually("sidelight_requests_in_flight", &[("route", route)], 0.0)
             .await;
     }
-    (proxy, up)
+    (proxy, (up, llm_up))
 }
 
 #[tokio::test]
@@ -85,7 +129,7 @@ async fn exports_request_upstream_and_connection_metrics() {
             "sidelight_upstream_response_seconds_count",
             &[("upstream", "up")]
         ),
-        3.0
+        2.0
     );
     assert_eq!(m("sidelight_request_bytes_total", &[("route", "api")]), 5.0);
     assert_eq!(

@@ -154,6 +154,48 @@ async fn queue_mode_smooths_a_burst() {
 }
 
 #[tokio::test]
+async fn a_limit_holds_its_rate_over_a_measured_window() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        "[{ name: hundred, rate: 100/s, burst: 10 }]",
+    ))
+    .await;
+    // Eight clients as fast as they can for two seconds: far above the limit.
+    let window = Duration::from_secs(2);
+    let end = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/x");
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited) = (0u32, 0u32);
+            while Instant::now() < end {
+                match support::get(&url).await.status.as_u16() {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, limited)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l) = t.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    // 100/s over the window plus the burst of ten, within 5%.
+    let expected = 100.0 * window.as_secs_f64() + 10.0;
+    assert!(
+        (f64::from(ok) - expected).abs() <= expected * 0.05,
+        "admitted {ok} in {window:?}, expected ~{expected} ({limited} rejected)"
+    );
+    assert!(limited > ok, "the clients really were over the limit");
+    assert_eq!(up.request_count(), ok as usize);
+}
+
+#[tokio::test]
 async fn a_full_queue_or_a_too_long_wait_rejects() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
@@ -401,4 +443,83 @@ async fn upstream_concurrency_wait_is_bounded() {
         started.elapsed() >= Duration::from_millis(250),
         "waited its max_wait first"
     );
+}
+
+/// An OpenAI-style upstream whose every answer reports `prompt` + `completion` tokens used.
+async fn usage_upstream(prompt: u64, completion: u64) -> server::Server {
+    server::http1()
+        .route_fn("/v1/chat/completions", move |_| {
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(format!(
+                    r#"{{"id":"c","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{}}}}}"#,
+                    prompt + completion
+                )))
+                .unwrap()
+        })
+        .run()
+        .await
+}
+
+fn token_config(upstream: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: up
+    endpoints: ["{upstream}"]
+routes:
+  - name: r
+    kind: openai
+    upstream: up
+    rate_limits: [{{ name: tpm, rate: 2000/min, unit: tokens }}]
+"#
+    )
+}
+
+async fn chat(proxy: &proxy::Proxy, max_tokens: u64) -> Answer {
+    support::post(
+        &proxy.url("/v1/chat/completions"),
+        &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hello"}}],"max_tokens":{max_tokens}}}"#),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn token_limits_charge_the_usage_the_upstream_reports() {
+    // Each request is estimated at ~100 tokens but really uses 1000.
+    let up = usage_upstream(10, 990).await;
+    let proxy = proxy::start(&token_config(&up.url())).await;
+    assert_eq!(chat(&proxy, 100).await.status, 200);
+    assert_eq!(chat(&proxy, 100).await.status, 200);
+    // 2000 of 2000 tokens used: had the estimate stood, 18 more would pass.
+    let third = chat(&proxy, 100).await;
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert_eq!(third.json()["error"]["type"], "rate_limited");
+    assert_eq!(third.header("x-ratelimit-limit"), "2000");
+    assert_eq!(up.request_count(), 2);
+}
+
+#[tokio::test]
+async fn token_limits_give_back_what_an_estimate_overcharged() {
+    // Each request reserves 1500 output tokens but uses 50 in all.
+    let up = usage_upstream(20, 30).await;
+    let proxy = proxy::start(&token_config(&up.url())).await;
+    for i in 0..10 {
+        let a = chat(&proxy, 1500).await;
+        assert_eq!(a.status, 200, "request {i}: {}", a.body);
+    }
+    assert_eq!(up.request_count(), 10);
+}
+
+#[test]
+fn token_limits_need_an_llm_route() {
+    let yaml = r#"
+upstreams: [{ name: up, endpoints: ["http://127.0.0.1:1"] }]
+routes:
+  - { name: r, upstream: up, rate_limits: [{ name: tpm, rate: 1000/min, unit: tokens }] }
+"#;
+    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("routes[0].rate_limits[0].unit"), "{err}");
 }

@@ -1,4 +1,4 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`, `/status`, `POST /cache/purge`.
 
 use crate::metrics::Metrics;
 use crate::proxy::body::{full, ProxyBody};
@@ -20,6 +20,28 @@ pub struct AdminState {
     pub config_yaml: String,
     pub cache: crate::cache::layer::Shared,
     pub cache_max_bytes: u64,
+    /// Every route's upstream, in config order, for `/readyz`.
+    pub routes: Vec<(String, String)>,
+    /// Every upstream's balancer (endpoint health and load), in config order.
+    pub balancers: Vec<(String, Arc<crate::upstream::balance::Balancer>)>,
+}
+
+impl AdminState {
+    fn balancer(&self, upstream: &str) -> Option<&crate::upstream::balance::Balancer> {
+        self.balancers
+            .iter()
+            .find(|(name, _)| name == upstream)
+            .map(|(_, b)| b.as_ref())
+    }
+
+    /// Routes none of whose endpoints is healthy (all failing health checks or ejected).
+    fn unhealthy_routes(&self) -> Vec<&str> {
+        self.routes
+            .iter()
+            .filter(|(_, upstream)| self.balancer(upstream).is_some_and(|b| !b.any_healthy()))
+            .map(|(route, _)| route.as_str())
+            .collect()
+    }
 }
 
 /// Serves until `gone`'s sender is dropped.
@@ -103,10 +125,25 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
     match req.uri().path() {
         "/status" => {
             let (entries, bytes) = state.cache.store.stats();
+            let upstreams: serde_json::Map<String, serde_json::Value> = state
+                .balancers
+                .iter()
+                .map(|(name, b)| {
+                    (
+                        name.clone(),
+                        serde_json::json!({
+                            "healthy": b.any_healthy(),
+                            "endpoints": b.status(),
+                        }),
+                    )
+                })
+                .collect();
             json(
                 StatusCode::OK,
                 serde_json::json!({
-                    "ready": state.ready.load(Ordering::Acquire),
+                    "ready": state.ready.load(Ordering::Acquire) && state.unhealthy_routes().is_empty(),
+                    "unhealthy_routes": state.unhealthy_routes(),
+                    "upstreams": upstreams,
                     "cache": {
                         "entries": entries,
                         "bytes": bytes,
@@ -123,10 +160,21 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            if state.ready.load(Ordering::Acquire) {
+            if !state.ready.load(Ordering::Acquire) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+            }
+            let unhealthy = state.unhealthy_routes();
+            if unhealthy.is_empty() {
                 text(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: no healthy endpoint for route(s) {}\n",
+                        unhealthy.join(", ")
+                    ),
+                )
             }
         }
         "/config" => text(

@@ -163,6 +163,22 @@ impl CacheLayer {
     }
 }
 
+impl CacheLayer {
+    /// Also leaves `fields` out of the key (the defaults of LLM routes, see
+    /// [`crate::llm::cache_ignored_fields`]).
+    pub fn ignoring_json_fields(mut self, fields: Vec<String>) -> Self {
+        // Called right after `new`, before the policy is shared.
+        if let Some(policy) = Arc::get_mut(&mut self.policy) {
+            for f in fields {
+                if !policy.ignore_fields.contains(&f) {
+                    policy.ignore_fields.push(f);
+                }
+            }
+        }
+        self
+    }
+}
+
 impl<S> Layer<S> for CacheLayer {
     type Service = Cache<S>;
     fn layer(&self, inner: S) -> Cache<S> {
@@ -288,11 +304,7 @@ where
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // The key needs the whole body; the body-limit layer outside bounds it.
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| ProxyError::ClientBody(e.to_string()))?
-                .to_bytes();
+            let body = crate::proxy::body::read_whole(body).await?;
             let readonly = policy.rules.as_ref().is_none_or(|r| {
                 r.allows(&parts.method, parts.uri.path(), parts.uri.query(), &body)
             });

@@ -220,6 +220,131 @@ pub struct UpstreamConfig {
     pub concurrency: Option<ConcurrencyConfig>,
     #[serde(default)]
     pub outlier_detection: OutlierConfig,
+    /// Active health checks (off when absent).
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancingConfig,
+    /// Caps the retries of every route to this upstream, so retries cannot multiply an outage.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// Active health checks: each endpoint is probed on its own, every `interval`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The probe's path. Default: `/v1/models` when an `openai` or `anthropic` route uses the
+    /// upstream (cheap, never billed), `/` otherwise.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default = "default_hc_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_hc_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Statuses that count as healthy: codes (`200`) or classes (`2xx`).
+    #[serde(default = "default_hc_statuses")]
+    pub expected_statuses: Vec<String>,
+    /// Passing probes in a row that bring an unhealthy endpoint back.
+    #[serde(default = "default_hc_healthy")]
+    pub healthy_threshold: u32,
+    /// Failing probes in a row that take an endpoint out of rotation.
+    #[serde(default = "default_hc_unhealthy")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_hc_statuses() -> Vec<String> {
+    vec!["2xx".into()]
+}
+fn default_hc_healthy() -> u32 {
+    2
+}
+fn default_hc_unhealthy() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancingConfig {
+    /// Compare endpoints by requests in flight times their recent response time (EWMA), not by
+    /// requests in flight alone: slow endpoints get less traffic.
+    #[serde(default)]
+    pub latency_weighted: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed as a share of requests over the last 10 s.
+    #[serde(default = "default_budget_percent")]
+    pub percent: f32,
+    /// Retries allowed per second on top, so a quiet upstream can still retry.
+    #[serde(default = "default_budget_floor")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: default_budget_percent(),
+            min_per_second: default_budget_floor(),
+        }
+    }
+}
+
+fn default_budget_percent() -> f32 {
+    20.0
+}
+fn default_budget_floor() -> u32 {
+    3
+}
+
+/// A route's retry policy: off unless present.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Methods retried after a reset or a retryable status. Default: GET, HEAD, OPTIONS, plus
+    /// POST on `openai`/`anthropic` routes. A connect failure is retried for every method: the
+    /// request never left.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Upstream statuses that are retried.
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+    /// First retry waits up to this long (full jitter), doubling each retry.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_retry_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// When no other endpoint can take the retry, an upstream `Retry-After` up to this long is
+    /// waited for; a longer one sends the upstream's answer to the client.
+    #[serde(default = "default_max_retry_after", with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_statuses() -> Vec<u16> {
+    vec![429, 502, 503, 504]
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(25)
+}
+fn default_retry_max_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Passive health checks: endpoints that keep failing are taken out of rotation for a while.
@@ -341,6 +466,12 @@ pub struct RouteConfig {
     /// Request rate limits, checked in order before the cache and the upstream.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Retries on another endpoint (off when absent).
+    #[serde(default)]
+    pub retries: Option<RetryConfig>,
+    /// LLM accounting and stream timeouts (`kind: openai | anthropic` routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmConfig>,
     /// Embeddings micro-batching (`kind: openai` routes only; off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchConfig>,
@@ -392,6 +523,47 @@ fn default_batch_max_wait() -> Duration {
     Duration::from_millis(5)
 }
 
+/// A route's LLM options; every field has a default, so `llm` can be left out.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Ask an OpenAI upstream for usage in streams (`stream_options.include_usage`) even when
+    /// the client did not; the extra chunk is removed from what that client receives.
+    /// Default: true on `openai` routes (Anthropic streams always carry usage).
+    #[serde(default = "default_true")]
+    pub include_usage: bool,
+    /// A stream that sends no content token for this long after the request is failed with 504
+    /// `first_token_timeout` (nothing has reached the client yet). Off when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub first_token_timeout: Option<Duration>,
+    /// After the first token, a longer gap between two tokens ends the stream with an error
+    /// event. Off when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub max_token_gap: Option<Duration>,
+    /// The values of the `model` metric label. Empty: the first `max_models` models seen.
+    /// Anything else is `other`.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default = "default_max_models")]
+    pub max_models: usize,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            include_usage: true,
+            first_token_timeout: None,
+            max_token_gap: None,
+            models: Vec::new(),
+            max_models: default_max_models(),
+        }
+    }
+}
+
+fn default_max_models() -> usize {
+    20
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RouteKind {
@@ -409,6 +581,14 @@ impl RouteKind {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+pub enum RateUnit {
+    #[default]
+    Requests,
+    Tokens,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum RateLimitMode {
     /// Over the limit: 429 with Retry-After.
     #[default]
@@ -422,8 +602,12 @@ pub enum RateLimitMode {
 pub struct RateLimitConfig {
     /// The `limit` metric label and what 429 bodies name.
     pub name: String,
-    /// `100/s`, `600/min`, `5000/h`.
+    /// `100/s`, `600/min`, `5000/h`: requests, or tokens with `unit: tokens`.
     pub rate: String,
+    /// What the rate counts: `requests`, or LLM `tokens` (charged the request's estimate up
+    /// front, corrected by the usage the upstream reports; `openai`/`anthropic` routes only).
+    #[serde(default)]
+    pub unit: RateUnit,
     /// Requests allowed at once above the steady rate (default: the rate's count).
     #[serde(default)]
     pub burst: Option<u32>,
@@ -474,12 +658,31 @@ pub struct DedupMethods {
 }
 
 impl RouteConfig {
+    /// Methods retried after a reset or a retryable status (see [`RetryConfig::methods`]).
+    pub fn retry_methods(&self) -> Vec<String> {
+        match self.retries.as_ref().and_then(|r| r.methods.clone()) {
+            Some(methods) => methods,
+            None => {
+                let mut m: Vec<String> = ["GET", "HEAD", "OPTIONS"].map(String::from).to_vec();
+                if self.kind.is_llm() {
+                    m.push("POST".into());
+                }
+                m
+            }
+        }
+    }
+
     pub fn dedup_enabled(&self) -> bool {
         match &self.dedup {
             Some(DedupConfig::Switch(on)) => *on,
             Some(DedupConfig::Methods(_)) => true,
             None => self.cache.is_some(),
         }
+    }
+
+    /// The route's LLM options (defaults when `llm` is absent).
+    pub fn llm_config(&self) -> LlmConfig {
+        self.llm.clone().unwrap_or_default()
     }
 
     /// Methods coalesced on a route without a cache.

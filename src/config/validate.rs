@@ -1,7 +1,7 @@
 //! Semantic checks that serde cannot express. Every problem is collected (not just the first) and
 //! reported with its field path, e.g. `routes[2].upstream: unknown upstream "opneai"`.
 
-use super::{Config, EnvString};
+use super::{Config, EnvString, LlmConfig, RouteKind};
 use std::collections::HashSet;
 use std::fmt;
 
@@ -170,6 +170,47 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                 "must be at least 1",
             );
         }
+        if let Some(hc) = &up.health_check {
+            let at = format!("{at}.health_check");
+            if hc.interval.is_zero() {
+                errs.add(format!("{at}.interval"), "must be greater than 0");
+            }
+            if hc.timeout.is_zero() {
+                errs.add(format!("{at}.timeout"), "must be greater than 0");
+            }
+            if hc.healthy_threshold == 0 {
+                errs.add(format!("{at}.healthy_threshold"), "must be at least 1");
+            }
+            if hc.unhealthy_threshold == 0 {
+                errs.add(format!("{at}.unhealthy_threshold"), "must be at least 1");
+            }
+            if let Some(p) = &hc.path {
+                if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
+                    errs.add(
+                        format!("{at}.path"),
+                        format!("must be a path starting with '/', got {p:?}"),
+                    );
+                }
+            }
+            if hc.expected_statuses.is_empty() {
+                errs.add(
+                    format!("{at}.expected_statuses"),
+                    "list at least one status",
+                );
+            }
+            for (j, s) in hc.expected_statuses.iter().enumerate() {
+                if let Err(e) = crate::health::StatusMatch::parse(s) {
+                    errs.add(format!("{at}.expected_statuses[{j}]"), e);
+                }
+            }
+        }
+        let budget = &up.retry_budget;
+        if !(0.0..=1000.0).contains(&budget.percent) {
+            errs.add(
+                format!("{at}.retry_budget.percent"),
+                "must be between 0 and 1000",
+            );
+        }
         if let Some(ca) = &up.tls.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
                 errs.add(
@@ -200,6 +241,29 @@ fn check_endpoint_url(url: &str) -> Result<(), String> {
         return Err(format!("URL {url:?} must not have a query string"));
     }
     Ok(())
+}
+
+fn check_route_llm(at: &str, kind: RouteKind, llm: &LlmConfig, errs: &mut Errors) {
+    if !kind.is_llm() {
+        errs.add(
+            at,
+            "only routes of kind openai or anthropic read LLM traffic",
+        );
+    }
+    if llm.max_models == 0 {
+        errs.add(format!("{at}.max_models"), "must be at least 1");
+    }
+    for (field, value) in [
+        ("first_token_timeout", llm.first_token_timeout),
+        ("max_token_gap", llm.max_token_gap),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            errs.add(
+                format!("{at}.{field}"),
+                "must be more than 0 (leave it out to turn it off)",
+            );
+        }
+    }
 }
 
 fn check_routes(config: &mut Config, errs: &mut Errors) {
@@ -276,6 +340,9 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         if let Some(batch) = &route.batch {
             check_batch(&format!("{at}.batch"), route.kind, batch, errs);
         }
+        if let Some(llm) = &route.llm {
+            check_route_llm(&format!("{at}.llm"), route.kind, llm, errs);
+        }
         let mut limit_names = HashSet::new();
         for (i, limit) in route.rate_limits.iter().enumerate() {
             let at = format!("{at}.rate_limits[{i}]");
@@ -293,11 +360,39 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                     }
                 }
             }
+            if limit.unit == super::RateUnit::Tokens && !route.kind.is_llm() {
+                errs.add(
+                    format!("{at}.unit"),
+                    "token limits need a route of kind openai or anthropic (it reads the usage)",
+                );
+            }
             if let Err(e) = crate::ratelimit::layer::KeyBy::parse(&limit.key) {
                 errs.add(format!("{at}.key"), e);
             }
             if limit.max_keys == 0 {
                 errs.add(format!("{at}.max_keys"), "must be at least 1");
+            }
+        }
+        if let Some(retries) = &route.retries {
+            let at = format!("{at}.retries");
+            for (i, m) in retries.methods.iter().flatten().enumerate() {
+                if http::Method::from_bytes(m.as_bytes()).is_err() {
+                    errs.add(
+                        format!("{at}.methods[{i}]"),
+                        format!("invalid method {m:?}"),
+                    );
+                }
+            }
+            for (i, s) in retries.statuses.iter().enumerate() {
+                if !(400..=599).contains(s) {
+                    errs.add(
+                        format!("{at}.statuses[{i}]"),
+                        format!("{s} is not an error status (400-599)"),
+                    );
+                }
+            }
+            if retries.backoff > retries.max_backoff {
+                errs.add(format!("{at}.backoff"), "must not exceed max_backoff");
             }
         }
         for (i, m) in route.dedup_methods().unwrap_or_default().iter().enumerate() {
@@ -423,6 +518,27 @@ mod tests {
             Err(ConfigError::Invalid(list)) => list.iter().map(ToString::to_string).collect(),
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    #[test]
+    fn llm_options_are_checked() {
+        let errs = errors(
+            r#"
+upstreams: [{ name: u, endpoints: ["http://127.0.0.1:1"] }]
+routes:
+  - { name: a, upstream: u, match: { path_prefix: /a }, llm: { include_usage: true } }
+  - { name: b, kind: openai, upstream: u, match: { path_prefix: /b }, llm: { max_models: 0, first_token_timeout: 0s } }
+  - { name: c, kind: anthropic, upstream: u, match: { path_prefix: /c }, llm: { first_token_timeout: 10s, max_token_gap: 2s } }
+"#,
+        );
+        assert_eq!(
+            errs,
+            [
+                "routes[0].llm: only routes of kind openai or anthropic read LLM traffic",
+                "routes[1].llm.max_models: must be at least 1",
+                "routes[1].llm.first_token_timeout: must be more than 0 (leave it out to turn it off)",
+            ]
+        );
     }
 
     #[test]

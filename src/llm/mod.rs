@@ -3,8 +3,80 @@
 //! bodies are never parsed.
 
 pub mod batch;
+pub mod estimate;
+pub mod first_token;
+pub mod layer;
+pub mod models;
+pub mod sse;
+pub mod usage;
 
-use std::sync::Arc;
+pub use estimate::{estimate_request_tokens, RequestEstimate};
+
+use crate::config::{RouteConfig, RouteKind};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The wire format an LLM route speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Anthropic,
+}
+
+impl Provider {
+    /// `None` for plain `http` routes.
+    pub fn of(kind: RouteKind) -> Option<Provider> {
+        match kind {
+            RouteKind::Http => None,
+            RouteKind::Openai => Some(Provider::OpenAi),
+            RouteKind::Anthropic => Some(Provider::Anthropic),
+        }
+    }
+}
+
+/// Top-level request fields that never change an LLM's answer, left out of cache keys on LLM
+/// routes (on top of the route's `cache.ignore_json_fields`). `stream_options` only when
+/// sidelight asks for usage itself: then every stream is fetched with usage and each client
+/// gets its own view of it, so clients with and without `include_usage` share one entry.
+pub fn cache_ignored_fields(route: &RouteConfig) -> Vec<String> {
+    let Some(provider) = Provider::of(route.kind) else {
+        return Vec::new();
+    };
+    let mut fields = vec!["user".to_string(), "metadata".to_string()];
+    if provider == Provider::OpenAi && route.llm_config().include_usage {
+        fields.push("stream_options".to_string());
+    }
+    fields
+}
+
+/// What the LLM layer learned about one request, for the access log (the observe layer reads
+/// it from the response's extensions when the response body ends).
+#[derive(Debug, Default)]
+pub struct LlmFacts(Mutex<LlmSummary>);
+
+#[derive(Clone, Debug, Default)]
+pub struct LlmSummary {
+    pub model: Option<Arc<str>>,
+    pub usage: Option<Usage>,
+    /// Time from request arrival to the first generated token (streams).
+    pub time_to_first_token: Option<Duration>,
+}
+
+impl LlmFacts {
+    pub fn summary(&self) -> LlmSummary {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut LlmSummary)) {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}
 
 /// Tokens one LLM request used, as the upstream reported them (or as estimated when it did
 /// not: `estimated` is then true).
@@ -26,7 +98,8 @@ impl Usage {
 /// Called once with a request's final usage, when its response (or stream) has been read to the
 /// end. Layers outside the LLM accounting (the token rate limiter) put hooks in the request's
 /// extensions; the accounting layer calls every hook it finds. A request that ends without usage
-/// (an error, a client that went away) calls no hook.
+/// (an error, a client that went away) calls no hook. An answer served from the cache or shared
+/// with an identical in-flight request spent nothing upstream: its hooks get zero usage.
 #[derive(Clone, Default)]
 pub struct UsageHooks(pub Vec<UsageHook>);
 

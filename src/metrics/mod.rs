@@ -21,6 +21,20 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
     0.1, 0.25, 1.0,
 ];
 
+/// Time to the first token of an LLM stream: tens of milliseconds to minutes.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+    60.0, 120.0,
+];
+
+/// Time per output token: 1000 tokens/s down to 1 token/s.
+pub const TOKEN_TIME_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// LLM timeout kinds: a closed set.
+pub const LLM_TIMEOUT_KINDS: &[&str] = &["first_token", "token_gap"];
+
 /// Batch sizes, in inputs or requests: powers of two up to well past any provider's limit.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -143,6 +157,11 @@ pub struct Metrics {
     pub endpoint_cooldowns: IntCounterVec,
     pub endpoint_ejected: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
+    pub endpoint_healthy: IntGaugeVec,
+    pub endpoint_response: HistogramVec,
+    pub health_checks: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
     pub upstream_queue_length: IntGaugeVec,
     pub upstream_queue_wait: HistogramVec,
     pub upstream_concurrency_decisions: IntCounterVec,
@@ -154,6 +173,19 @@ pub struct Metrics {
     pub embeddings_batch_wait: HistogramVec,
     pub embeddings_cached_inputs: IntCounterVec,
     pub embeddings_pending_inputs: IntGaugeVec,
+    pub llm_tokens: IntCounterVec,
+    pub llm_requests: IntCounterVec,
+    pub llm_time_to_first_token: HistogramVec,
+    pub llm_time_per_output_token: HistogramVec,
+    pub llm_stream_duration: HistogramVec,
+    pub llm_tokens_avoided: IntCounterVec,
+    pub llm_usage_estimated: IntCounterVec,
+    pub llm_timeouts: IntCounterVec,
+    /// The bounded `model` label of each LLM route, shared by every worker (so the first N
+    /// models are the first N of the process, not of each worker).
+    llm_models: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<crate::llm::models::ModelLabels>>,
+    >,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -242,6 +274,11 @@ impl Metrics {
             endpoint_cooldowns: counter(&r, "sidelight_endpoint_cooldowns_total", "Times an endpoint was taken out of rotation because it answered 429 (for its Retry-After).", &["upstream"]),
             endpoint_ejected: gauge(&r, "sidelight_endpoint_ejected", "1 while an endpoint is ejected by outlier detection (consecutive failures).", &["upstream", "endpoint"]),
             endpoint_ejections: counter(&r, "sidelight_endpoint_ejections_total", "Endpoints ejected after consecutive connect errors, resets or 5xx.", &["upstream"]),
+            endpoint_healthy: gauge(&r, "sidelight_endpoint_healthy", "1 while an endpoint passes its active health checks and is not ejected.", &["upstream", "endpoint"]),
+            endpoint_response: histogram(&r, "sidelight_endpoint_response_seconds", "Time from sending a request to an endpoint until its response headers.", &["upstream", "endpoint"], LATENCY_BUCKETS),
+            health_checks: counter(&r, "sidelight_health_checks_total", "Active health check probes, by result: success, failure (unexpected status or connection error), timeout.", &["upstream", "result"]),
+            retries: counter(&r, "sidelight_retries_total", "Requests sent again, by reason: connect_failure, reset, first_token_timeout, or the upstream status (429, 502, ...).", &["upstream", "reason"]),
+            retry_budget_exhausted: counter(&r, "sidelight_retry_budget_exhausted_total", "Retries not made because the upstream's retry budget was spent.", &["upstream"]),
             upstream_queue_length: gauge(&r, "sidelight_upstream_queue_length", "Requests waiting for a concurrency slot of an upstream.", &["upstream"]),
             upstream_queue_wait: histogram(&r, "sidelight_upstream_queue_wait_seconds", "Time requests waited for a concurrency slot of an upstream.", &["upstream"], LATENCY_BUCKETS),
             upstream_concurrency_decisions: counter(&r, "sidelight_upstream_concurrency_decisions_total", "Concurrency-limit decisions per upstream: allowed, queued, rejected (503 upstream_busy).", &["upstream", "result"]),
@@ -253,6 +290,15 @@ impl Metrics {
             embeddings_batch_wait: histogram(&r, "sidelight_embeddings_batch_wait_seconds", "Time an embeddings request waited for its batch to be sent.", &["route"], BATCH_WAIT_BUCKETS),
             embeddings_pending_inputs: gauge(&r, "sidelight_embeddings_pending_inputs", "Embedding inputs waiting in batches not sent yet.", &["route"]),
             embeddings_cached_inputs: counter(&r, "sidelight_embeddings_cached_inputs_total", "Embedding inputs answered from the per-input cache (not sent upstream).", &["route"]),
+            llm_tokens: counter(&r, "sidelight_llm_tokens_total", "Tokens of LLM requests sent upstream, as the upstream reported them (or estimated), by kind: prompt, completion, cached (prompt tokens the provider served from its prompt cache).", &["route", "model", "kind"]),
+            llm_requests: counter(&r, "sidelight_llm_requests_total", "LLM requests, by model and status class (cache hits included).", &["route", "model", "status_class"]),
+            llm_time_to_first_token: histogram(&r, "sidelight_llm_time_to_first_token_seconds", "Time from request arrival to the first generated token of an LLM stream (from upstream).", &["route", "model"], TTFT_BUCKETS),
+            llm_time_per_output_token: histogram(&r, "sidelight_llm_time_per_output_token_seconds", "Time between output tokens of an LLM stream after the first (1 / output tokens per second).", &["route", "model"], TOKEN_TIME_BUCKETS),
+            llm_stream_duration: histogram(&r, "sidelight_llm_stream_duration_seconds", "Time from request arrival to the end of an LLM stream (from upstream).", &["route", "model"], LATENCY_BUCKETS),
+            llm_tokens_avoided: counter(&r, "sidelight_llm_tokens_avoided_total", "Tokens (prompt + completion) of LLM answers served without an upstream call, by source: cache or dedup: spend avoided.", &["route", "model", "source"]),
+            llm_usage_estimated: counter(&r, "sidelight_llm_usage_estimated_total", "LLM responses whose usage the upstream did not report, so sidelight estimated it.", &["route", "model"]),
+            llm_timeouts: counter(&r, "sidelight_llm_timeouts_total", "LLM streams cut by a timeout, by kind: first_token (504 before anything was sent) or token_gap (stream ended with an error event).", &["route", "kind"]),
+            llm_models: Default::default(),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
                 let g = IntGauge::new("sidelight_ready", "1 when listeners are bound and the config is loaded, 0 while starting or draining.")
@@ -312,6 +358,31 @@ impl Metrics {
         for cause in ["expired", "size", "purged", "replaced"] {
             self.cache_evictions.with_label_values(&[cause]);
         }
+    }
+
+    /// Series of an LLM route.
+    pub fn init_llm_route(&self, route: &str) {
+        for kind in LLM_TIMEOUT_KINDS {
+            self.llm_timeouts.with_label_values(&[route, kind]);
+        }
+    }
+
+    /// The `model` label bound of an LLM route, created by the first worker that asks.
+    pub fn llm_models(
+        &self,
+        route: &str,
+        allowed: &[String],
+        max: usize,
+    ) -> std::sync::Arc<crate::llm::models::ModelLabels> {
+        let mut map = self
+            .llm_models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(route.to_string())
+            .or_insert_with(|| {
+                std::sync::Arc::new(crate::llm::models::ModelLabels::new(allowed, max))
+            })
+            .clone()
     }
 
     /// Series of a route with embeddings batching on.

@@ -22,6 +22,18 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// Reads a request body whole (layers that must see it, or send it more than once). The body
+/// limit layer already bounds it; its error, and any other, becomes the client's error.
+pub async fn read_whole(body: ProxyBody) -> Result<Bytes, crate::error::ProxyError> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(match e.downcast::<crate::error::ProxyError>() {
+            Ok(err) => *err,
+            Err(e) => crate::error::ProxyError::ClientBody(e.to_string()),
+        }),
+    }
+}
+
 /// Watches a body as it streams: sees every data frame and learns how it ended.
 pub trait BodyObserver: Send + 'static {
     fn on_data(&mut self, _len: usize) {}

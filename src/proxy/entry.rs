@@ -4,6 +4,7 @@
 use super::forward::{Forward, PathRewrite};
 use super::limit::{BodyLimitLayer, OverloadLayer};
 use super::observe::ObserveLayer;
+use super::retry::RetryLayer;
 use super::router::{Route, Router};
 use super::timeout::{TimeoutLayer, Timeouts};
 use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
@@ -11,10 +12,12 @@ use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::llm::batch::{BatchLayer, InputCache};
+use crate::llm::first_token::FirstTokenLayer;
+use crate::llm::layer::LlmLayer;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
-use crate::upstream::balance::{Balancer, Outliers};
+use crate::upstream::balance::{Balancer, EndpointMetrics, Outliers};
 use crate::upstream::Upstream;
 use http::Request;
 use http_body_util::BodyExt;
@@ -37,6 +40,8 @@ pub struct Shared {
     pub concurrency: HashMap<String, Arc<ConcurrencyLimit>>,
     /// Endpoint load and back-off, by upstream name.
     pub balancers: HashMap<String, Arc<Balancer>>,
+    /// Retry budgets, by upstream name.
+    pub retry_budgets: HashMap<String, Arc<tower::retry::budget::TpsBudget>>,
     /// Pending embeddings batches, by route: requests on every worker batch together.
     pub batches: crate::llm::batch::Batches,
 }
@@ -44,21 +49,24 @@ pub struct Shared {
 impl Shared {
     /// The balancer of one upstream, with its per-endpoint gauges.
     pub fn balancer(u: &crate::config::UpstreamConfig, metrics: &Metrics) -> Arc<Balancer> {
-        let gauges = u
+        let endpoints = u
             .endpoints
             .iter()
             .map(|e| {
                 let endpoint = Upstream::endpoint_label(&e.value);
                 let labels = [u.name.as_str(), endpoint.as_str()];
-                (
-                    metrics.endpoint_in_flight.with_label_values(&labels),
-                    metrics.endpoint_ejected.with_label_values(&labels),
-                )
+                let m = EndpointMetrics {
+                    in_flight: metrics.endpoint_in_flight.with_label_values(&labels),
+                    ejected: metrics.endpoint_ejected.with_label_values(&labels),
+                    healthy: metrics.endpoint_healthy.with_label_values(&labels),
+                    response_time: metrics.endpoint_response.with_label_values(&labels),
+                };
+                (endpoint, m)
             })
             .collect();
         let o = &u.outlier_detection;
         Balancer::new(
-            gauges,
+            endpoints,
             metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
             Outliers {
                 consecutive_failures: o.consecutive_failures,
@@ -66,6 +74,7 @@ impl Shared {
                 max_ejected_percent: o.max_ejected_percent,
             },
             metrics.endpoint_ejections.with_label_values(&[&u.name]),
+            u.load_balancing.latency_weighted,
         )
     }
 }
@@ -126,7 +135,7 @@ impl Entry {
             };
             let base = ServiceBuilder::new()
                 .layer(TimeoutLayer::new(timeouts))
-                .service(Forward::new(upstream, rewrite));
+                .service(Forward::new(upstream.clone(), rewrite));
             let outer = ServiceBuilder::new()
                 .layer(ObserveLayer::new(
                     &r.name,
@@ -142,26 +151,50 @@ impl Entry {
             };
             let dedup = r.dedup_enabled();
             let concurrency = shared.concurrency.get(&r.upstream).cloned();
-            let batch = r
-                .batch
-                .as_ref()
-                .filter(|_| r.kind == crate::config::RouteKind::Openai);
-            let plain = r.cache.is_none() && !dedup && r.rate_limits.is_empty() && batch.is_none();
+            let plain = r.cache.is_none()
+                && !dedup
+                && r.rate_limits.is_empty()
+                && r.retries.is_none()
+                && !r.kind.is_llm();
             let service = if plain && concurrency.is_none() {
                 // The plain proxy path, without a boxed service in the middle.
                 RouteService::new(outer.service(base))
             } else {
                 let mut inner = RouteService::new(base);
+                // Right around the upstream timeouts: LLM first-token and token-gap limits.
+                if let Some(layer) = FirstTokenLayer::new(r, metrics) {
+                    inner = RouteService::new(layer.layer(inner));
+                }
+                if let Some(retries) = &r.retries {
+                    let budget = match shared.retry_budgets.get(&r.upstream) {
+                        Some(b) => b.clone(),
+                        None => super::retry::budget(&crate::config::RetryBudgetConfig::default()),
+                    };
+                    let layer = RetryLayer::new(
+                        retries,
+                        &r.retry_methods(),
+                        &r.upstream,
+                        upstream.timeouts.total,
+                        upstream.balancer.clone(),
+                        budget,
+                        metrics,
+                    );
+                    inner = RouteService::new(layer.layer(inner));
+                }
                 // Inside the cache: hits never take an upstream slot.
                 if let Some(limit) = concurrency {
                     inner = RouteService::new(ConcurrencyLayer::new(limit).layer(inner));
                 }
                 // Inside the cache, outside the concurrency limit: a merged call takes one slot.
+                let batch = r
+                    .batch
+                    .as_ref()
+                    .filter(|_| r.kind == crate::config::RouteKind::Openai);
                 if let Some(batch) = batch {
-                    let inputs = r
-                        .cache
-                        .as_ref()
-                        .map(|c| InputCache::new(&r.name, c, shared.cache.store.clone()));
+                    let inputs = r.cache.as_ref().map(|c| {
+                        let ignored = crate::llm::cache_ignored_fields(r);
+                        InputCache::new(&r.name, c, ignored, shared.cache.store.clone())
+                    });
                     let groups = shared.batches.route(&r.name);
                     let layer =
                         BatchLayer::new(&r.name, &r.upstream, batch, inputs, groups, metrics);
@@ -176,11 +209,16 @@ impl Entry {
                         shared.cache.clone(),
                         metrics,
                     )
-                    .map_err(route_err)?;
+                    .map_err(route_err)?
+                    .ignoring_json_fields(crate::llm::cache_ignored_fields(r));
                     if batch.is_some() {
                         // The batch layer caches embeddings input by input.
                         layer = layer.skipping(crate::llm::batch::is_embeddings);
                     }
+                    inner = RouteService::new(layer.layer(inner));
+                }
+                // Outside the cache, so hits are accounted for too.
+                if let Some(layer) = LlmLayer::new(r, metrics) {
                     inner = RouteService::new(layer.layer(inner));
                 }
                 // Rate limits sit after the body limit: an oversized request costs no token.

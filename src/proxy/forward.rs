@@ -3,7 +3,7 @@
 use super::headers;
 use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
-use crate::upstream::balance::backoff_from;
+use crate::upstream::balance::{backoff_from, Outcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
 use http::uri::PathAndQuery;
@@ -83,7 +83,18 @@ impl Service<ProxyRequest> for Forward {
 
     fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
         let upstream = self.upstream.clone();
-        let index = upstream.pick();
+        // A retry avoids the endpoints its earlier attempts used.
+        let index = match req.extensions().get::<TriedEndpoints>() {
+            Some(tried) => {
+                let i = upstream
+                    .balancer
+                    .pick_avoiding(tried.mask())
+                    .min(upstream.endpoints.len().saturating_sub(1));
+                tried.add(i);
+                i
+            }
+            None => upstream.pick(),
+        };
         let in_flight = upstream.balancer.enter(index);
         let endpoint = &upstream.endpoints[index];
         let path = self.rewrite.apply(endpoint, req.uri());
@@ -120,9 +131,14 @@ impl Service<ProxyRequest> for Forward {
             match result {
                 Ok(response) => {
                     metrics.response_time.observe(wait.as_secs_f64());
-                    upstream
-                        .balancer
-                        .record(index, !response.status().is_server_error());
+                    upstream.balancer.record(
+                        index,
+                        if response.status().is_server_error() {
+                            Outcome::ServerError(wait)
+                        } else {
+                            Outcome::Success(wait)
+                        },
+                    );
                     if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
                         // The endpoint asked for a pause: others take its traffic meanwhile.
                         let pause = backoff_from(response.headers());
@@ -148,7 +164,7 @@ impl Service<ProxyRequest> for Forward {
                     Ok(response)
                 }
                 Err(err) => {
-                    upstream.balancer.record(index, false);
+                    upstream.balancer.record(index, Outcome::Failure);
                     Err(classify(&upstream, err))
                 }
             }

@@ -10,8 +10,9 @@
 //! 5. [`crate::cache::layer`]: cache and coalescing, on routes that enable them;
 //!    then [`crate::llm::batch`]: embeddings micro-batching, on routes with `batch:`;
 //!    then [`crate::ratelimit::concurrency`]: the upstream's concurrency limit, when set;
-//! 6. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
-//! 7. [`forward`]: header hygiene and the pooled upstream call.
+//! 6. [`retry`]: retries on another endpoint, within the upstream's budget, when set;
+//! 7. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
+//! 8. [`forward`]: header hygiene, endpoint choice and the pooled upstream call.
 
 pub mod body;
 pub mod entry;
@@ -20,6 +21,7 @@ pub mod headers;
 pub mod limit;
 pub mod listener;
 pub mod observe;
+pub mod retry;
 pub mod router;
 pub mod timeout;
 

@@ -5,6 +5,7 @@
 use super::body::{BodyObserver, Observed};
 use super::{ProxyFuture, ProxyRequest, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
+use crate::llm::LlmFacts;
 use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
 use crate::BoxError;
 use http::{HeaderValue, Method, StatusCode};
@@ -101,6 +102,7 @@ where
             request_bytes: request_bytes.clone(),
             response_bytes: 0,
             outcome: Outcome::Cancelled,
+            llm: None,
         };
         info.route_metrics.in_flight.inc();
         let req = match request_bytes {
@@ -145,6 +147,7 @@ where
                 }
             };
             record.status = Some(response.status());
+            record.llm = response.extensions().get::<Arc<LlmFacts>>().cloned();
             info.requests.get(&record.method, response.status()).inc();
             record.outcome = Outcome::Streaming;
             Ok(response.map(|body| Observed::boxed(body, record)))
@@ -187,6 +190,8 @@ struct Record {
     request_bytes: Option<Arc<AtomicU64>>,
     response_bytes: u64,
     outcome: Outcome,
+    /// Set by the LLM layer on LLM routes: model, usage, time to first token.
+    llm: Option<Arc<LlmFacts>>,
 }
 
 impl BodyObserver for Record {
@@ -234,6 +239,9 @@ impl Drop for Record {
             Outcome::Failed => "response_failed",
         };
         let status = self.status.map_or(499, |s| s.as_u16());
+        let llm = self.llm.as_ref().map(|f| f.summary());
+        let llm = llm.as_ref();
+        let usage = llm.and_then(|l| l.usage);
         tracing::info!(
             target: "sidelight::access",
             request_id = self.id.to_str().unwrap_or("-"),
@@ -247,6 +255,13 @@ impl Drop for Record {
             response_bytes = self.response_bytes,
             outcome,
             error = self.error.unwrap_or(""),
+            model = llm.and_then(|l| l.model.as_deref()),
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            usage_estimated = usage.map(|u| u.estimated),
+            ttft_ms = llm
+                .and_then(|l| l.time_to_first_token)
+                .map(|d| d.as_secs_f64() * 1000.0),
         );
     }
 }

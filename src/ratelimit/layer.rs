@@ -1,10 +1,16 @@
 //! The rate-limit layer of a route's stack: checks the route's limits in order; over a limit a
 //! request is rejected (429), queued until it fits, or, for a shadow limit, only counted.
+//!
+//! Token limits (`unit: tokens`) charge a request its estimated tokens (prompt plus its output
+//! budget) before it is sent, and correct the charge once the LLM accounting layer inside knows
+//! the real usage (through [`crate::llm::UsageHooks`]).
 
+use super::tokens::TokenBuckets;
 use super::{retry_after_secs, Buckets, Decision, Rate};
-use crate::config::{RateLimitConfig, RateLimitMode};
+use crate::config::{RateLimitConfig, RateLimitMode, RateUnit};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::proxy::body::{full, read_whole};
 use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use governor::clock::DefaultClock;
 use http::header::{HeaderMap, HeaderName};
@@ -84,6 +90,12 @@ struct LimitMetrics {
     queue_length: IntGauge,
 }
 
+/// What a limit counts.
+enum Counter {
+    Requests(Buckets<DefaultClock>),
+    Tokens(TokenBuckets),
+}
+
 struct Limit {
     name: String,
     rate: Rate,
@@ -92,7 +104,7 @@ struct Limit {
     max_wait: Duration,
     max_queue: usize,
     shadow: bool,
-    buckets: Buckets<DefaultClock>,
+    counter: Counter,
     /// Requests waiting in this limit's queue, across workers.
     waiting: AtomicUsize,
     metrics: LimitMetrics,
@@ -101,6 +113,8 @@ struct Limit {
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limits: Arc<Vec<Limit>>,
+    /// Some limit counts tokens: requests are read whole to estimate them.
+    counts_tokens: bool,
 }
 
 impl RateLimitLayer {
@@ -113,9 +127,17 @@ impl RateLimitLayer {
         let mut limits = Vec::new();
         for c in configs {
             let rate = Rate::parse(&c.rate)?;
-            let quota = rate
-                .quota(c.burst)
-                .ok_or_else(|| format!("limit {}: burst must be at least 1", c.name))?;
+            let counter = match c.unit {
+                RateUnit::Requests => {
+                    let quota = rate
+                        .quota(c.burst)
+                        .ok_or_else(|| format!("limit {}: burst must be at least 1", c.name))?;
+                    Counter::Requests(Buckets::new(quota, DefaultClock::default(), c.max_keys))
+                }
+                RateUnit::Tokens => {
+                    Counter::Tokens(TokenBuckets::new(rate.count, rate.per, c.burst, c.max_keys))
+                }
+            };
             metrics.init_rate_limit(route, &c.name);
             let d = |result: &str| {
                 metrics
@@ -130,7 +152,7 @@ impl RateLimitLayer {
                 max_wait: c.max_wait,
                 max_queue: c.max_queue,
                 shadow: c.shadow,
-                buckets: Buckets::new(quota, DefaultClock::default(), c.max_keys),
+                counter,
                 waiting: AtomicUsize::new(0),
                 metrics: LimitMetrics {
                     allowed: d("allowed"),
@@ -147,6 +169,9 @@ impl RateLimitLayer {
             });
         }
         Ok(RateLimitLayer {
+            counts_tokens: limits
+                .iter()
+                .any(|l| matches!(l.counter, Counter::Tokens(_))),
             limits: Arc::new(limits),
         })
     }
@@ -158,6 +183,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limits: self.limits.clone(),
+            counts_tokens: self.counts_tokens,
         }
     }
 }
@@ -166,6 +192,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limits: Arc<Vec<Limit>>,
+    counts_tokens: bool,
 }
 
 /// A place in a limit's queue, given back however the wait ends (a client that disconnects
@@ -198,11 +225,19 @@ impl Limit {
         Some(Place(self))
     }
 
+    fn check(&self, key: &str, tokens: u64) -> Decision {
+        match &self.counter {
+            Counter::Requests(buckets) => buckets.check(key),
+            Counter::Tokens(buckets) => buckets.bucket(key).charge(tokens),
+        }
+    }
+
     /// Admits the request under this limit, waiting in queue mode; `Err` is the 429.
-    async fn admit(&self, key: &str) -> Result<(), ProxyError> {
+    /// `tokens` is what a token limit charges (request limits count one).
+    async fn admit(&self, key: &str, tokens: u64) -> Result<(), ProxyError> {
         let mut place: Option<(Place<'_>, Instant)> = None;
         loop {
-            let wait = match self.buckets.check(key) {
+            let wait = match self.check(key, tokens) {
                 Decision::Allowed { .. } => {
                     match &place {
                         Some((_, since)) => self
@@ -268,9 +303,29 @@ where
             })
             .collect();
         let mut inner = self.inner.clone();
+        let counts_tokens = self.counts_tokens;
         Box::pin(async move {
+            let (mut req, estimate) = if counts_tokens {
+                let (parts, body) = req.into_parts();
+                let body = read_whole(body).await?;
+                // Not JSON: nothing to estimate; the usage the upstream reports is charged.
+                let estimate =
+                    crate::llm::estimate::estimate_request_tokens(&body).map_or(0, |e| e.total());
+                (http::Request::from_parts(parts, full(body)), estimate)
+            } else {
+                (req, 0)
+            };
             for (limit, key) in limits.iter().zip(&keys) {
-                limit.admit(key).await?;
+                limit.admit(key, estimate).await?;
+                if let Counter::Tokens(buckets) = &limit.counter {
+                    let bucket = buckets.bucket(key);
+                    let charged = i64::try_from(estimate).unwrap_or(i64::MAX);
+                    let hook: crate::llm::UsageHook = Arc::new(move |usage: &crate::llm::Usage| {
+                        let used = i64::try_from(usage.total()).unwrap_or(i64::MAX);
+                        bucket.adjust(used.saturating_sub(charged));
+                    });
+                    crate::llm::UsageHooks::add(&mut req, hook);
+                }
             }
             inner.call(req).await
         })

@@ -1,5 +1,5 @@
-//! Request rate limits (GCRA, via governor), per route, keyed by the whole route, the client's
-//! credential, a header or the client IP.
+//! Request rate limits (GCRA, via governor) and LLM token limits ([`tokens`]), per route, keyed
+//! by the whole route, the client's credential, a header or the client IP.
 //!
 //! Each key gets its own governor limiter. Keys live in a bounded moka cache: idle keys are
 //! evicted, and its frequency-based admission keeps a flood of one-off random keys from pushing
@@ -7,6 +7,7 @@
 
 pub mod concurrency;
 pub mod layer;
+pub mod tokens;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;

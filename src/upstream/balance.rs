@@ -2,21 +2,36 @@
 //! endpoints that told us to back off (an upstream 429 with `Retry-After`). The state is shared
 //! by every worker, so all of them see the same load and the same back-off.
 
-use prometheus::{IntCounter, IntGauge};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The metrics of one endpoint.
+pub struct EndpointMetrics {
+    pub in_flight: IntGauge,
+    pub ejected: IntGauge,
+    pub healthy: IntGauge,
+    pub response_time: Histogram,
+}
+
 struct EndpointState {
+    /// `host:port`, as in metric labels and `/status`.
+    label: String,
     in_flight: AtomicUsize,
     /// Consecutive failures (connect errors, resets, 5xx) since the last success.
     failures: AtomicU64,
     /// How many times this endpoint was ejected: each ejection lasts longer.
     ejections: AtomicU64,
-    ejected_gauge: IntGauge,
-    /// Milliseconds since `Balancer::epoch` before which the endpoint is not used.
-    cooling_until_ms: AtomicU64,
-    in_flight_gauge: IntGauge,
+    /// Milliseconds since `Balancer::epoch` until which outlier detection keeps it out.
+    ejected_until_ms: AtomicU64,
+    /// Milliseconds since `Balancer::epoch` until which it rests after a 429.
+    resting_until_ms: AtomicU64,
+    /// What active health checks last concluded (true when there are none).
+    active_healthy: AtomicBool,
+    /// Recent response time in microseconds (EWMA), for latency-weighted balancing.
+    ewma_us: AtomicU64,
+    metrics: EndpointMetrics,
 }
 
 /// Passive health checking (outlier detection), as Envoy does it.
@@ -30,6 +45,33 @@ pub struct Outliers {
     pub max_ejected_percent: u8,
 }
 
+/// How one request to an endpoint went, for outlier detection and latency weighting.
+#[derive(Clone, Copy, Debug)]
+pub enum Outcome {
+    /// Response headers arrived after this long, with a status that is not a 5xx.
+    Success(Duration),
+    /// A 5xx after this long: counts toward ejection, and its latency is still real.
+    ServerError(Duration),
+    /// Connect error or reset: no response at all.
+    Failure,
+}
+
+/// One endpoint as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointStatus {
+    pub endpoint: String,
+    /// Passes active health checks and is not ejected.
+    pub healthy: bool,
+    pub active_check: &'static str,
+    pub ejected: bool,
+    pub ejected_for_ms: u64,
+    pub ejections: u64,
+    pub resting_for_ms: u64,
+    pub consecutive_failures: u64,
+    pub in_flight: usize,
+    pub latency_ewma_ms: f64,
+}
+
 pub struct Balancer {
     endpoints: Vec<EndpointState>,
     epoch: Instant,
@@ -37,26 +79,35 @@ pub struct Balancer {
     cooldowns: IntCounter,
     outliers: Outliers,
     ejections: IntCounter,
+    latency_weighted: bool,
+    has_active_checks: AtomicBool,
 }
 
 impl Balancer {
-    /// `gauges`: per endpoint, in endpoint order, its in-flight and its ejected gauge.
+    /// `endpoints`: label and metrics of each endpoint, in endpoint order.
     pub fn new(
-        gauges: Vec<(IntGauge, IntGauge)>,
+        endpoints: Vec<(String, EndpointMetrics)>,
         cooldowns: IntCounter,
         outliers: Outliers,
         ejections: IntCounter,
+        latency_weighted: bool,
     ) -> Arc<Balancer> {
         Arc::new(Balancer {
-            endpoints: gauges
+            endpoints: endpoints
                 .into_iter()
-                .map(|(in_flight_gauge, ejected_gauge)| EndpointState {
-                    in_flight: AtomicUsize::new(0),
-                    failures: AtomicU64::new(0),
-                    ejections: AtomicU64::new(0),
-                    ejected_gauge,
-                    cooling_until_ms: AtomicU64::new(0),
-                    in_flight_gauge,
+                .map(|(label, metrics)| {
+                    metrics.healthy.set(1);
+                    EndpointState {
+                        label,
+                        in_flight: AtomicUsize::new(0),
+                        failures: AtomicU64::new(0),
+                        ejections: AtomicU64::new(0),
+                        ejected_until_ms: AtomicU64::new(0),
+                        resting_until_ms: AtomicU64::new(0),
+                        active_healthy: AtomicBool::new(true),
+                        ewma_us: AtomicU64::new(0),
+                        metrics,
+                    }
                 })
                 .collect(),
             epoch: Instant::now(),
@@ -64,13 +115,43 @@ impl Balancer {
             cooldowns,
             outliers,
             ejections,
+            latency_weighted,
+            has_active_checks: AtomicBool::new(false),
         })
     }
 
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
     /// Records how a request to endpoint `i` went; enough failures in a row eject it.
-    pub fn record(&self, i: usize, success: bool) {
-        let e = &self.endpoints[i];
-        if success {
+    pub fn record(&self, i: usize, outcome: Outcome) {
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        let latency = match outcome {
+            Outcome::Success(d) | Outcome::ServerError(d) => Some(d),
+            Outcome::Failure => None,
+        };
+        if let Some(d) = latency {
+            e.metrics.response_time.observe(d.as_secs_f64());
+            if self.latency_weighted {
+                // EWMA with weight 1/5 for the new sample; a racy update only loses a sample.
+                let sample = u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 8).max(1);
+                let old = e.ewma_us.load(Ordering::Relaxed);
+                let new = if old == 0 {
+                    sample
+                } else {
+                    (old * 4 + sample) / 5
+                };
+                e.ewma_us.store(new, Ordering::Relaxed);
+            }
+        }
+        if let Outcome::Success(_) = outcome {
             // Read first: a store on every request would bounce the line between workers.
             if e.failures.load(Ordering::Relaxed) != 0 {
                 e.failures.store(0, Ordering::Relaxed);
@@ -84,26 +165,36 @@ impl Balancer {
         }
         let now = self.now_ms();
         let n = self.endpoints.len();
-        let ejected = (0..n).filter(|&j| !self.ready(j, now)).count();
+        let out = (0..n).filter(|&j| !self.healthy_at(j, now)).count();
         let allowed = (n * usize::from(o.max_ejected_percent) / 100).min(n.saturating_sub(1));
-        if !self.ready(i, now) || ejected >= allowed {
+        if !self.healthy_at(i, now) || out >= allowed {
             return;
         }
         let times = e.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = o.base_ejection * u32::try_from(times.min(10)).unwrap_or(10);
         e.failures.store(0, Ordering::Relaxed);
-        e.cooling_until_ms.fetch_max(
-            now + u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2),
-            Ordering::Relaxed,
-        );
-        e.ejected_gauge.set(1);
+        e.ejected_until_ms
+            .fetch_max(now + millis(length), Ordering::Relaxed);
+        e.metrics.ejected.set(1);
+        e.metrics.healthy.set(0);
         self.ejections.inc();
         tracing::warn!(
-            endpoint = i,
+            endpoint = %e.label,
             failures,
             ejection_ms = length.as_millis() as u64,
             "endpoint ejected after consecutive failures"
         );
+    }
+
+    /// What active health checks concluded about endpoint `i`.
+    pub fn set_active_health(&self, i: usize, healthy: bool) {
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        self.has_active_checks.store(true, Ordering::Relaxed);
+        if e.active_healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            self.healthy_at(i, self.now_ms());
+        }
     }
 
     /// splitmix64 over an atomic counter: cheap, lock-free, good enough to pick two endpoints.
@@ -117,67 +208,155 @@ impl Balancer {
         z ^ (z >> 31)
     }
 
+    /// A random duration in `0..=max` (full jitter for retry backoff).
+    pub fn jitter(&self, max: Duration) -> Duration {
+        let unit = (self.random() >> 11) as f64 / (1u64 << 53) as f64;
+        max.mul_f64(unit)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn ready(&self, i: usize, now: u64) -> bool {
+    /// Passes active checks and is not ejected; keeps the gauges in step (ejections end lazily).
+    fn healthy_at(&self, i: usize, now: u64) -> bool {
         let e = &self.endpoints[i];
-        let ready = e.cooling_until_ms.load(Ordering::Relaxed) <= now;
-        if ready && e.ejected_gauge.get() != 0 {
-            e.ejected_gauge.set(0);
+        let ejected = e.ejected_until_ms.load(Ordering::Relaxed) > now;
+        if !ejected && e.metrics.ejected.get() != 0 {
+            e.metrics.ejected.set(0);
         }
-        ready
+        let healthy = !ejected && e.active_healthy.load(Ordering::Relaxed);
+        let shown = i64::from(healthy);
+        if e.metrics.healthy.get() != shown {
+            e.metrics.healthy.set(shown);
+        }
+        healthy
     }
 
-    fn load(&self, i: usize) -> usize {
-        self.endpoints[i].in_flight.load(Ordering::Relaxed)
+    /// Healthy and not resting after a 429: may take a request now.
+    fn ready(&self, i: usize, now: u64) -> bool {
+        self.healthy_at(i, now) && self.endpoints[i].resting_until_ms.load(Ordering::Relaxed) <= now
+    }
+
+    /// The balancer's cost of sending one more request to `i`: requests in flight, times the
+    /// recent response time when latency-weighted.
+    fn cost(&self, i: usize) -> u64 {
+        let e = &self.endpoints[i];
+        let load = e.in_flight.load(Ordering::Relaxed) as u64;
+        if self.latency_weighted {
+            (load + 1).saturating_mul(e.ewma_us.load(Ordering::Relaxed).max(1))
+        } else {
+            load
+        }
     }
 
     /// The endpoint for the next request.
     pub fn pick(&self) -> usize {
+        self.pick_avoiding(0)
+    }
+
+    /// The endpoint for the next request, avoiding those whose bit is set in `tried` (a retry
+    /// goes elsewhere) unless every endpoint is in it.
+    pub fn pick_avoiding(&self, tried: u64) -> usize {
         let n = self.endpoints.len();
         if n <= 1 {
             return 0;
         }
+        let now = self.now_ms();
+        let fresh = |i: usize| i >= 64 || tried & (1 << i) == 0;
         let r = self.random();
         let a = (r % n as u64) as usize;
         let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
         if b >= a {
             b += 1;
         }
-        let now = self.now_ms();
-        let less_loaded = |a: usize, b: usize| if self.load(b) < self.load(a) { b } else { a };
-        match (self.ready(a, now), self.ready(b, now)) {
-            (true, true) => less_loaded(a, b),
+        let cheaper = |a: usize, b: usize| if self.cost(b) < self.cost(a) { b } else { a };
+        let usable = |i: usize| fresh(i) && self.ready(i, now);
+        match (usable(a), usable(b)) {
+            (true, true) => cheaper(a, b),
             (true, false) => a,
             (false, true) => b,
-            // Both backing off: any endpoint that is not, else the less loaded of the two.
+            // Neither: any usable endpoint; else an untried one; else the cheaper of the two
+            // (with every endpoint down, trying one beats refusing, as Envoy's panic mode).
             (false, false) => (0..n)
-                .find(|&i| self.ready(i, now))
-                .unwrap_or_else(|| less_loaded(a, b)),
+                .map(|k| (a + k) % n)
+                .find(|&i| usable(i))
+                .or_else(|| (0..n).map(|k| (a + k) % n).find(|&i| fresh(i)))
+                .unwrap_or_else(|| cheaper(a, b)),
         }
+    }
+
+    /// Whether some endpoint outside `tried` could take a request now.
+    pub fn has_ready_besides(&self, tried: u64) -> bool {
+        let now = self.now_ms();
+        (0..self.endpoints.len()).any(|i| (i >= 64 || tried & (1 << i) == 0) && self.ready(i, now))
+    }
+
+    /// Whether at least one endpoint passes its health checks and is not ejected.
+    pub fn any_healthy(&self) -> bool {
+        let now = self.now_ms();
+        (0..self.endpoints.len()).any(|i| self.healthy_at(i, now))
+    }
+
+    /// Every endpoint's state, for `/status`.
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let now = self.now_ms();
+        let active = self.has_active_checks.load(Ordering::Relaxed);
+        self.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let ejected_for = e
+                    .ejected_until_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(now);
+                EndpointStatus {
+                    endpoint: e.label.clone(),
+                    healthy: self.healthy_at(i, now),
+                    active_check: match (active, e.active_healthy.load(Ordering::Relaxed)) {
+                        (false, _) => "off",
+                        (true, true) => "passing",
+                        (true, false) => "failing",
+                    },
+                    ejected: ejected_for > 0,
+                    ejected_for_ms: ejected_for,
+                    ejections: e.ejections.load(Ordering::Relaxed),
+                    resting_for_ms: e
+                        .resting_until_ms
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(now),
+                    consecutive_failures: e.failures.load(Ordering::Relaxed),
+                    in_flight: e.in_flight.load(Ordering::Relaxed),
+                    latency_ewma_ms: e.ewma_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                }
+            })
+            .collect()
     }
 
     /// Counts a request at endpoint `i` until the returned guard is dropped.
     pub fn enter(self: &Arc<Self>, i: usize) -> InFlight {
         let e = &self.endpoints[i];
         e.in_flight.fetch_add(1, Ordering::Relaxed);
-        e.in_flight_gauge.inc();
+        e.metrics.in_flight.inc();
         InFlight {
             balancer: self.clone(),
             index: i,
         }
     }
 
-    /// Stops using endpoint `i` for `wait`.
+    /// Stops using endpoint `i` for `wait` (it answered 429).
     pub fn cool_down(&self, i: usize, wait: Duration) {
-        let until = self.now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
-        self.endpoints[i]
-            .cooling_until_ms
-            .fetch_max(until, Ordering::Relaxed);
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        e.resting_until_ms
+            .fetch_max(self.now_ms() + millis(wait), Ordering::Relaxed);
         self.cooldowns.inc();
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
 /// A request in flight at an endpoint.
@@ -190,16 +369,39 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let e = &self.balancer.endpoints[self.index];
         e.in_flight.fetch_sub(1, Ordering::Relaxed);
-        e.in_flight_gauge.dec();
+        e.metrics.in_flight.dec();
     }
 }
 
 impl crate::proxy::body::BodyObserver for InFlight {}
 
+/// The endpoints a request has already tried (a bit each; endpoints past 64 are not tracked),
+/// shared between the retry layer, which puts it in the request, and the forwarder, which
+/// picks an endpoint outside it and adds its choice.
+#[derive(Clone, Default, Debug)]
+pub struct TriedEndpoints(Arc<AtomicU64>);
+
+impl TriedEndpoints {
+    pub fn mask(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn add(&self, i: usize) {
+        if i < 64 {
+            self.0.fetch_or(1 << i, Ordering::Relaxed);
+        }
+    }
+}
+
 /// How long an upstream's 429 asks us to wait: `retry-after-ms`, `retry-after` (seconds), or
 /// OpenAI's `x-ratelimit-reset-requests` (`1s`, `6m0s`, `20ms`); 1 s when it does not say;
 /// at most 5 minutes.
 pub fn backoff_from(headers: &http::HeaderMap) -> Duration {
+    requested_wait(headers).unwrap_or(Duration::from_secs(1))
+}
+
+/// The wait an upstream asked for in its headers, if it named one (at most 5 minutes).
+pub fn requested_wait(headers: &http::HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let wait = text("retry-after-ms")
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -209,9 +411,8 @@ pub fn backoff_from(headers: &http::HeaderMap) -> Duration {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .map(|s| Duration::from_secs_f64(s.max(0.0)))
         })
-        .or_else(|| text("x-ratelimit-reset-requests").and_then(go_duration))
-        .unwrap_or(Duration::from_secs(1));
-    wait.min(Duration::from_secs(300))
+        .or_else(|| text("x-ratelimit-reset-requests").and_then(go_duration))?;
+    Some(wait.min(Duration::from_secs(300)))
 }
 
 /// Go-style durations as OpenAI sends them: `1s`, `6m0s`, `1h2m3.5s`, `20ms`.
@@ -254,44 +455,59 @@ mod tests {
         }
     }
 
-    fn balancer(n: usize) -> Arc<Balancer> {
-        let gauges = (0..n)
+    fn build(n: usize, latency_weighted: bool) -> Arc<Balancer> {
+        let endpoints = (0..n)
             .map(|i| {
-                (
-                    IntGauge::new(format!("g{i}"), "test").unwrap(),
-                    IntGauge::new(format!("e{i}"), "test").unwrap(),
-                )
+                let metrics = EndpointMetrics {
+                    in_flight: IntGauge::new(format!("g{i}"), "test").unwrap(),
+                    ejected: IntGauge::new(format!("e{i}"), "test").unwrap(),
+                    healthy: IntGauge::new(format!("h{i}"), "test").unwrap(),
+                    response_time: Histogram::with_opts(prometheus::HistogramOpts::new(
+                        format!("r{i}"),
+                        "test",
+                    ))
+                    .unwrap(),
+                };
+                (format!("e{i}:80"), metrics)
             })
             .collect();
         Balancer::new(
-            gauges,
+            endpoints,
             IntCounter::new("c", "test").unwrap(),
             outliers(),
             IntCounter::new("x", "test").unwrap(),
+            latency_weighted,
         )
     }
+
+    fn balancer(n: usize) -> Arc<Balancer> {
+        build(n, false)
+    }
+
+    const FAIL: Outcome = Outcome::Failure;
+    const OK: Outcome = Outcome::Success(Duration::from_millis(1));
 
     #[test]
     fn consecutive_failures_eject_within_the_share() {
         let b = balancer(4);
-        b.record(0, false);
-        b.record(0, false);
-        b.record(0, true); // a success resets the count
-        b.record(0, false);
-        b.record(0, false);
+        b.record(0, FAIL);
+        b.record(0, FAIL);
+        b.record(0, OK); // a success resets the count
+        b.record(0, FAIL);
+        b.record(0, FAIL);
         for _ in 0..100 {
             let _ = b.pick();
         }
-        b.record(0, false); // third in a row: ejected
+        b.record(0, FAIL); // third in a row: ejected
         for _ in 0..200 {
             assert_ne!(b.pick(), 0);
         }
         for _ in 0..3 {
-            b.record(1, false);
+            b.record(1, FAIL);
         }
         // Two of four are ejected (50%): a third endpoint is not.
         for _ in 0..3 {
-            b.record(2, false);
+            b.record(2, FAIL);
         }
         let picks: std::collections::HashSet<usize> = (0..300).map(|_| b.pick()).collect();
         assert!(
@@ -304,7 +520,7 @@ mod tests {
     fn a_single_endpoint_is_never_ejected() {
         let b = balancer(1);
         for _ in 0..10 {
-            b.record(0, false);
+            b.record(0, FAIL);
         }
         assert_eq!(b.pick(), 0);
         assert_eq!(b.endpoints[0].ejections.load(Ordering::Relaxed), 0);
@@ -340,6 +556,58 @@ mod tests {
         b.cool_down(2, Duration::from_secs(60));
         // All backing off: still answers with one of them.
         assert!(b.pick() < 3);
+    }
+
+    #[test]
+    fn retries_avoid_tried_endpoints() {
+        let b = balancer(3);
+        for _ in 0..200 {
+            let i = b.pick_avoiding(0b001);
+            assert_ne!(i, 0);
+            assert_eq!(b.pick_avoiding(0b011), 2);
+        }
+        // Everything tried: still an answer.
+        assert!(b.pick_avoiding(0b111) < 3);
+        assert!(b.has_ready_besides(0b011));
+        b.cool_down(2, Duration::from_secs(60));
+        assert!(!b.has_ready_besides(0b011));
+    }
+
+    #[test]
+    fn active_health_takes_endpoints_out_and_back() {
+        let b = balancer(2);
+        b.set_active_health(0, false);
+        for _ in 0..100 {
+            assert_eq!(b.pick(), 1);
+        }
+        assert!(b.any_healthy());
+        assert_eq!(b.status()[0].active_check, "failing");
+        assert!(!b.status()[0].healthy);
+        b.set_active_health(1, false);
+        assert!(!b.any_healthy());
+        b.set_active_health(0, true);
+        assert!(b.any_healthy());
+        for _ in 0..100 {
+            assert_eq!(b.pick(), 0);
+        }
+    }
+
+    #[test]
+    fn latency_weighting_prefers_the_faster_endpoint() {
+        let b = build(2, true);
+        for _ in 0..20 {
+            b.record(0, Outcome::Success(Duration::from_millis(100)));
+            b.record(1, Outcome::Success(Duration::from_millis(10)));
+        }
+        // Endpoint 1 is 10x faster: even with 5 requests in flight it is cheaper.
+        let _busy: Vec<_> = (0..5).map(|_| b.enter(1)).collect();
+        for _ in 0..100 {
+            assert_eq!(b.pick(), 1);
+        }
+        // Unweighted, the in-flight count decides.
+        let plain = balancer(2);
+        let _busy: Vec<_> = (0..5).map(|_| plain.enter(1)).collect();
+        assert_eq!(plain.pick(), 0);
     }
 
     #[test]

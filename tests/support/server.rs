@@ -360,6 +360,24 @@ pub async fn blackhole() -> (
     (addr, fillers, listener)
 }
 
+/// An upstream whose `/` streams `first`, then breaks the connection mid-body once the
+/// returned sender says `true` (so a test can first see `first` arrive).
+pub async fn stream_that_breaks(first: &'static str) -> (Server, tokio::sync::watch::Sender<bool>) {
+    let (break_tx, break_rx) = tokio::sync::watch::channel(false);
+    let server = http1()
+        .route_stream("/", move |_, tx| {
+            let mut break_rx = break_rx.clone();
+            async move {
+                let _ = tx.send(Ok(Bytes::from(first))).await;
+                let _ = break_rx.wait_for(|b| *b).await;
+                let _ = tx.send(Err(())).await;
+            }
+        })
+        .run()
+        .await;
+    (server, break_tx)
+}
+
 /// A port with nothing listening (bound then closed), for connection-refused tests.
 pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

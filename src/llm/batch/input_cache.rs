@@ -33,7 +33,14 @@ fn names(list: &[String]) -> Vec<HeaderName> {
 }
 
 impl InputCache {
-    pub fn new(route: &str, config: &RouteCacheConfig, store: Store) -> InputCache {
+    /// `ignored`: fields left out of the key on top of the route's `ignore_json_fields` (what
+    /// the whole-response cache also ignores on LLM routes).
+    pub fn new(
+        route: &str,
+        config: &RouteCacheConfig,
+        ignored: Vec<String>,
+        store: Store,
+    ) -> InputCache {
         InputCache {
             route: Arc::from(route),
             store,
@@ -42,7 +49,12 @@ impl InputCache {
             method: Method::from_bytes(b"EMBEDDING-INPUT").unwrap_or(Method::CONNECT),
             vary: names(&config.vary_headers),
             credentials: names(&config.credential_headers),
-            ignore_fields: config.ignore_json_fields.clone(),
+            ignore_fields: config
+                .ignore_json_fields
+                .iter()
+                .cloned()
+                .chain(ignored)
+                .collect(),
         }
     }
 

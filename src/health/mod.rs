@@ -1,0 +1,231 @@
+//! Active health checks: every endpoint of an upstream with `health_check` is probed on its own
+//! schedule; enough failures in a row take it out of rotation, enough successes bring it back.
+//! The verdict goes to the upstream's balancer, shared by every worker. Passive checks (outlier
+//! detection) live in the balancer itself.
+
+use crate::config::{Config, HealthCheckConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::proxy::body::empty;
+use crate::upstream::balance::Balancer;
+use crate::upstream::{BuildError, Upstream};
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// One entry of `expected_statuses`: an exact code or a class (`2xx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusMatch {
+    Code(u16),
+    Class(u16),
+}
+
+impl StatusMatch {
+    pub fn parse(text: &str) -> Result<StatusMatch, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let bad = || format!("expected a status code (200) or class (2xx), got {text:?}");
+        if let Some(class) = t.strip_suffix("xx") {
+            let c: u16 = class.parse().map_err(|_| bad())?;
+            return if (1..=5).contains(&c) {
+                Ok(StatusMatch::Class(c))
+            } else {
+                Err(bad())
+            };
+        }
+        let code: u16 = t.parse().map_err(|_| bad())?;
+        if (100..=599).contains(&code) {
+            Ok(StatusMatch::Code(code))
+        } else {
+            Err(bad())
+        }
+    }
+
+    fn matches(self, status: StatusCode) -> bool {
+        match self {
+            StatusMatch::Code(c) => status.as_u16() == c,
+            StatusMatch::Class(c) => status.as_u16() / 100 == c,
+        }
+    }
+}
+
+/// The probe path of an upstream: configured, else a cheap LLM listing for LLM upstreams
+/// (never a billed completion), else `/`.
+pub fn probe_path(config: &Config, upstream: &UpstreamConfig, hc: &HealthCheckConfig) -> String {
+    if let Some(p) = &hc.path {
+        return p.clone();
+    }
+    let llm = config
+        .routes
+        .iter()
+        .any(|r| r.upstream == upstream.name && r.kind.is_llm());
+    if llm { "/v1/models" } else { "/" }.to_string()
+}
+
+/// Starts the probes of every upstream that has `health_check`, on the current runtime.
+/// The tasks run until aborted.
+pub fn start(
+    config: &Config,
+    metrics: &Metrics,
+    balancers: &HashMap<String, Arc<Balancer>>,
+) -> Result<Vec<JoinHandle<()>>, BuildError> {
+    let mut tasks = Vec::new();
+    for u in &config.upstreams {
+        let (Some(hc), Some(balancer)) = (&u.health_check, balancers.get(&u.name)) else {
+            continue;
+        };
+        // Probes use a pool of their own, so they never take a connection a request wanted.
+        let upstream = Arc::new(Upstream::build(u, metrics, balancer.clone())?);
+        let expected: Vec<StatusMatch> = hc
+            .expected_statuses
+            .iter()
+            .filter_map(|s| StatusMatch::parse(s).ok())
+            .collect();
+        let counters = Counters {
+            success: metrics
+                .health_checks
+                .with_label_values(&[&u.name, "success"]),
+            failure: metrics
+                .health_checks
+                .with_label_values(&[&u.name, "failure"]),
+            timeout: metrics
+                .health_checks
+                .with_label_values(&[&u.name, "timeout"]),
+        };
+        let probe = Arc::new(Probe {
+            path: probe_path(config, u, hc),
+            config: hc.clone(),
+            expected,
+            counters,
+        });
+        tracing::info!(upstream = %u.name, path = %probe.path, interval = ?hc.interval, "active health checks on");
+        for i in 0..upstream.endpoints.len() {
+            tasks.push(tokio::spawn(run(upstream.clone(), i, probe.clone())));
+        }
+    }
+    Ok(tasks)
+}
+
+struct Counters {
+    success: IntCounter,
+    failure: IntCounter,
+    timeout: IntCounter,
+}
+
+struct Probe {
+    path: String,
+    config: HealthCheckConfig,
+    expected: Vec<StatusMatch>,
+    counters: Counters,
+}
+
+enum Verdict {
+    Pass,
+    Fail(String),
+    Timeout,
+}
+
+/// Probes endpoint `i` forever: at once, then every interval.
+async fn run(upstream: Arc<Upstream>, i: usize, probe: Arc<Probe>) {
+    let mut ticks = tokio::time::interval(probe.config.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut healthy = true;
+    let (mut passes, mut fails) = (0u32, 0u32);
+    let endpoint = upstream.endpoints[i].authority.to_string();
+    loop {
+        ticks.tick().await;
+        let verdict = check(&upstream, i, &probe).await;
+        match &verdict {
+            Verdict::Pass => {
+                probe.counters.success.inc();
+                passes += 1;
+                fails = 0;
+            }
+            Verdict::Fail(_) => {
+                probe.counters.failure.inc();
+                fails += 1;
+                passes = 0;
+            }
+            Verdict::Timeout => {
+                probe.counters.timeout.inc();
+                fails += 1;
+                passes = 0;
+            }
+        }
+        if healthy && fails >= probe.config.unhealthy_threshold {
+            healthy = false;
+            let why = match verdict {
+                Verdict::Fail(why) => why,
+                _ => format!("no answer within {:?}", probe.config.timeout),
+            };
+            tracing::warn!(upstream = %upstream.name, %endpoint, fails, reason = %why, "endpoint failed its health checks; out of rotation");
+            upstream.balancer.set_active_health(i, false);
+        } else if !healthy && passes >= probe.config.healthy_threshold {
+            healthy = true;
+            tracing::info!(upstream = %upstream.name, %endpoint, passes, "endpoint passes its health checks again; back in rotation");
+            upstream.balancer.set_active_health(i, true);
+        }
+    }
+}
+
+async fn check(upstream: &Upstream, i: usize, probe: &Probe) -> Verdict {
+    let endpoint = &upstream.endpoints[i];
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{}{}", endpoint.base_path, probe.path))
+        .header(header::HOST, endpoint.host_header.clone())
+        .header(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!(
+                "sidelight-health-check/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        )
+        .body(empty());
+    if let Ok(req) = &mut req {
+        // The upstream's own headers (an API key): listing models needs it.
+        for (name, value) in &upstream.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    let req = match req {
+        Ok(req) => req,
+        Err(e) => return Verdict::Fail(format!("cannot build the probe: {e}")),
+    };
+    let deadline = Instant::now() + probe.config.timeout;
+    let exchange = async {
+        let response = upstream.send(i, req).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        // Read the body to its end so the connection can be reused for the next probe.
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(status)
+    };
+    match tokio::time::timeout_at(deadline, exchange).await {
+        Err(_) => Verdict::Timeout,
+        Ok(Err(e)) => Verdict::Fail(e),
+        Ok(Ok(status)) if probe.expected.iter().any(|m| m.matches(status)) => Verdict::Pass,
+        Ok(Ok(status)) => Verdict::Fail(format!("status {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_matches() {
+        let ok = StatusMatch::parse("2xx").unwrap();
+        assert!(ok.matches(StatusCode::OK) && ok.matches(StatusCode::NO_CONTENT));
+        assert!(!ok.matches(StatusCode::UNAUTHORIZED));
+        assert_eq!(StatusMatch::parse("204"), Ok(StatusMatch::Code(204)));
+        assert!(StatusMatch::parse("9xx").is_err());
+        assert!(StatusMatch::parse("abc").is_err());
+        assert!(StatusMatch::parse("700").is_err());
+    }
+}

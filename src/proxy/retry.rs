@@ -1,0 +1,227 @@
+//! Retries, only where they are safe, on another endpoint when there is one:
+//! - a connect failure, for every method (the request never left);
+//! - for retryable methods only: a reset before response headers, a first-token timeout, and
+//!   the configured upstream statuses (429, 502, 503, 504 by default).
+//!
+//! The layer answers nothing until it has a response to give, so a retry can never follow
+//! bytes already sent to the client. Backoff is jittered and doubles; an upstream's
+//! `Retry-After` is honoured when no other endpoint can take the retry. Every retry spends from
+//! the upstream's budget (a share of recent requests plus a floor per second, tower's
+//! `TpsBudget`, as linkerd and Finagle do), so retries cannot multiply an outage.
+
+use super::body::{full, read_whole};
+use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use crate::config::RetryConfig;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::upstream::balance::{requested_wait, Balancer, TriedEndpoints};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use prometheus::{IntCounter, IntCounterVec};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service};
+
+struct Policy {
+    upstream: Arc<str>,
+    max_retries: u32,
+    methods: Vec<Method>,
+    statuses: Vec<StatusCode>,
+    backoff: Duration,
+    max_backoff: Duration,
+    max_retry_after: Duration,
+    /// The route's total timeout: no retry starts past it.
+    total: Duration,
+    balancer: Arc<Balancer>,
+    budget: Arc<TpsBudget>,
+    retries: IntCounterVec,
+    exhausted: IntCounter,
+}
+
+#[derive(Clone)]
+pub struct RetryLayer {
+    policy: Arc<Policy>,
+}
+
+impl RetryLayer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &RetryConfig,
+        methods: &[String],
+        upstream: &str,
+        total: Duration,
+        balancer: Arc<Balancer>,
+        budget: Arc<TpsBudget>,
+        metrics: &Metrics,
+    ) -> Self {
+        // Every reason this route can retry for starts at zero, so rates work from the start.
+        let reasons = ["connect_failure", "reset"]
+            .map(String::from)
+            .into_iter()
+            .chain(config.statuses.iter().map(u16::to_string));
+        for reason in reasons {
+            metrics.retries.with_label_values(&[upstream, &reason]);
+        }
+        RetryLayer {
+            policy: Arc::new(Policy {
+                upstream: Arc::from(upstream),
+                max_retries: config.max_retries,
+                methods: methods
+                    .iter()
+                    .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                    .collect(),
+                statuses: config
+                    .statuses
+                    .iter()
+                    .filter_map(|s| StatusCode::from_u16(*s).ok())
+                    .collect(),
+                backoff: config.backoff,
+                max_backoff: config.max_backoff,
+                max_retry_after: config.max_retry_after,
+                total,
+                balancer,
+                budget,
+                retries: metrics.retries.clone(),
+                exhausted: metrics
+                    .retry_budget_exhausted
+                    .with_label_values(&[upstream]),
+            }),
+        }
+    }
+}
+
+/// An upstream's retry budget: `percent` of the requests of the last 10 s, plus
+/// `min_per_second`.
+pub fn budget(config: &crate::config::RetryBudgetConfig) -> Arc<TpsBudget> {
+    Arc::new(TpsBudget::new(
+        Duration::from_secs(10),
+        config.min_per_second,
+        (config.percent / 100.0).clamp(0.0, 1000.0),
+    ))
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+impl<S> Service<ProxyRequest> for Retry<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        let mut inner = self.inner.clone();
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            policy.budget.deposit();
+            let deadline = req
+                .extensions()
+                .get::<RequestMeta>()
+                .map(|m| Instant::from_std(m.start) + policy.total);
+            let (parts, body) = req.into_parts();
+            // Kept whole so it can be sent again; the body limit layer already bounds it.
+            let body: Bytes = read_whole(body).await?;
+            let retryable_method = policy.methods.contains(&parts.method);
+            let tried = TriedEndpoints::default();
+            let mut attempt = 0u32;
+            loop {
+                let mut req = Request::new(full(body.clone()));
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.version_mut() = parts.version;
+                *req.headers_mut() = parts.headers.clone();
+                *req.extensions_mut() = parts.extensions.clone();
+                req.extensions_mut().insert(tried.clone());
+                let result = inner.call(req).await;
+                let Some(reason) = policy.reason(&result, retryable_method) else {
+                    return result;
+                };
+                if attempt >= policy.max_retries {
+                    return result;
+                }
+                let ceiling = policy
+                    .backoff
+                    .saturating_mul(1 << attempt.min(16))
+                    .min(policy.max_backoff);
+                let mut wait = policy.balancer.jitter(ceiling);
+                if let Ok(response) = &result {
+                    if let Some(asked) = requested_wait(response.headers()) {
+                        // Another endpoint can go now; only the one that asked must wait.
+                        if !policy.balancer.has_ready_besides(tried.mask()) {
+                            if asked > policy.max_retry_after {
+                                return result;
+                            }
+                            wait = wait.max(asked);
+                        }
+                    }
+                }
+                if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                    return result;
+                }
+                if !policy.budget.withdraw() {
+                    policy.exhausted.inc();
+                    tracing::debug!(upstream = %policy.upstream, reason, "retry budget spent; not retrying");
+                    return result;
+                }
+                policy
+                    .retries
+                    .with_label_values(&[&policy.upstream, &reason])
+                    .inc();
+                tracing::debug!(upstream = %policy.upstream, reason, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
+                drop(result);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                attempt += 1;
+            }
+        })
+    }
+}
+
+impl Policy {
+    /// Why this result may be retried, as the `reason` label; `None` if it may not.
+    fn reason(
+        &self,
+        result: &Result<ProxyResponse, ProxyError>,
+        retryable_method: bool,
+    ) -> Option<String> {
+        match result {
+            Err(ProxyError::UpstreamConnect { .. } | ProxyError::ConnectTimeout { .. }) => {
+                Some("connect_failure".into())
+            }
+            Err(ProxyError::UpstreamReset { .. }) if retryable_method => Some("reset".into()),
+            Err(e) if retryable_method && e.kind() == "first_token_timeout" => {
+                Some("first_token_timeout".into())
+            }
+            Ok(response) if retryable_method && self.statuses.contains(&response.status()) => {
+                Some(response.status().as_u16().to_string())
+            }
+            _ => None,
+        }
+    }
+}
