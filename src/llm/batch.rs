@@ -218,6 +218,8 @@ enum Outcome {
         envelope: Arc<Params>,
         embeddings: Vec<Bytes>,
         usage: Option<Value>,
+        /// Each embedding's share of the batch's prompt tokens, kept with it in the cache.
+        input_tokens: Vec<u64>,
     },
     Failed(ProxyError),
 }
@@ -376,7 +378,7 @@ impl State {
 
         let (no_cache, no_store) = cache_controls(&parts.headers);
         let mut keys = vec![None; count];
-        let mut found: Vec<Option<Bytes>> = vec![None; count];
+        let mut found: Vec<Option<(Bytes, u64)>> = vec![None; count];
         if let Some(cache) = &settings.cache {
             for (i, input) in parsed.inputs.iter().enumerate() {
                 keys[i] = cache.key(&parts, &parsed.params, input);
@@ -389,6 +391,9 @@ impl State {
         settings.metrics.cached_inputs.inc_by(hits as u64);
         if hits == count && settings.cache.is_some() {
             settings.metrics.saved_cache.inc();
+            // What these inputs cost when they were computed, like a whole-response hit replays
+            // the usage it was stored with.
+            let tokens: u64 = found.iter().flatten().map(|(_, t)| t).sum();
             tracing::debug!(route = %settings.route, inputs = count, "embeddings answered from the per-input cache");
             let envelope: Params = [
                 RawValue::from_string("\"list\"".into())
@@ -403,10 +408,10 @@ impl State {
             .into_iter()
             .flatten()
             .collect();
-            let usage = serde_json::json!({"prompt_tokens": 0, "total_tokens": 0});
+            let usage = serde_json::json!({"prompt_tokens": tokens, "total_tokens": tokens});
             let body = wire::answer_body(
                 &envelope,
-                found.iter().flatten().map(|b| &**b),
+                found.iter().flatten().map(|(b, _)| &b[..]),
                 Some(&usage),
             );
             let mut headers = HeaderMap::new();
@@ -469,12 +474,15 @@ impl State {
                 envelope,
                 embeddings,
                 usage,
+                input_tokens,
             } => {
                 if let Some(cache) = &settings.cache {
                     if !no_store {
-                        for (position, embedding) in missing.iter().zip(&embeddings) {
+                        for ((position, embedding), tokens) in
+                            missing.iter().zip(&embeddings).zip(&input_tokens)
+                        {
                             if let Some(key) = keys[*position] {
-                                cache.put(key, embedding);
+                                cache.put(key, embedding, *tokens);
                             }
                         }
                     }
@@ -487,7 +495,7 @@ impl State {
                 let mut fresh = embeddings.into_iter();
                 let all: Option<Vec<Bytes>> = found
                     .into_iter()
-                    .map(|cached| cached.or_else(|| fresh.next()))
+                    .map(|cached| cached.map(|(b, _)| b).or_else(|| fresh.next()))
                     .collect();
                 let Some(all) = all else {
                     return Err(ProxyError::Internal(
@@ -691,15 +699,18 @@ impl State {
             };
             // The same input twice in one batch (same tenant and parameters) is sent once.
             let mut unique: Vec<&RawValue> = Vec::new();
+            let mut unique_weights: Vec<u64> = Vec::new();
             let mut seen: HashMap<&str, usize> = HashMap::new();
             let slots: Vec<Vec<usize>> = members
                 .iter()
                 .map(|m| {
                     m.inputs
                         .iter()
-                        .map(|input| {
+                        .zip(&m.weights)
+                        .map(|(input, weight)| {
                             *seen.entry(input.get()).or_insert_with(|| {
                                 unique.push(input);
+                                unique_weights.push(*weight);
                                 unique.len() - 1
                             })
                         })
@@ -795,6 +806,13 @@ impl State {
                 .usage
                 .as_ref()
                 .map(|u| wire::share_usage(u, &weights).into_iter());
+            let prompt_tokens = answer
+                .usage
+                .as_ref()
+                .and_then(|u| u.get("prompt_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let per_input = wire::apportion(prompt_tokens, &unique_weights);
             let envelope = Arc::new(answer.envelope);
             for (m, slots) in members.into_iter().zip(slots) {
                 let mine: Vec<Bytes> = slots
@@ -807,6 +825,10 @@ impl State {
                     envelope: envelope.clone(),
                     embeddings: mine,
                     usage: usages.as_mut().and_then(Iterator::next),
+                    input_tokens: slots
+                        .iter()
+                        .map(|u| per_input.get(*u).copied().unwrap_or(0))
+                        .collect(),
                 });
             }
         })

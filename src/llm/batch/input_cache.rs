@@ -16,6 +16,10 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Where an entry keeps the prompt tokens its input cost (entries are not responses: this
+/// never reaches a client).
+const TOKENS: &str = "x-sidelight-input-tokens";
+
 pub struct InputCache {
     route: Arc<str>,
     store: Store,
@@ -83,22 +87,31 @@ impl InputCache {
         .ok()
     }
 
-    /// The stored embedding (its JSON text: a float array or a base64 string), while fresh.
-    pub fn get(&self, key: &CacheKey) -> Option<Bytes> {
+    /// The stored embedding (its JSON text: a float array or a base64 string) and the prompt
+    /// tokens it cost, while fresh.
+    pub fn get(&self, key: &CacheKey) -> Option<(Bytes, u64)> {
         let hit = self.store.get(key).filter(|s| s.is_fresh())?;
+        let tokens = hit
+            .headers
+            .get(TOKENS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         match hit.chunks.as_slice() {
-            [one] => Some(one.clone()),
+            [one] => Some((one.clone(), tokens)),
             _ => None,
         }
     }
 
-    pub fn put(&self, key: CacheKey, embedding: &[u8]) {
+    pub fn put(&self, key: CacheKey, embedding: &[u8], tokens: u64) {
+        let mut headers = HeaderMap::new();
+        headers.insert(TOKENS, http::HeaderValue::from(tokens));
         self.store.insert(
             key,
             Stored {
                 route: self.route.clone(),
                 status: StatusCode::OK,
-                headers: HeaderMap::new(),
+                headers,
                 // A copy: a slice would keep the whole batch's answer alive in the cache.
                 chunks: vec![Bytes::copy_from_slice(embedding)],
                 stored_at: Instant::now(),
