@@ -602,6 +602,14 @@ async fn per_input_cache_sends_only_the_missing_inputs() {
             1.0,
         )
         .await;
+    // LLM accounting counts the hit's tokens as spend avoided.
+    proxy
+        .assert_metric_eventually(
+            "sidelight_llm_tokens_avoided_total",
+            &[("route", "embed"), ("source", "cache")],
+            2.0,
+        )
+        .await;
     // The whole-response cache stays out of the way: no bypass, no store for embeddings.
     assert_eq!(
         proxy
