@@ -163,6 +163,7 @@ impl Sidelight {
                 .iter()
                 .map(|u| (u.name.clone(), crate::proxy::retry::budget(&u.retry_budget)))
                 .collect(),
+            batches: Default::default(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
 

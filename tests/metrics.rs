@@ -17,6 +17,7 @@ upstreams:
 routes:
   - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }], retries: {} }
   - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
+  - { name: embed, kind: openai, upstream: up, match: { path_prefix: /embed }, cache: { ttl: 1m }, batch: { max_wait: 1ms } }
   - name: llm
     kind: openai
     upstream: llmup
@@ -193,8 +194,12 @@ async fn metric_names_follow_conventions() {
             );
         }
         if kind == "histogram" {
+            // Counts have no unit: batch sizes are counted in inputs and requests.
             assert!(
-                name.ends_with("_seconds") || name.ends_with("_bytes"),
+                name.ends_with("_seconds")
+                    || name.ends_with("_bytes")
+                    || name.ends_with("_inputs")
+                    || name.ends_with("_requests"),
                 "histogram {name} must be in base units"
             );
         }

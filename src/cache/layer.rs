@@ -77,6 +77,7 @@ struct Policy {
 #[derive(Clone)]
 pub struct CacheLayer {
     policy: Arc<Policy>,
+    skip: Option<fn(&ProxyRequest) -> bool>,
 }
 
 fn names(list: &[String]) -> Vec<HeaderName> {
@@ -150,7 +151,15 @@ impl CacheLayer {
                 shared,
                 metrics: route_metrics,
             }),
+            skip: None,
         })
+    }
+
+    /// Requests for which `skip` is true go past this layer untouched (not even counted as a
+    /// bypass): another layer caches them its own way (embeddings, input by input).
+    pub fn skipping(mut self, skip: fn(&ProxyRequest) -> bool) -> Self {
+        self.skip = Some(skip);
+        self
     }
 }
 
@@ -176,6 +185,7 @@ impl<S> Layer<S> for CacheLayer {
         Cache {
             inner,
             policy: self.policy.clone(),
+            skip: self.skip,
         }
     }
 }
@@ -184,6 +194,7 @@ impl<S> Layer<S> for CacheLayer {
 pub struct Cache<S> {
     inner: S,
     policy: Arc<Policy>,
+    skip: Option<fn(&ProxyRequest) -> bool>,
 }
 
 /// What the client asked for through its request headers.
@@ -277,6 +288,9 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        if self.skip.is_some_and(|skip| skip(&req)) {
+            return self.inner.call(req);
+        }
         let policy = self.policy.clone();
         // A compressed body cannot be canonicalised or read as SQL: never guess.
         let encoded = req

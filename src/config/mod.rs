@@ -472,6 +472,55 @@ pub struct RouteConfig {
     /// LLM accounting and stream timeouts (`kind: openai | anthropic` routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llm: Option<LlmConfig>,
+    /// Embeddings micro-batching (`kind: openai` routes only; off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchConfig>,
+}
+
+/// Concurrent `POST .../embeddings` requests merged into one upstream call.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch is sent as soon as it holds this many inputs.
+    #[serde(default = "default_batch_max_inputs")]
+    pub max_inputs: usize,
+    /// ... or this long after its first request arrived, whichever comes first.
+    #[serde(default = "default_batch_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// ... or before its inputs would take more than this many bytes (no bound when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<ByteSize>,
+    /// What an upstream error does to the batch.
+    #[serde(default)]
+    pub on_error: BatchOnError,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_inputs: default_batch_max_inputs(),
+            max_wait: default_batch_max_wait(),
+            max_body_bytes: None,
+            on_error: BatchOnError::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOnError {
+    /// Every request of the batch gets the upstream's error.
+    #[default]
+    Fail,
+    /// A 4xx about the input: the batch is retried in halves to isolate the request that caused it.
+    Split,
+}
+
+fn default_batch_max_inputs() -> usize {
+    256
+}
+fn default_batch_max_wait() -> Duration {
+    Duration::from_millis(5)
 }
 
 /// A route's LLM options; every field has a default, so `llm` can be left out.

@@ -337,6 +337,9 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         if let Some(cache) = &route.cache {
             check_route_cache(&format!("{at}.cache"), cache, errs);
         }
+        if let Some(batch) = &route.batch {
+            check_batch(&format!("{at}.batch"), route.kind, batch, errs);
+        }
         if let Some(llm) = &route.llm {
             check_route_llm(&format!("{at}.llm"), route.kind, llm, errs);
         }
@@ -453,6 +456,31 @@ fn check_route_cache(at: &str, cache: &super::RouteCacheConfig, errs: &mut Error
             }
             _ => errs.add(format!("{at}.rules"), e),
         }
+    }
+}
+
+fn check_batch(at: &str, kind: super::RouteKind, batch: &super::BatchConfig, errs: &mut Errors) {
+    if kind != super::RouteKind::Openai {
+        errs.add(
+            at,
+            "embeddings batching needs a route of kind: openai (it reads OpenAI's embeddings format)",
+        );
+    }
+    if batch.max_inputs == 0 {
+        errs.add(format!("{at}.max_inputs"), "must be at least 1");
+    } else if batch.max_inputs > 100_000 {
+        errs.add(format!("{at}.max_inputs"), "at most 100000");
+    }
+    if batch.max_wait.is_zero() {
+        errs.add(format!("{at}.max_wait"), "must be greater than 0");
+    } else if batch.max_wait > std::time::Duration::from_secs(10) {
+        errs.add(
+            format!("{at}.max_wait"),
+            "at most 10s (every request of a batch waits this long in the worst case)",
+        );
+    }
+    if batch.max_body_bytes.is_some_and(|b| b.0 == 0) {
+        errs.add(format!("{at}.max_body_bytes"), "must be at least 1");
     }
 }
 
@@ -574,5 +602,39 @@ routes:
         assert_eq!(config.upstreams[0].endpoints[0].value, "http://127.0.0.1:9");
         assert_eq!(config.upstreams[0].pool.idle_timeout.as_secs(), 4);
         assert_eq!(config.admin.address.to_string(), "127.0.0.1:9901");
+    }
+
+    #[test]
+    fn batch_fields_are_checked_by_path() {
+        let errs = errors(
+            "upstreams: [{ name: a, endpoints: [http://a] }]\nroutes:\n  - { upstream: a, kind: openai, batch: { max_inputs: 0, max_wait: 0s, max_body_bytes: 0 } }\n  - { upstream: a, name: b, match: { path_prefix: /b }, batch: {} }\n",
+        );
+        assert!(
+            errs.contains(&"routes[0].batch.max_inputs: must be at least 1".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&"routes[0].batch.max_wait: must be greater than 0".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&"routes[0].batch.max_body_bytes: must be at least 1".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e
+                .starts_with("routes[1].batch: embeddings batching needs a route of kind: openai")),
+            "{errs:?}"
+        );
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        let config = Config::from_yaml(
+            "upstreams: [{ name: a, endpoints: [http://a] }]\nroutes: [{ upstream: a, kind: openai, batch: { on_error: split } }]\n",
+            &|_| None,
+        )
+        .expect("valid");
+        let batch = config.routes[0].batch.as_ref().expect("batch");
+        assert_eq!(batch.max_inputs, 256);
+        assert_eq!(batch.max_wait.as_millis(), 5);
+        assert_eq!(batch.on_error, crate::config::BatchOnError::Split);
     }
 }

@@ -2,6 +2,7 @@
 //! `kind: openai` or `kind: anthropic` use it; every other route stays a plain HTTP proxy whose
 //! bodies are never parsed.
 
+pub mod batch;
 pub mod estimate;
 pub mod first_token;
 pub mod layer;

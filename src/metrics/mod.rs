@@ -35,6 +35,17 @@ pub const TOKEN_TIME_BUCKETS: &[f64] = &[
 /// LLM timeout kinds: a closed set.
 pub const LLM_TIMEOUT_KINDS: &[&str] = &["first_token", "token_gap"];
 
+/// Batch sizes, in inputs or requests: powers of two up to well past any provider's limit.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
+/// A batch's wait is bounded by its `max_wait`, typically milliseconds.
+pub const BATCH_WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
 /// Route label for requests that matched no route.
 pub const NO_ROUTE: &str = "_none";
 
@@ -157,6 +168,11 @@ pub struct Metrics {
     pub ratelimit_queue_wait: HistogramVec,
     pub ratelimit_queue_length: IntGaugeVec,
     pub upstream_calls_saved: IntCounterVec,
+    pub embeddings_batch_inputs: HistogramVec,
+    pub embeddings_batch_requests: HistogramVec,
+    pub embeddings_batch_wait: HistogramVec,
+    pub embeddings_cached_inputs: IntCounterVec,
+    pub embeddings_pending_inputs: IntGaugeVec,
     pub llm_tokens: IntCounterVec,
     pub llm_requests: IntCounterVec,
     pub llm_time_to_first_token: HistogramVec,
@@ -268,7 +284,12 @@ impl Metrics {
             upstream_concurrency_decisions: counter(&r, "sidelight_upstream_concurrency_decisions_total", "Concurrency-limit decisions per upstream: allowed, queued, rejected (503 upstream_busy).", &["upstream", "result"]),
             ratelimit_queue_wait: histogram(&r, "sidelight_ratelimit_queue_wait_seconds", "Time queued requests waited for a rate-limit slot.", &["route", "limit"], LATENCY_BUCKETS),
             ratelimit_queue_length: gauge(&r, "sidelight_ratelimit_queue_length", "Requests waiting for a rate-limit slot.", &["route", "limit"]),
-            upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit) or dedup (coalesced).", &["route", "reason"]),
+            upstream_calls_saved: counter(&r, "sidelight_upstream_calls_saved_total", "Upstream calls not made, by reason: cache (a hit), dedup (coalesced) or batch (embeddings requests merged into one call).", &["route", "reason"]),
+            embeddings_batch_inputs: histogram(&r, "sidelight_embeddings_batch_inputs", "Inputs per upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
+            embeddings_batch_requests: histogram(&r, "sidelight_embeddings_batch_requests", "Client requests merged into each upstream embeddings call on batching routes.", &["route"], BATCH_SIZE_BUCKETS),
+            embeddings_batch_wait: histogram(&r, "sidelight_embeddings_batch_wait_seconds", "Time an embeddings request waited for its batch to be sent.", &["route"], BATCH_WAIT_BUCKETS),
+            embeddings_pending_inputs: gauge(&r, "sidelight_embeddings_pending_inputs", "Embedding inputs waiting in batches not sent yet.", &["route"]),
+            embeddings_cached_inputs: counter(&r, "sidelight_embeddings_cached_inputs_total", "Embedding inputs answered from the per-input cache (not sent upstream).", &["route"]),
             llm_tokens: counter(&r, "sidelight_llm_tokens_total", "Tokens of LLM requests sent upstream, as the upstream reported them (or estimated), by kind: prompt, completion, cached (prompt tokens the provider served from its prompt cache).", &["route", "model", "kind"]),
             llm_requests: counter(&r, "sidelight_llm_requests_total", "LLM requests, by model and status class (cache hits included).", &["route", "model", "status_class"]),
             llm_time_to_first_token: histogram(&r, "sidelight_llm_time_to_first_token_seconds", "Time from request arrival to the first generated token of an LLM stream (from upstream).", &["route", "model"], TTFT_BUCKETS),
@@ -362,6 +383,19 @@ impl Metrics {
                 std::sync::Arc::new(crate::llm::models::ModelLabels::new(allowed, max))
             })
             .clone()
+    }
+
+    /// Series of a route with embeddings batching on.
+    pub fn init_batch_route(&self, route: &str) {
+        self.embeddings_batch_inputs.with_label_values(&[route]);
+        self.embeddings_batch_requests.with_label_values(&[route]);
+        self.embeddings_batch_wait.with_label_values(&[route]);
+        self.embeddings_cached_inputs.with_label_values(&[route]);
+        self.embeddings_pending_inputs.with_label_values(&[route]);
+        for reason in ["batch", "cache"] {
+            self.upstream_calls_saved
+                .with_label_values(&[route, reason]);
+        }
     }
 
     pub fn init_upstream(&self, upstream: &str) {

@@ -11,6 +11,7 @@ use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
 use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::llm::batch::{BatchLayer, InputCache};
 use crate::llm::first_token::FirstTokenLayer;
 use crate::llm::layer::LlmLayer;
 use crate::metrics::{Metrics, NO_ROUTE};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub balancers: HashMap<String, Arc<Balancer>>,
     /// Retry budgets, by upstream name.
     pub retry_budgets: HashMap<String, Arc<tower::retry::budget::TpsBudget>>,
+    /// Pending embeddings batches, by route: requests on every worker batch together.
+    pub batches: crate::llm::batch::Batches,
 }
 
 impl Shared {
@@ -182,8 +185,23 @@ impl Entry {
                 if let Some(limit) = concurrency {
                     inner = RouteService::new(ConcurrencyLayer::new(limit).layer(inner));
                 }
+                // Inside the cache, outside the concurrency limit: a merged call takes one slot.
+                let batch = r
+                    .batch
+                    .as_ref()
+                    .filter(|_| r.kind == crate::config::RouteKind::Openai);
+                if let Some(batch) = batch {
+                    let inputs = r.cache.as_ref().map(|c| {
+                        let ignored = crate::llm::cache_ignored_fields(r);
+                        InputCache::new(&r.name, c, ignored, shared.cache.store.clone())
+                    });
+                    let groups = shared.batches.route(&r.name);
+                    let layer =
+                        BatchLayer::new(&r.name, &r.upstream, batch, inputs, groups, metrics);
+                    inner = RouteService::new(layer.layer(inner));
+                }
                 if r.cache.is_some() || dedup {
-                    let layer = CacheLayer::new(
+                    let mut layer = CacheLayer::new(
                         &r.name,
                         r.cache.as_ref(),
                         dedup,
@@ -193,6 +211,10 @@ impl Entry {
                     )
                     .map_err(route_err)?
                     .ignoring_json_fields(crate::llm::cache_ignored_fields(r));
+                    if batch.is_some() {
+                        // The batch layer caches embeddings input by input.
+                        layer = layer.skipping(crate::llm::batch::is_embeddings);
+                    }
                     inner = RouteService::new(layer.layer(inner));
                 }
                 // Outside the cache, so hits are accounted for too.

@@ -8,6 +8,7 @@
 //! 3. [`limit::BodyLimitLayer`]: 413 past the request body limit;
 //! 4. [`crate::ratelimit::layer`]: rate limits (429 or queue), on routes that set them;
 //! 5. [`crate::cache::layer`]: cache and coalescing, on routes that enable them;
+//!    then [`crate::llm::batch`]: embeddings micro-batching, on routes with `batch:`;
 //!    then [`crate::ratelimit::concurrency`]: the upstream's concurrency limit, when set;
 //! 6. [`retry`]: retries on another endpoint, within the upstream's budget, when set;
 //! 7. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;

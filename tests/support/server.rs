@@ -32,6 +32,7 @@ pub struct Recorded {
 pub type Chunk = Result<Bytes, ()>;
 
 type FnHandler = Arc<dyn Fn(Recorded) -> Response<ProxyBody> + Send + Sync>;
+type AsyncHandler = Arc<dyn Fn(Recorded) -> BoxFuture<'static, Response<ProxyBody>> + Send + Sync>;
 type StreamHandler =
     Arc<dyn Fn(Recorded, mpsc::Sender<Chunk>) -> BoxFuture<'static, ()> + Send + Sync>;
 
@@ -43,6 +44,8 @@ enum Handler {
         latency: Duration,
     },
     Fn(FnHandler),
+    /// Answers when the handler's future does (latency, faults decided per request).
+    Async(AsyncHandler),
     /// Sends headers at once (`text/event-stream`), then whatever the handler pushes.
     Stream(StreamHandler),
     /// Never answers.
@@ -112,6 +115,14 @@ impl Builder {
         f: impl Fn(Recorded) -> Response<ProxyBody> + Send + Sync + 'static,
     ) -> Self {
         self.add(path, Handler::Fn(Arc::new(f)))
+    }
+
+    pub fn route_async<F, Fut>(self, path: &str, f: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        self.add(path, Handler::Async(Arc::new(move |r| Box::pin(f(r)))))
     }
 
     pub fn route_stream<F, Fut>(self, path: &str, f: F) -> Self
@@ -256,6 +267,7 @@ async fn handle(
             Ok(Response::builder().status(status).body(full(body)).unwrap())
         }
         Some(Handler::Fn(f)) => Ok(f(recorded)),
+        Some(Handler::Async(f)) => Ok(f(recorded).await),
         Some(Handler::Stream(f)) => {
             let (tx, rx) = mpsc::channel::<Chunk>(16);
             tokio::spawn(f(recorded, tx));
