@@ -342,6 +342,9 @@ async fn readyz_follows_the_health_of_every_route() {
     readyz(200).await;
     status.store(503, Ordering::SeqCst);
     readyz(503).await;
+    proxy
+        .assert_metric_eventually("sidelight_route_healthy", &[("route", "r")], 0.0)
+        .await;
     let a = support::get(&proxy.admin_url("/readyz")).await;
     assert!(a.body.contains("route(s) r"), "{}", a.body);
     let s = support::get(&proxy.admin_url("/status")).await.json();
@@ -351,6 +354,9 @@ async fn readyz_follows_the_health_of_every_route() {
     assert_eq!(support::get(&proxy.url("/")).await.status, 503);
     status.store(200, Ordering::SeqCst);
     readyz(200).await;
+    proxy
+        .assert_metric_eventually("sidelight_route_healthy", &[("route", "r")], 1.0)
+        .await;
     // The default probe path of a plain upstream is `/`.
     assert!(only.requests().iter().any(|r| r.uri.path() == "/"
         && r.headers.get("user-agent").is_some_and(|v| v

@@ -34,6 +34,20 @@ impl AdminState {
             .map(|(_, b)| b.as_ref())
     }
 
+    /// Health gauges change when an ejection ends, which nothing else observes: bring them up
+    /// to date before a scrape.
+    fn refresh_health_gauges(&self) {
+        for (route, upstream) in &self.routes {
+            let healthy = self
+                .balancer(upstream)
+                .is_none_or(|b| b.any_healthy_refreshed());
+            self.metrics
+                .route_healthy
+                .with_label_values(&[route])
+                .set(i64::from(healthy));
+        }
+    }
+
     /// Routes none of whose endpoints is healthy (all failing health checks or ejected).
     fn unhealthy_routes(&self) -> Vec<&str> {
         self.routes
@@ -153,11 +167,14 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                 }),
             )
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render(),
-        ),
+        "/metrics" => {
+            state.refresh_health_gauges();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            )
+        }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if !state.ready.load(Ordering::Acquire) {

@@ -298,6 +298,13 @@ impl Balancer {
         (0..self.endpoints.len()).any(|i| self.healthy_at(i, now))
     }
 
+    /// Like [`Balancer::any_healthy`], but looks at every endpoint, so each one's gauges are
+    /// up to date afterwards.
+    pub fn any_healthy_refreshed(&self) -> bool {
+        let now = self.now_ms();
+        (0..self.endpoints.len()).fold(false, |any, i| self.healthy_at(i, now) | any)
+    }
+
     /// Every endpoint's state, for `/status`.
     pub fn status(&self) -> Vec<EndpointStatus> {
         let now = self.now_ms();
