@@ -34,6 +34,26 @@ async fn example_config_in_front_of_the_mock() -> (sidelight::server::Running, M
 async fn readme_tour_against_the_mock() {
     let (running, mock) = example_config_in_front_of_the_mock().await;
     let base = format!("http://{}", running.listeners[0]);
+    // The example config health-checks the mock (GET /v1/models at start, then every 10 s):
+    // wait for the first probe, so the mock's request count below is ours.
+    let admin = format!("http://{}/metrics", running.admin);
+    support::eventually(
+        "the first health probe",
+        std::time::Duration::from_secs(5),
+        || {
+            let admin = admin.clone();
+            async move {
+                let text = support::get(&admin).await.body;
+                support::metric(
+                    &text,
+                    "sidelight_health_checks_total",
+                    &[("upstream", "openai"), ("result", "success")],
+                ) == Some(1.0)
+            }
+        },
+    )
+    .await;
+    let probes = mock.requests();
 
     let answer = support::post(
         &format!("{base}/openai/v1/chat/completions"),
@@ -71,7 +91,7 @@ async fn readme_tour_against_the_mock() {
     .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json()["data"].as_array().unwrap().len(), 3);
-    assert_eq!(mock.requests(), 3);
+    assert_eq!(mock.requests() - probes, 3);
 
     // The mock needs no key, and without OPENAI_API_KEY no Authorization header is invented.
     let metrics = support::get(&format!("http://{}/metrics", running.admin))
