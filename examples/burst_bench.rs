@@ -32,42 +32,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sidelight::config::Config;
 use sidelight::server::Sidelight;
 
-const USAGE: &str = "usage: burst_bench [--clients N] [--rate N] [--rounds N]";
-
+/// The command line (clap: `--help` lists it).
+#[derive(clap::Parser)]
+#[command(
+    name = "burst_bench",
+    about = "A burst against an upstream that answers 429 above its quota"
+)]
 struct Args {
-    clients: usize,
+    /// Requests the app starts at the same moment.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    /// Requests per second the upstream admits (burst 10); sidelight queues at 90% of it.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(10..))]
     rate: u32,
-    rounds: usize,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        clients: 300,
-        rate: 100,
-        rounds: 5,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-        };
-        match flag.as_str() {
-            "--clients" => {
-                args.clients = value()?.parse().map_err(|e| format!("--clients: {e}"))?
-            }
-            "--rate" => args.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
-            "--rounds" => args.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
-        }
-    }
-    if args.clients == 0 || args.rate < 10 || args.rounds == 0 {
-        return Err(format!(
-            "--clients and --rounds must be > 0, --rate >= 10\n{USAGE}"
-        ));
-    }
-    Ok(args)
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
 }
 
 /// The upstream: 2 ms per admitted request, 429 above its quota.
@@ -154,13 +133,8 @@ fn median<T: Copy + PartialOrd>(mut xs: Vec<T>) -> T {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
+    let clients = args.clients as usize;
     let up = match upstream(args.rate).await {
         Ok(addr) => addr,
         Err(e) => {
@@ -203,12 +177,12 @@ routes:
     let via = format!("http://{}/", running.listeners[0]);
     let direct = format!("http://{up}/");
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.clients)
+        .pool_max_idle_per_host(clients)
         .build(HttpConnector::new());
 
     println!(
         "burst benchmark: {} requests at once, upstream admits {}/s (burst 10) and answers 429 above; sidelight queues at {}/s; medians of {} rounds",
-        args.clients, args.rate, queued_rate, args.rounds
+        clients, args.rate, queued_rate, args.rounds
     );
     let mut results: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     for r in 0..args.rounds {
@@ -217,7 +191,7 @@ routes:
             // Let both buckets refill, so every run starts from the same state.
             tokio::time::sleep(Duration::from_secs(1)).await;
             let url = if mode == 0 { &direct } else { &via };
-            let round = burst(&client, url, args.clients).await;
+            let round = burst(&client, url, clients).await;
             eprintln!(
                 "[bench] round {} {:<9} ok {:>4}  429 {:>4}  failed {:>3}  last answer after {:>6.0} ms",
                 r + 1,
@@ -239,7 +213,7 @@ routes:
         println!(
             "| {name} | {} / {} | {} | {} | {:.2} s |",
             ok[mode],
-            args.clients,
+            clients,
             median(rs.iter().map(|x| x.limited).collect::<Vec<_>>()),
             median(rs.iter().map(|x| x.failed).collect::<Vec<_>>()),
             median(

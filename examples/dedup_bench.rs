@@ -35,12 +35,9 @@ use sidelight::server::Sidelight;
 use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use tokio::sync::watch;
 
-const USAGE: &str = "usage: dedup_bench [--clients N] [--rounds N] [--latency-ms N] \
-                     [--request models|chat] [--timeout-s N] [--out FILE]";
-
 const CHAT_BODY: &str = r#"{"model":"mock-gpt","messages":[{"role":"user","content":"the same question, asked by everyone"}]}"#;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Kind {
     /// `GET /v1/models`
     Models,
@@ -68,55 +65,42 @@ struct Args {
     given: Vec<String>,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
-    let given: Vec<String> = std::env::args().skip(1).collect();
-    let mut a = Args {
-        clients: 100,
-        rounds: 5,
-        latency_ms: 200,
-        kind: Kind::Models,
-        timeout: Duration::from_secs(30),
-        out: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("benches/results/dedup-latest.md"),
-        given: given.clone(),
-    };
-    let mut it = given.into_iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (arg, None),
-        };
-        if flag == "-h" || flag == "--help" {
-            return Ok(None);
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let num = |v: &str| -> Result<u64, String> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{flag}: expected a positive integer, got {v:?}"))
-        };
-        match flag.as_str() {
-            "--clients" => a.clients = num(&value)? as usize,
-            "--rounds" => a.rounds = num(&value)? as usize,
-            "--latency-ms" => a.latency_ms = num(&value)?,
-            "--timeout-s" => a.timeout = Duration::from_secs(num(&value)?),
-            "--request" => {
-                a.kind = match value.as_str() {
-                    "models" => Kind::Models,
-                    "chat" => Kind::Chat,
-                    other => {
-                        return Err(format!("--request: expected models or chat, got {other:?}"))
-                    }
-                }
-            }
-            "--out" => a.out = value.into(),
-            _ => return Err(format!("unknown argument {flag}\n{USAGE}")),
-        }
+/// The command line (clap: `--help` lists it).
+#[derive(clap::Parser)]
+#[command(name = "dedup_bench", about = "Request-coalescing benchmark")]
+struct Cli {
+    /// Clients sending the same request at once.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// The mock upstream's latency per request.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    latency_ms: u64,
+    /// Per-request timeout, seconds.
+    #[arg(long = "timeout-s", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_s: u64,
+    /// What every client sends.
+    #[arg(long = "request", value_enum, default_value = "models")]
+    kind: Kind,
+    /// Where the Markdown report goes (default: benches/results/dedup-latest.md).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let cli = <Cli as clap::Parser>::parse();
+    Args {
+        clients: cli.clients as usize,
+        rounds: cli.rounds as usize,
+        latency_ms: cli.latency_ms,
+        kind: cli.kind,
+        timeout: Duration::from_secs(cli.timeout_s),
+        out: cli.out.unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/dedup-latest.md")
+        }),
+        given: std::env::args().skip(1).collect(),
     }
-    Ok(Some(a))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -373,17 +357,7 @@ fn summarise(mode: Mode, runs: &[Run]) -> Summary {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(msg) => {
-            eprintln!("dedup_bench: {msg}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = parse_args();
 
     let mock_cfg = MockConfig {
         latency: Duration::from_millis(args.latency_ms),

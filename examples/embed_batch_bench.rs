@@ -41,9 +41,6 @@ use sidelight::server::Sidelight;
 use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use tokio::sync::watch;
 
-const USAGE: &str = "usage: embed_batch_bench [--clients N] [--rounds N] [--latency-ms N] \
-                     [--dim N] [--max-inputs N] [--max-wait-ms N] [--upstream fixed|mock] [--timeout-s N] [--out FILE]";
-
 struct Args {
     clients: usize,
     rounds: usize,
@@ -57,64 +54,60 @@ struct Args {
     given: Vec<String>,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
-    let given: Vec<String> = std::env::args().skip(1).collect();
-    let mut a = Args {
-        clients: 256,
-        rounds: 5,
-        latency_ms: 20,
-        dim: 1536,
-        max_inputs: 256,
-        max_wait_ms: 5,
-        upstream: UpstreamKind::Fixed,
-        timeout: Duration::from_secs(30),
-        out: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("benches/results/embed-batch-latest.md"),
-        given: given.clone(),
-    };
-    let mut it = given.into_iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (arg, None),
-        };
-        if flag == "-h" || flag == "--help" {
-            return Ok(None);
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let num = |v: &str| -> Result<u64, String> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{flag}: expected a positive integer, got {v:?}"))
-        };
-        match flag.as_str() {
-            "--clients" => a.clients = num(&value)? as usize,
-            "--rounds" => a.rounds = num(&value)? as usize,
-            "--latency-ms" => a.latency_ms = num(&value)?,
-            "--dim" => a.dim = num(&value)? as usize,
-            "--max-wait-ms" => a.max_wait_ms = num(&value)?,
-            "--max-inputs" => a.max_inputs = num(&value)? as usize,
-            "--timeout-s" => a.timeout = Duration::from_secs(num(&value)?),
-            "--out" => a.out = value.into(),
-            "--upstream" => {
-                a.upstream = match value.as_str() {
-                    "fixed" => UpstreamKind::Fixed,
-                    "mock" => UpstreamKind::Mock,
-                    other => {
-                        return Err(format!("--upstream: expected fixed or mock, got {other:?}"))
-                    }
-                }
-            }
-            _ => return Err(format!("unknown argument {flag}\n{USAGE}")),
-        }
-    }
-    Ok(Some(a))
+/// The command line (clap: `--help` lists it).
+#[derive(clap::Parser)]
+#[command(
+    name = "embed_batch_bench",
+    about = "Embeddings micro-batching benchmark"
+)]
+struct Cli {
+    /// Clients sending one single-input embeddings request each, at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// The upstream's latency per call.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    latency_ms: u64,
+    /// Floats per vector.
+    #[arg(long, default_value_t = 1536, value_parser = clap::value_parser!(u64).range(1..))]
+    dim: u64,
+    /// The batching route's `batch.max_inputs`.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_inputs: u64,
+    /// The batching route's `batch.max_wait`, milliseconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    max_wait_ms: u64,
+    #[arg(long, value_enum, default_value = "fixed")]
+    upstream: UpstreamKind,
+    /// Per-request timeout, seconds.
+    #[arg(long = "timeout-s", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_s: u64,
+    /// Where the Markdown report goes (default: benches/results/embed-batch-latest.md).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+fn parse_args() -> Args {
+    let cli = <Cli as clap::Parser>::parse();
+    Args {
+        clients: cli.clients as usize,
+        rounds: cli.rounds as usize,
+        latency_ms: cli.latency_ms,
+        dim: cli.dim as usize,
+        max_inputs: cli.max_inputs as usize,
+        max_wait_ms: cli.max_wait_ms,
+        upstream: cli.upstream,
+        timeout: Duration::from_secs(cli.timeout_s),
+        out: cli.out.unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("benches/results/embed-batch-latest.md")
+        }),
+        given: std::env::args().skip(1).collect(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum UpstreamKind {
     /// [`FixedUpstream`]: the call's latency is the only cost that grows with calls.
     Fixed,
@@ -142,7 +135,10 @@ impl FixedUpstream {
             (0..16u32)
                 .map(|k| {
                     let v: Vec<f32> = (0..dim)
-                        .map(|i| ((i as u32 * 2654435761u32) ^ k) as f32 / u32::MAX as f32 - 0.5)
+                        .map(|i| {
+                            ((i as u32).wrapping_mul(2_654_435_761) ^ k) as f32 / u32::MAX as f32
+                                - 0.5
+                        })
                         .collect();
                     serde_json::to_string(&v).unwrap_or_default()
                 })
@@ -432,17 +428,7 @@ fn f1(x: Option<f64>) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(msg) => {
-            eprintln!("embed_batch_bench: {msg}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = parse_args();
     let mock_cfg = MockConfig {
         latency: Duration::from_millis(args.latency_ms),
         embedding_dim: args.dim,
