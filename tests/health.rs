@@ -514,3 +514,42 @@ async fn a_stream_without_a_first_token_in_time_is_retried_on_another_endpoint()
     }
     assert_eq!(retries(&proxy, "first_token_timeout").await, 1.0);
 }
+
+#[tokio::test]
+async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
+    // The apps bring their own keys: the probe has none, and a 401 proves the endpoint is up.
+    let up = server::http1()
+        .status("/v1/models", 401, "{\"error\":\"no key\"}")
+        .run()
+        .await;
+    let yaml = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], health_check: {{ interval: 50ms, unhealthy_threshold: 1 }} }}\nroutes:\n  - {{ name: r, kind: anthropic, upstream: up }}\n",
+        up.url()
+    );
+    let proxy = proxy::start(&yaml).await;
+    proxy
+        .assert_metric_eventually(
+            "sidelight_health_checks_total",
+            &[("upstream", "up"), ("result", "success")],
+            3.0,
+        )
+        .await;
+    assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 200);
+    let probe = up.last_request();
+    assert_eq!(probe.uri.path(), "/v1/models");
+    assert_eq!(
+        probe.headers["anthropic-version"], "2023-06-01",
+        "Anthropic needs a version"
+    );
+
+    // With a key of its own, a 401 means the key is wrong: the endpoint fails its checks.
+    let keyed = format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], headers: {{ x-api-key: sk-wrong }}, health_check: {{ interval: 50ms, unhealthy_threshold: 1 }} }}\nroutes:\n  - {{ name: r, kind: anthropic, upstream: up }}\n",
+        up.url()
+    );
+    let proxy = proxy::start(&keyed).await;
+    proxy
+        .assert_metric_eventually("sidelight_route_healthy", &[("route", "r")], 0.0)
+        .await;
+    assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 503);
+}

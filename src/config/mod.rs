@@ -242,9 +242,11 @@ pub struct HealthCheckConfig {
     pub interval: Duration,
     #[serde(default = "default_hc_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Statuses that count as healthy: codes (`200`) or classes (`2xx`).
-    #[serde(default = "default_hc_statuses")]
-    pub expected_statuses: Vec<String>,
+    /// Statuses that count as healthy: codes (`200`) or classes (`2xx`). Default: `2xx`, and on
+    /// an LLM upstream that holds no key of its own (the apps bring theirs) also 401 and 403:
+    /// the endpoint answered, which is what the probe asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_statuses: Option<Vec<String>>,
     /// Passing probes in a row that bring an unhealthy endpoint back.
     #[serde(default = "default_hc_healthy")]
     pub healthy_threshold: u32,
@@ -258,9 +260,6 @@ fn default_hc_interval() -> Duration {
 }
 fn default_hc_timeout() -> Duration {
     Duration::from_secs(2)
-}
-fn default_hc_statuses() -> Vec<String> {
-    vec!["2xx".into()]
 }
 fn default_hc_healthy() -> u32 {
     2

@@ -3,7 +3,7 @@
 //! The verdict goes to the upstream's balancer, shared by every worker. Passive checks (outlier
 //! detection) live in the balancer itself.
 
-use crate::config::{Config, HealthCheckConfig, UpstreamConfig};
+use crate::config::{Config, HealthCheckConfig, RouteKind, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::proxy::body::empty;
 use crate::upstream::balance::Balancer;
@@ -51,17 +51,56 @@ impl StatusMatch {
     }
 }
 
-/// The probe path of an upstream: configured, else a cheap LLM listing for LLM upstreams
-/// (never a billed completion), else `/`.
-pub fn probe_path(config: &Config, upstream: &UpstreamConfig, hc: &HealthCheckConfig) -> String {
-    if let Some(p) = &hc.path {
-        return p.clone();
+/// How an upstream is probed, from its config and the kind of routes that use it.
+struct ProbePlan {
+    path: String,
+    expected: Vec<StatusMatch>,
+    /// Added to the probe when the upstream's own headers lack them.
+    extra_headers: Vec<(&'static str, &'static str)>,
+}
+
+fn plan(config: &Config, upstream: &UpstreamConfig, hc: &HealthCheckConfig) -> ProbePlan {
+    let kind_used = |k: RouteKind| {
+        config
+            .routes
+            .iter()
+            .any(|r| r.upstream == upstream.name && r.kind == k)
+    };
+    let llm = kind_used(RouteKind::Openai) || kind_used(RouteKind::Anthropic);
+    // A cheap model listing for LLM upstreams, never a billed completion.
+    let path = hc
+        .path
+        .clone()
+        .unwrap_or_else(|| if llm { "/v1/models" } else { "/" }.to_string());
+    let sends = |name: &str| {
+        upstream
+            .headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case(name) && !v.has_empty_var)
+    };
+    let expected = match &hc.expected_statuses {
+        Some(list) => list
+            .iter()
+            .filter_map(|s| StatusMatch::parse(s).ok())
+            .collect(),
+        // With no key of its own the probe cannot authenticate: an answer at all means up.
+        None if llm && !sends("authorization") && !sends("x-api-key") => vec![
+            StatusMatch::Class(2),
+            StatusMatch::Code(401),
+            StatusMatch::Code(403),
+        ],
+        None => vec![StatusMatch::Class(2)],
+    };
+    let mut extra_headers = Vec::new();
+    // Anthropic's API refuses requests without a version.
+    if kind_used(RouteKind::Anthropic) && !sends("anthropic-version") {
+        extra_headers.push(("anthropic-version", "2023-06-01"));
     }
-    let llm = config
-        .routes
-        .iter()
-        .any(|r| r.upstream == upstream.name && r.kind.is_llm());
-    if llm { "/v1/models" } else { "/" }.to_string()
+    ProbePlan {
+        path,
+        expected,
+        extra_headers,
+    }
 }
 
 /// Starts the probes of every upstream that has `health_check`, on the current runtime.
@@ -78,11 +117,7 @@ pub fn start(
         };
         // Probes use a pool of their own, so they never take a connection a request wanted.
         let upstream = Arc::new(Upstream::build(u, metrics, balancer.clone())?);
-        let expected: Vec<StatusMatch> = hc
-            .expected_statuses
-            .iter()
-            .filter_map(|s| StatusMatch::parse(s).ok())
-            .collect();
+        let plan = plan(config, u, hc);
         let counters = Counters {
             success: metrics
                 .health_checks
@@ -95,9 +130,10 @@ pub fn start(
                 .with_label_values(&[&u.name, "timeout"]),
         };
         let probe = Arc::new(Probe {
-            path: probe_path(config, u, hc),
+            path: plan.path,
             config: hc.clone(),
-            expected,
+            expected: plan.expected,
+            extra_headers: plan.extra_headers,
             counters,
         });
         tracing::info!(upstream = %u.name, path = %probe.path, interval = ?hc.interval, "active health checks on");
@@ -118,6 +154,7 @@ struct Probe {
     path: String,
     config: HealthCheckConfig,
     expected: Vec<StatusMatch>,
+    extra_headers: Vec<(&'static str, &'static str)>,
     counters: Counters,
 }
 
@@ -186,6 +223,10 @@ async fn check(upstream: &Upstream, i: usize, probe: &Probe) -> Verdict {
         .body(empty());
     if let Ok(req) = &mut req {
         // The upstream's own headers (an API key): listing models needs it.
+        for &(name, value) in &probe.extra_headers {
+            req.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+        }
         for (name, value) in &upstream.headers {
             req.headers_mut().insert(name.clone(), value.clone());
         }
