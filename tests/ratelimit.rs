@@ -523,3 +523,46 @@ routes:
         .to_string();
     assert!(err.contains("routes[0].rate_limits[0].unit"), "{err}");
 }
+
+#[tokio::test]
+async fn token_limits_are_corrected_from_streamed_usage_too() {
+    // A stream whose final chunk reports 1000 tokens (sidelight asks for it: include_usage).
+    let up = server::http1()
+        .route_stream("/v1/chat/completions", |req, tx| async move {
+            let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+            assert_eq!(body["stream_options"]["include_usage"], true);
+            for chunk in [
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":990,\"total_tokens\":1000}}\n\n",
+                "data: [DONE]\n\n",
+            ] {
+                let _ = tx.send(Ok(bytes::Bytes::from(chunk))).await;
+            }
+        })
+        .run()
+        .await;
+    let proxy = proxy::start(&token_config(&up.url())).await;
+    let stream = |i: u32| {
+        let url = proxy.url("/v1/chat/completions");
+        async move {
+            support::post(
+                &url,
+                &format!(r#"{{"model":"m","stream":true,"max_tokens":100,"messages":[{{"role":"user","content":"hi {i}"}}]}}"#),
+            )
+            .await
+        }
+    };
+    for i in 0..2 {
+        let a = stream(i).await;
+        assert_eq!(a.status, 200);
+        assert!(
+            !a.body.contains("usage\":{"),
+            "the client did not ask for usage: {}",
+            a.body
+        );
+    }
+    // Two streams estimated at ~100 tokens each really used 2000 of the 2000 a minute.
+    let third = stream(2).await;
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert_eq!(up.request_count(), 2);
+}
