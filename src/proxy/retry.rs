@@ -147,6 +147,11 @@ where
             // Kept whole so it can be sent again; the body limit layer already bounds it.
             let body: Bytes = read_whole(body).await?;
             let retryable_method = policy.methods.contains(&parts.method);
+            let request_id = parts
+                .extensions
+                .get::<RequestMeta>()
+                .map(|m| String::from_utf8_lossy(m.id.as_bytes()).into_owned())
+                .unwrap_or_default();
             let tried = TriedEndpoints::default();
             let mut attempt = 0u32;
             loop {
@@ -185,14 +190,14 @@ where
                 }
                 if !policy.budget.withdraw() {
                     policy.exhausted.inc();
-                    tracing::debug!(upstream = %policy.upstream, reason, "retry budget spent; not retrying");
+                    tracing::info!(upstream = %policy.upstream, reason, %request_id, "retry budget spent; not retrying");
                     return result;
                 }
                 policy
                     .retries
                     .with_label_values(&[&policy.upstream, &reason])
                     .inc();
-                tracing::debug!(upstream = %policy.upstream, reason, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
+                tracing::debug!(upstream = %policy.upstream, reason, %request_id, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
                 drop(result);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
