@@ -190,7 +190,7 @@ where
                 }
                 if !policy.budget.withdraw() {
                     policy.exhausted.inc();
-                    tracing::info!(upstream = %policy.upstream, reason, %request_id, "retry budget spent; not retrying");
+                    tracing::debug!(upstream = %policy.upstream, reason, %request_id, "retry budget spent; not retrying");
                     return result;
                 }
                 policy
