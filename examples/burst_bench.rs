@@ -15,6 +15,10 @@
 //! rounds of: requests that succeeded, got 429, failed otherwise, time until the last answer,
 //! and the ratio of successes (sidelight / direct).
 
+#[path = "common/stats.rs"]
+mod stats;
+
+use stats::median;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -126,11 +130,6 @@ async fn burst(client: &Client<HttpConnector, Full<Bytes>>, url: &str, n: usize)
     round
 }
 
-fn median<T: Copy + PartialOrd>(mut xs: Vec<T>) -> T {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    xs[xs.len() / 2]
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = <Args as clap::Parser>::parse();
@@ -206,26 +205,23 @@ routes:
     }
     println!("\n| mode | succeeded | 429 | other failures | last answer after |");
     println!("|---|---|---|---|---|");
-    let mut ok = [0usize; 2];
+    let mut ok = [0.0; 2];
     for (mode, name) in ["direct", "sidelight (queue)"].iter().enumerate() {
         let rs = &results[mode];
-        ok[mode] = median(rs.iter().map(|x| x.ok).collect());
+        let med = |f: &dyn Fn(&Round) -> f64| median(rs.iter().map(f).collect()).unwrap_or(0.0);
+        ok[mode] = med(&|x| x.ok as f64);
         println!(
-            "| {name} | {} / {} | {} | {} | {:.2} s |",
+            "| {name} | {:.0} / {} | {:.0} | {:.0} | {:.2} s |",
             ok[mode],
             clients,
-            median(rs.iter().map(|x| x.limited).collect::<Vec<_>>()),
-            median(rs.iter().map(|x| x.failed).collect::<Vec<_>>()),
-            median(
-                rs.iter()
-                    .map(|x| x.elapsed.as_secs_f64())
-                    .collect::<Vec<_>>()
-            ),
+            med(&|x| x.limited as f64),
+            med(&|x| x.failed as f64),
+            med(&|x| x.elapsed.as_secs_f64()),
         );
     }
     println!(
         "\nsucceeded, sidelight / direct = {:.1}x",
-        ok[1] as f64 / ok[0].max(1) as f64
+        ok[1] / ok[0].max(1.0)
     );
     running.shutdown().await;
     ExitCode::SUCCESS

@@ -21,6 +21,10 @@
 //! the ratios (upstream calls without / with dedup, p50 with / without), and writes the same
 //! table as Markdown to `benches/results/dedup-latest.md` (`--out` to change).
 
+#[path = "common/stats.rs"]
+mod stats;
+
+use stats::{fmt_ms, fmt_ratio, median, ms, percentile};
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -150,28 +154,6 @@ impl Run {
     }
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn median_f64(mut xs: Vec<f64>) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let n = xs.len();
-    Some(if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    })
-}
-
 fn request(kind: Kind, url: &str) -> Request<Full<Bytes>> {
     let builder = match kind {
         Kind::Models => Request::builder().method(Method::GET).uri(url),
@@ -293,18 +275,6 @@ async fn measure(
     run
 }
 
-fn ms(d: Option<Duration>) -> Option<f64> {
-    d.map(|d| d.as_secs_f64() * 1e3)
-}
-
-fn fmt_ms(x: Option<f64>) -> String {
-    x.map_or("-".into(), |x| format!("{x:.1}"))
-}
-
-fn fmt_ratio(x: Option<f64>) -> String {
-    x.map_or("n/a".into(), |x| format!("{x:.2}"))
-}
-
 struct Summary {
     mode: Mode,
     upstream: Option<f64>,
@@ -318,7 +288,7 @@ struct Summary {
 }
 
 fn summarise(mode: Mode, runs: &[Run]) -> Summary {
-    let med = |f: &dyn Fn(&Run) -> Option<f64>| median_f64(runs.iter().filter_map(f).collect());
+    let med = |f: &dyn Fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f).collect());
     // Response labels summed over rounds, e.g. "MISS 5, COALESCED 495".
     let mut labels: std::collections::BTreeMap<&str, usize> = Default::default();
     for r in runs {

@@ -27,6 +27,10 @@
 //! <= 1.0), and writes the same as Markdown to `benches/results/embed-batch-latest.md`
 //! (`--out` to change). Exit status 1 if any client request failed.
 
+#[path = "common/stats.rs"]
+mod stats;
+
+use stats::{fmt_ms, median, ms, percentile};
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -268,27 +272,6 @@ struct Run {
     errors: Vec<String>,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3)
-}
-
-fn median(mut xs: Vec<f64>) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let n = xs.len();
-    Some(if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    })
-}
-
 /// One client's request; `Ok(elapsed)` when the answer holds exactly its one embedding.
 async fn one(
     client: &HttpClient,
@@ -415,15 +398,11 @@ fn summarise(mode: Mode, runs: &[Run]) -> Summary {
             runs.iter().map(|r| r.upstream_calls).min().unwrap_or(0),
             runs.iter().map(|r| r.upstream_calls).max().unwrap_or(0),
         ),
-        p50: med(&|r| percentile(&r.latencies, 50.0)),
-        p99: med(&|r| percentile(&r.latencies, 99.0)),
-        max: med(&|r| percentile(&r.latencies, 100.0)),
+        p50: med(&|r| ms(percentile(&r.latencies, 50.0))),
+        p99: med(&|r| ms(percentile(&r.latencies, 99.0))),
+        max: med(&|r| ms(percentile(&r.latencies, 100.0))),
         errors: runs.iter().map(|r| r.errors.len()).sum(),
     }
-}
-
-fn f1(x: Option<f64>) -> String {
-    x.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
 #[tokio::main]
@@ -503,8 +482,8 @@ routes:
                 "round {round} {:<10} upstream calls {:>4}  p50 {:>7} ms  p99 {:>7} ms  errors {}",
                 mode.name(),
                 run.upstream_calls,
-                f1(percentile(&run.latencies, 50.0)),
-                f1(percentile(&run.latencies, 99.0)),
+                fmt_ms(ms(percentile(&run.latencies, 50.0))),
+                fmt_ms(ms(percentile(&run.latencies, 99.0))),
                 run.errors.len()
             );
             for e in run.errors.iter().take(3) {
@@ -563,19 +542,19 @@ routes:
             md,
             "| {} | {} ({}..{}) | {} | {} | {} | {} |",
             s.mode.name(),
-            f1(s.upstream),
+            fmt_ms(s.upstream),
             s.upstream_range.0,
             s.upstream_range.1,
-            f1(s.p50),
-            f1(s.p99),
-            f1(s.max),
+            fmt_ms(s.p50),
+            fmt_ms(s.p99),
+            fmt_ms(s.max),
             s.errors
         );
     }
     let _ = writeln!(
         md,
         "\nupstream calls without / with batching: {} (target >= 10: {})  \nclient p99 with / without: {} (target <= 1.0: {}); p50 with / without: {}",
-        f1(calls_ratio),
+        fmt_ms(calls_ratio),
         met(calls_ratio.is_some_and(|r| r >= 10.0)),
         p99_ratio.map_or("n/a".into(), |r| format!("{r:.2}")),
         met(p99_ratio.is_some_and(|r| r <= 1.0)),
