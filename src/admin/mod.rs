@@ -38,9 +38,7 @@ impl AdminState {
     /// to date before a scrape.
     fn refresh_health_gauges(&self) {
         for (route, upstream) in &self.routes {
-            let healthy = self
-                .balancer(upstream)
-                .is_none_or(|b| b.any_healthy_refreshed());
+            let healthy = self.balancer(upstream).is_none_or(|b| b.any_healthy());
             self.metrics
                 .route_healthy
                 .with_label_values(&[route])
@@ -152,11 +150,12 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                     )
                 })
                 .collect();
+            let unhealthy = state.unhealthy_routes();
             json(
                 StatusCode::OK,
                 serde_json::json!({
-                    "ready": state.ready.load(Ordering::Acquire) && state.unhealthy_routes().is_empty(),
-                    "unhealthy_routes": state.unhealthy_routes(),
+                    "ready": state.ready.load(Ordering::Acquire) && unhealthy.is_empty(),
+                    "unhealthy_routes": unhealthy,
                     "upstreams": upstreams,
                     "cache": {
                         "entries": entries,

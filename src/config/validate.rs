@@ -192,16 +192,17 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                     );
                 }
             }
-            let statuses = hc.expected_statuses.as_deref().unwrap_or_default();
-            if hc.expected_statuses.is_some() && statuses.is_empty() {
-                errs.add(
-                    format!("{at}.expected_statuses"),
-                    "list at least one status",
-                );
-            }
-            for (j, s) in statuses.iter().enumerate() {
-                if let Err(e) = crate::health::StatusMatch::parse(s) {
-                    errs.add(format!("{at}.expected_statuses[{j}]"), e);
+            if let Some(statuses) = &hc.expected_statuses {
+                if statuses.is_empty() {
+                    errs.add(
+                        format!("{at}.expected_statuses"),
+                        "list at least one status",
+                    );
+                }
+                for (j, s) in statuses.iter().enumerate() {
+                    if let Err(e) = crate::health::StatusMatch::parse(s) {
+                        errs.add(format!("{at}.expected_statuses[{j}]"), e);
+                    }
                 }
             }
         }

@@ -83,18 +83,7 @@ impl Service<ProxyRequest> for Forward {
 
     fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
         let upstream = self.upstream.clone();
-        // A retry avoids the endpoints its earlier attempts used.
-        let index = match req.extensions().get::<TriedEndpoints>() {
-            Some(tried) => {
-                let i = upstream
-                    .balancer
-                    .pick_avoiding(tried.mask())
-                    .min(upstream.endpoints.len().saturating_sub(1));
-                tried.add(i);
-                i
-            }
-            None => upstream.pick(),
-        };
+        let index = upstream.pick(req.extensions().get::<TriedEndpoints>());
         let in_flight = upstream.balancer.enter(index);
         let endpoint = &upstream.endpoints[index];
         let path = self.rewrite.apply(endpoint, req.uri());

@@ -250,8 +250,9 @@ impl Balancer {
         }
     }
 
-    /// The endpoint for the next request.
-    pub fn pick(&self) -> usize {
+    /// The endpoint for a first attempt (the tests' shorthand).
+    #[cfg(test)]
+    fn pick(&self) -> usize {
         self.pick_avoiding(0)
     }
 
@@ -263,7 +264,7 @@ impl Balancer {
             return 0;
         }
         let now = self.now_ms();
-        let fresh = |i: usize| i >= 64 || tried & (1 << i) == 0;
+        let fresh = |i: usize| untried(tried, i);
         let r = self.random();
         let a = (r % n as u64) as usize;
         let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
@@ -289,18 +290,13 @@ impl Balancer {
     /// Whether some endpoint outside `tried` could take a request now.
     pub fn has_ready_besides(&self, tried: u64) -> bool {
         let now = self.now_ms();
-        (0..self.endpoints.len()).any(|i| (i >= 64 || tried & (1 << i) == 0) && self.ready(i, now))
+        (0..self.endpoints.len()).any(|i| untried(tried, i) && self.ready(i, now))
     }
 
-    /// Whether at least one endpoint passes its health checks and is not ejected.
+    /// Whether at least one endpoint passes its health checks and is not ejected. Looks at every
+    /// endpoint, so each one's gauges are up to date afterwards (an ejection that ends is
+    /// otherwise only noticed by the next pick).
     pub fn any_healthy(&self) -> bool {
-        let now = self.now_ms();
-        (0..self.endpoints.len()).any(|i| self.healthy_at(i, now))
-    }
-
-    /// Like [`Balancer::any_healthy`], but looks at every endpoint, so each one's gauges are
-    /// up to date afterwards.
-    pub fn any_healthy_refreshed(&self) -> bool {
         let now = self.now_ms();
         (0..self.endpoints.len()).fold(false, |any, i| self.healthy_at(i, now) | any)
     }
@@ -360,6 +356,12 @@ impl Balancer {
             .fetch_max(self.now_ms() + millis(wait), Ordering::Relaxed);
         self.cooldowns.inc();
     }
+}
+
+/// Whether endpoint `i` is outside the `tried` bitmask (endpoints past 64 are not tracked, so
+/// always count as untried).
+fn untried(tried: u64, i: usize) -> bool {
+    i >= 64 || tried & (1 << i) == 0
 }
 
 fn millis(d: Duration) -> u64 {

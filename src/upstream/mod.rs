@@ -201,11 +201,18 @@ impl Upstream {
         })
     }
 
-    /// Power of two choices on requests in flight, skipping endpoints backing off.
-    pub fn pick(&self) -> usize {
-        self.balancer
-            .pick()
-            .min(self.endpoints.len().saturating_sub(1))
+    /// Power of two choices on requests in flight, skipping endpoints backing off. A retry
+    /// passes the endpoints its earlier attempts used: they are avoided, and the choice is added.
+    pub fn pick(&self, tried: Option<&balance::TriedEndpoints>) -> usize {
+        let mask = tried.map_or(0, |t| t.mask());
+        let i = self
+            .balancer
+            .pick_avoiding(mask)
+            .min(self.endpoints.len().saturating_sub(1));
+        if let Some(t) = tried {
+            t.add(i);
+        }
+        i
     }
 
     /// The endpoint label for metrics: host and port, never credentials from the URL.
