@@ -27,6 +27,23 @@ async fn switchable(path: &str, status: Arc<AtomicU16>) -> server::Server {
         .await
 }
 
+/// One upstream `up` with one endpoint, one route `r` to it; `upstream_fields` and
+/// `route_fields` are extra flow-style fields (`health_check: { ... }`), or empty.
+fn one_endpoint(url: &str, upstream_fields: &str, route_fields: &str) -> String {
+    let field = |f: &str| {
+        if f.is_empty() {
+            String::new()
+        } else {
+            format!(", {f}")
+        }
+    };
+    format!(
+        "upstreams:\n  - {{ name: up, endpoints: [\"{url}\"]{} }}\nroutes:\n  - {{ name: r, upstream: up{} }}\n",
+        field(upstream_fields),
+        field(route_fields)
+    )
+}
+
 fn two_endpoints(a: &str, b: &str, upstream_extra: &str, route_extra: &str) -> String {
     format!(
         r#"
@@ -138,9 +155,10 @@ async fn llm_posts_are_retryable_and_resets_before_headers_are_retried() {
 #[tokio::test]
 async fn no_retry_after_response_bytes_were_sent() {
     let (breaking, break_tx) = server::stream_that_breaks("data: first\n\n").await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, retries: {{ max_retries: 3, backoff: 1ms }} }}\n",
-        breaking.url()
+    let yaml = one_endpoint(
+        &breaking.url(),
+        "",
+        "retries: { max_retries: 3, backoff: 1ms }",
     );
     let proxy = proxy::start(&yaml).await;
     let response = support::client()
@@ -219,9 +237,10 @@ async fn retry_after_is_honoured_when_no_other_endpoint_can_take_the_retry() {
         })
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, retries: {{ backoff: 1ms, max_retry_after: 2s }} }}\n",
-        limited.url()
+    let yaml = one_endpoint(
+        &limited.url(),
+        "",
+        "retries: { backoff: 1ms, max_retry_after: 2s }",
     );
     let proxy = proxy::start(&yaml).await;
     let started = Instant::now();
@@ -321,9 +340,10 @@ async fn failing_health_checks_take_an_endpoint_out_until_it_recovers() {
 async fn readyz_follows_the_health_of_every_route() {
     let status = Arc::new(AtomicU16::new(200));
     let only = switchable("/", status.clone()).await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], health_check: {{ interval: 50ms, unhealthy_threshold: 1, healthy_threshold: 1 }} }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        only.url()
+    let yaml = one_endpoint(
+        &only.url(),
+        "health_check: { interval: 50ms, unhealthy_threshold: 1, healthy_threshold: 1 }",
+        "",
     );
     let proxy = proxy::start(&yaml).await;
     let readyz = |want: u16| {
@@ -372,9 +392,10 @@ async fn llm_upstreams_are_probed_with_a_model_listing_never_a_completion() {
         .route("/v1/models", "{\"data\":[]}")
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], headers: {{ authorization: \"Bearer sk-test\" }}, health_check: {{ interval: 50ms }} }}\nroutes:\n  - {{ name: r, kind: openai, upstream: up }}\n",
-        up.url()
+    let yaml = one_endpoint(
+        &up.url(),
+        "headers: { authorization: \"Bearer sk-test\" }, health_check: { interval: 50ms }",
+        "kind: openai",
     );
     let proxy = proxy::start(&yaml).await;
     proxy
@@ -522,9 +543,10 @@ async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
         .status("/v1/models", 401, "{\"error\":\"no key\"}")
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], health_check: {{ interval: 50ms, unhealthy_threshold: 1 }} }}\nroutes:\n  - {{ name: r, kind: anthropic, upstream: up }}\n",
-        up.url()
+    let yaml = one_endpoint(
+        &up.url(),
+        "health_check: { interval: 50ms, unhealthy_threshold: 1 }",
+        "kind: anthropic",
     );
     let proxy = proxy::start(&yaml).await;
     proxy
@@ -543,9 +565,10 @@ async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
     );
 
     // With a key of its own, a 401 means the key is wrong: the endpoint fails its checks.
-    let keyed = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"], headers: {{ x-api-key: sk-wrong }}, health_check: {{ interval: 50ms, unhealthy_threshold: 1 }} }}\nroutes:\n  - {{ name: r, kind: anthropic, upstream: up }}\n",
-        up.url()
+    let keyed = one_endpoint(
+        &up.url(),
+        "headers: { x-api-key: sk-wrong }, health_check: { interval: 50ms, unhealthy_threshold: 1 }",
+        "kind: anthropic",
     );
     let proxy = proxy::start(&keyed).await;
     proxy
