@@ -576,3 +576,52 @@ async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
         .await;
     assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 503);
 }
+
+#[tokio::test]
+async fn latency_weighting_sends_most_requests_to_the_faster_endpoint() {
+    let slow = server::http1()
+        .route_with_latency("/", "slow", Duration::from_millis(30))
+        .run()
+        .await;
+    let fast = server::http1().route("/", "fast").run().await;
+    let yaml = two_endpoints(
+        &slow.url(),
+        &fast.url(),
+        "    load_balancing: { latency_weighted: true }",
+        "",
+    );
+    let proxy = proxy::start(&yaml).await;
+    // One request at a time: requests in flight are always equal, only latency tells them apart.
+    for _ in 0..60 {
+        assert_eq!(support::get(&proxy.url("/")).await.status, 200);
+    }
+    assert!(
+        slow.request_count() <= 6,
+        "the 30 ms endpoint got {} of 60 requests",
+        slow.request_count()
+    );
+}
+
+#[tokio::test]
+async fn a_probe_without_an_answer_in_time_fails() {
+    let hanging = server::http1().route_hang("/health").run().await;
+    let yaml = one_endpoint(
+        &hanging.url(),
+        "health_check: { path: /health, interval: 50ms, timeout: 100ms, unhealthy_threshold: 2 }",
+        "",
+    );
+    let proxy = proxy::start(&yaml).await;
+    proxy
+        .assert_metric_eventually("sidelight_route_healthy", &[("route", "r")], 0.0)
+        .await;
+    assert!(
+        proxy
+            .metric(
+                "sidelight_health_checks_total",
+                &[("upstream", "up"), ("result", "timeout")],
+            )
+            .await
+            >= 2.0
+    );
+    assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, 503);
+}
