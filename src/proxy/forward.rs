@@ -166,7 +166,7 @@ fn classify(upstream: &Upstream, err: SendError) -> ProxyError {
     let failure = match &err {
         SendError::Connect(failure) => Some(failure),
         SendError::Client(e) => find_connect_failure(e),
-        SendError::Http(_) => None,
+        SendError::Http1(_) => None,
         SendError::Request(message) => return ProxyError::BadRequest(message.clone()),
     };
     match failure {

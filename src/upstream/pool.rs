@@ -2,24 +2,20 @@
 //!
 //! hyper-util's general-purpose client spent a fifth of sidelight's per-request instructions
 //! on things a per-worker pool does not need (hashing pool keys, racing a connect against a
-//! checkout, a spawned task per response). This pool is a stack of idle `SendRequest`s per
-//! endpoint: the most recently used connection goes out first (the least likely to have been
-//! closed by the server), connections come back when their response body has been read to the
-//! end, and idle ones are closed by a sweeper after `idle_timeout`. HTTP/2 upstreams keep using
-//! hyper-util's client, whose multiplexing this does not replace.
+//! checkout, a spawned task per response). This pool is a stack of idle connections per
+//! endpoint: the most recently used one goes out first (the least likely to have been closed
+//! by the server), connections come back when their response body has been read to the end
+//! (see [`super::h1`], which speaks HTTP/1.1 on them), and idle ones are closed by a sweeper
+//! after `idle_timeout`. HTTP/2 upstreams keep using hyper-util's client, whose multiplexing
+//! this does not replace.
 
 use super::connector::{ConnectFailure, CountingConnector};
+use super::h1::{Conn, H1Error, RequestHead};
 use crate::proxy::body::ProxyBody;
-use crate::BoxError;
-use bytes::Bytes;
 use http::{Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use std::pin::Pin;
+use hyper_util::rt::TokioIo;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::Service;
@@ -29,8 +25,8 @@ use tower::Service;
 pub enum SendError {
     #[error(transparent)]
     Connect(#[from] ConnectFailure),
-    #[error("{}", crate::error::chain(.0))]
-    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] H1Error),
     /// From hyper-util's client (HTTP/2 upstreams).
     #[error("{}", crate::error::chain(.0))]
     Client(#[from] hyper_util::client::legacy::Error),
@@ -39,7 +35,7 @@ pub enum SendError {
 }
 
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -86,168 +82,107 @@ impl Http1Pool {
         pool
     }
 
-    fn checkout(&self, endpoint: usize) -> Option<SendRequest<ProxyBody>> {
+    fn checkout(&self, endpoint: usize) -> Option<Conn> {
         let slot = self.slots.get(endpoint)?;
         let mut idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
-                return Some(conn.sender);
+        while let Some(mut c) = idle.pop() {
+            if c.since.elapsed() < self.idle_timeout && c.conn.is_usable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, endpoint: usize, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, endpoint: usize, conn: Conn) {
         if let Some(slot) = self.slots.get(endpoint) {
             let mut idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < self.max_idle {
                 idle.push(Idle {
-                    sender,
+                    conn,
                     since: Instant::now(),
                 });
             }
         }
     }
 
-    async fn connect(&self, endpoint: usize) -> Result<SendRequest<ProxyBody>, SendError> {
+    async fn connect(&self, endpoint: usize) -> Result<Conn, SendError> {
         let uri = self.slots[endpoint].connect_uri.clone();
         let io = self.connector.clone().call(uri).await?;
-        let (sender, conn) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(TokioIo::new(io)))
     }
 
     /// Sends `req` (origin-form URI, `Host` already set) to endpoint number `endpoint`.
     pub async fn send(
         self: &Arc<Self>,
         endpoint: usize,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
-        // A pooled connection may have been closed by the server a moment ago; hyper then hands
-        // the unsent request back and it goes out on a fresh connection instead.
-        while let Some(mut sender) = self.checkout(endpoint) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.track(endpoint, sender, response)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(e.into_error().into()),
-                },
+        let (parts, body) = req.into_parts();
+        let head = RequestHead::encode(&parts, &body);
+        // A pooled connection may have been closed by the server a moment ago. A request that
+        // can be sent again (no body, idempotent) then goes out on another connection; others
+        // only reach connections that looked alive when taken from the pool.
+        let mut body = Some(body);
+        while let Some(mut conn) = self.checkout(endpoint) {
+            let Some(b) = body.take() else { break };
+            match conn.exchange(&head, b).await {
+                Ok(response) => return Ok(self.track(endpoint, conn, response)),
+                Err(failed) if failed.retry_elsewhere => {
+                    tracing::debug!(error = %failed.error, "pooled upstream connection was closed; sending again");
+                    body = Some(
+                        http_body_util::Empty::new()
+                            .map_err(crate::BoxError::from)
+                            .boxed_unsync(),
+                    );
+                }
+                Err(failed) => return Err(failed.error.into()),
             }
         }
-        let mut sender = self.connect(endpoint).await?;
-        let response = sender.send_request(req).await?;
-        Ok(self.track(endpoint, sender, response))
+        let Some(body) = body else {
+            return Err(SendError::Request("request body already consumed".into()));
+        };
+        let mut conn = self.connect(endpoint).await?;
+        match conn.exchange(&head, body).await {
+            Ok(response) => Ok(self.track(endpoint, conn, response)),
+            Err(failed) => Err(failed.error.into()),
+        }
     }
 
     /// The connection goes back to the pool once the response body has been read to its end.
     fn track(
         self: &Arc<Self>,
         endpoint: usize,
-        sender: SendRequest<ProxyBody>,
-        response: Response<Incoming>,
+        conn: Conn,
+        head: super::h1::ResponseHead,
     ) -> Response<ProxyBody> {
-        if self.max_idle == 0 {
-            return response.map(|b| b.map_err(BoxError::from).boxed_unsync());
-        }
-        let lease = Lease {
-            pool: self.clone(),
-            endpoint,
-            sender,
-        };
-        if response.body().is_end_stream() {
-            lease.release();
-            return response.map(|b| b.map_err(BoxError::from).boxed_unsync());
-        }
-        response.map(|inner| {
-            PooledBody {
-                inner,
-                lease: Some(lease),
+        let pool = (self.max_idle > 0).then(|| self.clone());
+        head.into_response(conn, move |conn| {
+            if let Some(pool) = pool {
+                pool.checkin(endpoint, conn);
             }
-            .boxed_unsync()
         })
+        .map(|body| body.boxed_unsync())
     }
 }
 
-/// Closes connections idle longer than `idle_timeout`, so they expire without traffic too.
+/// Watches the idle connections: closes those idle longer than `idle_timeout`, and those the
+/// upstream closed (or wrote to unasked) as soon as that happens, like nginx's keepalive
+/// close handler. The watcher's waker sits on every idle socket, so a close wakes it at once;
+/// connections checked in since the last look are picked up at the next tick.
 async fn sweep(pool: Weak<Http1Pool>, idle_timeout: Duration) {
-    let period = (idle_timeout / 2).max(Duration::from_millis(50));
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(pool) = pool.upgrade() else { return };
+    let period = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    std::future::poll_fn(|cx| {
+        let Some(pool) = pool.upgrade() else {
+            return std::task::Poll::Ready(());
+        };
+        while tick.poll_tick(cx).is_ready() {}
         for slot in &pool.slots {
             let mut idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+            idle.retain_mut(|c| c.since.elapsed() < idle_timeout && c.conn.poll_usable(cx));
         }
-    }
-}
-
-struct Lease {
-    pool: Arc<Http1Pool>,
-    endpoint: usize,
-    sender: SendRequest<ProxyBody>,
-}
-
-impl Lease {
-    fn release(self) {
-        self.pool.checkin(self.endpoint, self.sender);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body whose connection returns to the pool when the body ends cleanly. Dropped
-    /// early, it takes the connection with it: a half-read response cannot be reused.
-    struct PooledBody {
-        #[pin]
-        inner: Incoming,
-        lease: Option<Lease>,
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.lease.take();
-            }
-            // hyper may never poll again once the body says it is complete.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
-            _ => {}
-        }
-        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+        std::task::Poll::Pending
+    })
+    .await
 }

@@ -1,0 +1,837 @@
+//! HTTP/1.1 to an upstream, driven by the task that proxies the request.
+//!
+//! hyper's client runs every connection in a task of its own and talks to it over channels: the
+//! request goes over one, the response head comes back over another, and each body chunk over a
+//! third, so one proxied request costs several task hand-offs on top of its syscalls. Like
+//! Pingora, sidelight instead writes the request and reads the response in the request's own
+//! task, and the response body reads the socket directly as the client consumes it. The
+//! connection goes back to its pool when the body has been read to its end.
+//!
+//! Message framing follows RFC 9112: responses to HEAD, 1xx, 204 and 304 have no body; then
+//! `Transfer-Encoding: chunked`, then `Content-Length`, else the body runs to the close. hyper's
+//! own parser, httparse, reads the heads.
+
+use super::connector::Counted;
+use crate::proxy::body::ProxyBody;
+use crate::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+/// What the connector hands over, as a tokio stream.
+pub type Io = TokioIo<Counted<MaybeHttpsStream<TokioIo<TcpStream>>>>;
+
+/// Larger response heads are refused (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
+/// is about 400 KiB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// How much the read buffer grows by when it runs out of room.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response from the upstream: {0}")]
+    Invalid(String),
+    #[error("request body: {}", crate::error::chain(.0.as_ref()))]
+    RequestBody(BoxError),
+}
+
+/// A request head ready to be written, with the framing of the body that follows it.
+pub struct RequestHead {
+    bytes: Vec<u8>,
+    framing: Framing,
+    /// A HEAD request: its response has no body whatever its headers say.
+    head_method: bool,
+    /// Safe to send again on another connection if this one turns out to be dead.
+    replayable: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl RequestHead {
+    /// Encodes `parts` (origin-form URI, `Host` set). The body's framing comes from its size
+    /// hint, never from the client's `Content-Length`/`Transfer-Encoding`: layers may have
+    /// rewritten the body.
+    pub fn encode(parts: &http::request::Parts, body: &ProxyBody) -> RequestHead {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(parts.method.as_str().as_bytes());
+        out.push(b' ');
+        match parts.uri.path_and_query() {
+            Some(pq) => out.extend_from_slice(pq.as_str().as_bytes()),
+            None => out.push(b'/'),
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let had_length = parts.headers.contains_key(CONTENT_LENGTH);
+        for (name, value) in &parts.headers {
+            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let framing = if body.is_end_stream() {
+            let expects_body = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+            if expects_body || had_length {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            Framing::Empty
+        } else if let Some(n) = body.size_hint().exact() {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            Framing::Length(n)
+        } else {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        };
+        out.extend_from_slice(b"\r\n");
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        RequestHead {
+            bytes: out,
+            framing,
+            head_method: parts.method == Method::HEAD,
+            replayable: framing == Framing::Empty && idempotent,
+        }
+    }
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// A response head and how its body is framed.
+pub struct ResponseHead {
+    pub response: Response<()>,
+    body: BodyKind,
+    /// The connection may carry another request once this body is read.
+    keep_alive: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// One upstream connection, used by one request at a time.
+pub struct Conn {
+    // Boxed: the stream (room for a TLS session) is over a kilobyte, and a connection moves
+    // through every future and body that carries it.
+    io: Box<Io>,
+    buf: BytesMut,
+    /// Requests answered on it so far: a reused connection may have been closed meanwhile.
+    answered: u64,
+}
+
+/// A failed exchange, and whether it is safe to send the same request on another connection.
+pub struct Failed {
+    pub error: H1Error,
+    pub retry_elsewhere: bool,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io: Box::new(io),
+            buf: BytesMut::new(),
+            answered: 0,
+        }
+    }
+
+    /// Whether an idle connection still looks usable: the upstream has neither closed it nor
+    /// sent anything unasked. Looks at the socket without waiting.
+    pub fn is_usable(&mut self) -> bool {
+        self.poll_usable(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// [`Conn::is_usable`], leaving `cx`'s waker to be woken when that may change.
+    pub fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        // Ready means end of stream, bytes nobody asked for, or an error.
+        self.poll_fill(cx).is_pending()
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.buf)
+    }
+
+    /// Writes the request (head, then body as it comes) and reads the response head. A response
+    /// that arrives before the request is fully written is taken as it is (an early 413, say);
+    /// the connection is then not reused.
+    pub async fn exchange(
+        &mut self,
+        head: &RequestHead,
+        mut body: ProxyBody,
+    ) -> Result<ResponseHead, Failed> {
+        let reused = self.answered > 0;
+        // The head is written from where it is; body data goes through `out`.
+        let mut head_left: &[u8] = &head.bytes;
+        let mut out: Vec<u8> = Vec::new();
+        let mut written = 0usize;
+        let mut body_open = head.framing != Framing::Empty;
+        let mut left = match head.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut flushed = false;
+        let mut got_bytes = false;
+        let fail = |error: H1Error, got_bytes: bool| Failed {
+            retry_elsewhere: reused
+                && head.replayable
+                && !got_bytes
+                && matches!(&error, H1Error::Closed | H1Error::Io(_)),
+            error,
+        };
+        let parsed = poll_fn(|cx| loop {
+            let mut progress = false;
+            // Write side: the head and body, then a flush.
+            if !flushed {
+                // Pull the body's next frame once the last one is out, before writing the head:
+                // a body that is already there leaves in the same write as the head.
+                if body_open && written == out.len() {
+                    out.clear();
+                    written = 0;
+                    match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            // Trailers are not forwarded over HTTP/1.
+                            if let Ok(data) = frame.into_data() {
+                                if let Err(e) =
+                                    encode_data(head.framing, &mut left, &data, &mut out)
+                                {
+                                    return Poll::Ready(Err(fail(e, got_bytes)));
+                                }
+                            }
+                            progress = true;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(fail(H1Error::RequestBody(e), got_bytes)))
+                        }
+                        Poll::Ready(None) => {
+                            if head.framing == Framing::Chunked {
+                                out.extend_from_slice(b"0\r\n\r\n");
+                            } else if left > 0 {
+                                let e = H1Error::RequestBody(
+                                    format!("request body ended {left} bytes short of its length")
+                                        .into(),
+                                );
+                                return Poll::Ready(Err(fail(e, got_bytes)));
+                            }
+                            body_open = false;
+                            progress = true;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if !head_left.is_empty() || written < out.len() {
+                    let bufs = [IoSlice::new(head_left), IoSlice::new(&out[written..])];
+                    let io = Pin::new(&mut *self.io);
+                    let polled = if out.len() == written {
+                        io.poll_write(cx, head_left)
+                    } else {
+                        io.poll_write_vectored(cx, &bufs)
+                    };
+                    match polled {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(fail(H1Error::Closed, got_bytes)))
+                        }
+                        Poll::Ready(Ok(mut n)) => {
+                            let from_head = n.min(head_left.len());
+                            head_left = &head_left[from_head..];
+                            n -= from_head;
+                            written += n;
+                            progress = true;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
+                        }
+                        Poll::Pending => {}
+                    }
+                } else if !body_open {
+                    match Pin::new(&mut *self.io).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => {
+                            flushed = true;
+                            progress = true;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            // Read side: once the request is out, or while its writing waits (an early answer).
+            if flushed || !progress {
+                match self.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = if self.buf.is_empty() {
+                            H1Error::Closed
+                        } else {
+                            H1Error::Invalid("connection closed inside the response head".into())
+                        };
+                        return Poll::Ready(Err(fail(e, got_bytes)));
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        got_bytes = true;
+                        match parse_head(&mut self.buf, head.head_method) {
+                            Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
+                            Ok(None) => progress = true,
+                            Err(e) => return Poll::Ready(Err(fail(e, true))),
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        })
+        .await;
+        let mut parsed = parsed?;
+        if !flushed {
+            // Answered before the request was fully sent: the rest of it is still owed.
+            parsed.keep_alive = false;
+        }
+        self.answered += 1;
+        Ok(parsed)
+    }
+}
+
+fn encode_data(
+    framing: Framing,
+    left: &mut u64,
+    data: &Bytes,
+    out: &mut Vec<u8>,
+) -> Result<(), H1Error> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match framing {
+        Framing::Chunked => {
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Length(_) => {
+            let n = data.len() as u64;
+            if n > *left {
+                return Err(H1Error::RequestBody(
+                    "request body longer than its declared length".into(),
+                ));
+            }
+            *left -= n;
+            out.extend_from_slice(data);
+        }
+        Framing::Empty => {}
+    }
+    Ok(())
+}
+
+/// Parses a response head off the front of `buf`, skipping 1xx interim responses. `None`: more
+/// bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHead>, H1Error> {
+    loop {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
+            Ok(_) => {
+                return Err(H1Error::Invalid(format!(
+                    "response head larger than {MAX_HEAD_BYTES} bytes"
+                )))
+            }
+            Err(e) => return Err(H1Error::Invalid(e.to_string())),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| H1Error::Invalid(format!("status code {code}")))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(H1Error::Invalid("unexpected protocol switch".into()));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Header names and values become slices of the head's own buffer, not copies: note
+        // where they are, then take the head off the buffer.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (
+                name as u32,
+                (name + h.name.len()) as u32,
+                value as u32,
+                (value + h.value.len()) as u32,
+            );
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+                .map_err(|_| H1Error::Invalid("invalid header name".into()))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+                .map_err(|_| H1Error::Invalid(format!("value of header {name}")))?;
+            headers.append(name, value);
+        }
+        let (body, framing_closes) = body_kind(status, &headers, head_method)?;
+        let keep_alive = !framing_closes
+            && match version {
+                Version::HTTP_11 => !has_token(&headers, CONNECTION, "close"),
+                _ => has_token(&headers, CONNECTION, "keep-alive"),
+            };
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some(ResponseHead {
+            response,
+            body,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body's framing, and whether it forbids reusing the connection afterwards.
+fn body_kind(
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_method: bool,
+) -> Result<(BodyKind, bool), H1Error> {
+    if head_method || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((BodyKind::None, false));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        // Chunked must be the final coding; anything else runs to the close. With both headers
+        // the message may be a smuggling attempt: never reuse the connection.
+        let chunked = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        let both = headers.contains_key(CONTENT_LENGTH);
+        return Ok(if chunked {
+            (BodyKind::Chunked(Chunk::Size), both)
+        } else {
+            (BodyKind::UntilClose, true)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| H1Error::Invalid("invalid content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("conflicting content-length values".into()));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (BodyKind::None, false),
+        Some(n) => (BodyKind::Length(n), false),
+        None => (BodyKind::UntilClose, true),
+    })
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// A response body read straight off the connection. When it has been read to its end the
+/// connection is handed to `release` (back to its pool) if it can carry another request;
+/// dropped before that, it closes the connection with it.
+pub struct ResponseBody<R: FnOnce(Conn) + Send + Unpin + 'static> {
+    conn: Option<Conn>,
+    kind: BodyKind,
+    keep_alive: bool,
+    release: Option<R>,
+}
+
+impl ResponseHead {
+    /// Pairs the head with its body, which reads from `conn`.
+    pub fn into_response<R>(self, conn: Conn, release: R) -> Response<ResponseBody<R>>
+    where
+        R: FnOnce(Conn) + Send + Unpin + 'static,
+    {
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            kind: self.body,
+            keep_alive: self.keep_alive,
+            release: Some(release),
+        };
+        if matches!(body.kind, BodyKind::None) {
+            body.finish();
+        }
+        self.response.map(|()| body)
+    }
+}
+
+impl<R: FnOnce(Conn) + Send + Unpin + 'static> ResponseBody<R> {
+    fn finish(&mut self) {
+        self.kind = BodyKind::None;
+        let Some(conn) = self.conn.take() else { return };
+        // Bytes past the end of the response were never asked for: don't trust the connection.
+        if self.keep_alive && conn.buf.is_empty() {
+            if let Some(release) = self.release.take() {
+                release(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.kind = BodyKind::None;
+        self.conn = None;
+        Poll::Ready(Some(Err(H1Error::Invalid(message).into())))
+    }
+}
+
+impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.kind {
+                BodyKind::None => return Poll::Ready(None),
+                BodyKind::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = conn.buf.len().min(*left as usize);
+                        let data = conn.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyKind::UntilClose => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyKind::Chunked(state) => match decode_chunk(&mut conn.buf, state) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::Progress) => continue,
+                    Ok(Decoded::NeedMore) => {}
+                    Err(message) => return this.fail(message),
+                },
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    if matches!(this.kind, BodyKind::UntilClose) {
+                        this.kind = BodyKind::None;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail("the upstream closed the connection inside the body".into());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.kind = BodyKind::None;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(H1Error::Io(e).into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, BodyKind::None) || self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            BodyKind::None => SizeHint::with_exact(0),
+            BodyKind::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
+    Data(Bytes),
+    End,
+    /// A framing element was consumed; decode again.
+    Progress,
+    NeedMore,
+}
+
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
+    match *state {
+        Chunk::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+                Ok(Decoded::Progress)
+            }
+            Ok(httparse::Status::Partial) if buf.len() > 1024 => {
+                Err("chunk size line too long".into())
+            }
+            Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
+            Err(_) => Err("invalid chunk size".into()),
+        },
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore);
+            }
+            let n = buf.len().min(left as usize);
+            let data = buf.split_to(n).freeze();
+            *state = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Decoded::Data(data))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Decoded::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF".into());
+            }
+            buf.advance(2);
+            *state = Chunk::Size;
+            Ok(Decoded::Progress)
+        }
+        Chunk::Trailers => {
+            // Trailer fields are dropped: hyper's server would not send them over HTTP/1
+            // to a client that did not ask for them either.
+            let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
+                return if buf.len() > MAX_HEAD_BYTES {
+                    Err("trailers too large".into())
+                } else {
+                    Ok(Decoded::NeedMore)
+                };
+            };
+            buf.advance(end + 2);
+            Ok(if end == 0 {
+                Decoded::End
+            } else {
+                Decoded::Progress
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<ResponseHead>, H1Error> {
+        let mut buf = BytesMut::from(text);
+        parse_head(&mut buf, false)
+    }
+
+    #[test]
+    fn framing() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.body, BodyKind::Length(5)) && h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.body, BodyKind::Chunked(_)) && h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.body, BodyKind::UntilClose) && !h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(matches!(h.body, BodyKind::UntilClose) && !h.keep_alive);
+        let h = head("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.body, BodyKind::None) && h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h =
+            head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(h.response.status(), StatusCode::CREATED);
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1")
+            .unwrap()
+            .is_none());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n").is_ok());
+        assert!(head("nonsense\r\n\r\n").is_err());
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n");
+        assert!(matches!(
+            parse_head(&mut buf, true).unwrap().unwrap().body,
+            BodyKind::None
+        ));
+    }
+
+    #[test]
+    fn header_values_are_kept() {
+        let h = head("HTTP/1.1 200 OK\r\nx-a: 1\r\nx-a: 2\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(h.response.headers()["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn chunks() {
+        let mut buf =
+            BytesMut::from("5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nx-trailer: t\r\n\r\nrest");
+        let mut state = Chunk::Size;
+        let mut data = Vec::new();
+        loop {
+            match decode_chunk(&mut buf, &mut state).unwrap() {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::End => break,
+                Decoded::Progress => {}
+                Decoded::NeedMore => panic!("all bytes are there"),
+            }
+        }
+        assert_eq!(data, b"helloabc");
+        assert_eq!(&buf[..], b"rest");
+        let mut bad = BytesMut::from("zz\r\n");
+        assert!(decode_chunk(&mut bad, &mut Chunk::Size).is_err());
+        let mut partial = BytesMut::from("5\r\nhel");
+        let mut state = Chunk::Size;
+        assert!(matches!(
+            decode_chunk(&mut partial, &mut state),
+            Ok(Decoded::Progress)
+        ));
+        assert!(
+            matches!(decode_chunk(&mut partial, &mut state), Ok(Decoded::Data(d)) if d == "hel")
+        );
+        assert!(matches!(
+            decode_chunk(&mut partial, &mut state),
+            Ok(Decoded::NeedMore)
+        ));
+    }
+
+    #[test]
+    fn request_heads() {
+        use http_body_util::{BodyExt, Empty, Full};
+        let empty = || Empty::<Bytes>::new().map_err(BoxError::from).boxed_unsync();
+        let (parts, _) = http::Request::get("/v1/models?x=1")
+            .header("host", "up")
+            .header("content-length", "0")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let h = RequestHead::encode(&parts, &empty());
+        assert_eq!(
+            String::from_utf8(h.bytes.clone()).unwrap(),
+            "GET /v1/models?x=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert!(h.replayable);
+        let (parts, _) = http::Request::post("/p").body(()).unwrap().into_parts();
+        let full = Full::new(Bytes::from_static(b"abc"))
+            .map_err(BoxError::from)
+            .boxed_unsync();
+        let h = RequestHead::encode(&parts, &full);
+        assert!(String::from_utf8(h.bytes.clone())
+            .unwrap()
+            .ends_with("content-length: 3\r\n\r\n"));
+        assert!(!h.replayable);
+        let h = RequestHead::encode(&parts, &empty());
+        assert!(String::from_utf8(h.bytes)
+            .unwrap()
+            .ends_with("content-length: 0\r\n\r\n"));
+    }
+}
