@@ -40,6 +40,10 @@ pub trait BodyObserver: Send + 'static {
     /// Called at most once: `Ok` at a clean end, `Err` on an error frame; not at all if the body
     /// is dropped before its end (the observer's own `Drop` sees that).
     fn on_end(&mut self, _result: Result<(), &BoxError>) {}
+    /// Rewrites an error frame before it goes on (and before `on_end` sees it).
+    fn map_error(&mut self, error: BoxError) -> BoxError {
+        error
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -87,7 +91,10 @@ impl<O: BodyObserver> Body for Observed<O> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let polled = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.observer.map_error(e)))),
+            other => other,
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{Layer, ServiceBuilder};
 
 /// State every worker shares.
 #[derive(Clone)]
@@ -274,9 +274,9 @@ impl Entry {
             None
         };
         let route = self.router.find(listener, host, req.uri().path());
-        let mut service = match route {
-            Some(route) => route.service.clone(),
-            None => self.router.unmatched.clone(),
+        let service = match route {
+            Some(route) => &route.service,
+            None => &self.router.unmatched,
         };
         req.extensions_mut().insert(RequestMeta {
             id: id.clone(),
@@ -285,7 +285,7 @@ impl Entry {
         });
         // Every layer is always ready (limits answer with errors, not backpressure), so the
         // stack is called without polling readiness first.
-        let response = service.call(req);
+        let response = service.call_shared(req);
         Box::pin(async move {
             match response.await {
                 Ok(response) => response,

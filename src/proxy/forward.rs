@@ -1,14 +1,14 @@
 //! The innermost service: rewrites the request for its upstream and sends it over the pool.
 
+use super::body::BodyObserver;
 use super::headers;
 use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
-use crate::upstream::balance::{backoff_from, Outcome, TriedEndpoints};
+use crate::upstream::balance::{backoff_from, InFlight, Outcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri, Version};
-use http_body_util::BodyExt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -134,20 +134,13 @@ impl Service<ProxyRequest> for Forward {
                         upstream.balancer.cool_down(index, pause);
                         tracing::info!(upstream = %upstream.name, endpoint = index, pause_ms = pause.as_millis() as u64, "endpoint answered 429; backing off");
                     }
-                    let body_errors = metrics.body_errors.clone();
-                    let name = upstream.name.clone();
-                    let response = response.map(move |body| {
-                        body.map_err(move |e| {
-                            body_errors.inc();
-                            BoxError::from(ProxyError::UpstreamBody {
-                                upstream: name.to_string(),
-                                detail: e.to_string(),
-                            })
-                        })
-                        .boxed_unsync()
-                    });
+                    let watch = UpstreamBodyWatch {
+                        _in_flight: in_flight,
+                        body_errors: metrics.body_errors.clone(),
+                        upstream: upstream.name.clone(),
+                    };
                     let mut response =
-                        response.map(|body| crate::proxy::body::Observed::boxed(body, in_flight));
+                        response.map(|body| crate::proxy::body::Observed::boxed(body, watch));
                     headers::to_client(response.headers_mut(), &request_id);
                     response.extensions_mut().insert(UpstreamWait(wait));
                     Ok(response)
@@ -157,6 +150,24 @@ impl Service<ProxyRequest> for Forward {
                     Err(classify(&upstream, err))
                 }
             }
+        })
+    }
+}
+
+/// Keeps the endpoint's in-flight count until the response body is done, and names the
+/// upstream in the body's errors.
+struct UpstreamBodyWatch {
+    _in_flight: InFlight,
+    body_errors: prometheus::IntCounter,
+    upstream: Arc<str>,
+}
+
+impl BodyObserver for UpstreamBodyWatch {
+    fn map_error(&mut self, error: BoxError) -> BoxError {
+        self.body_errors.inc();
+        BoxError::from(ProxyError::UpstreamBody {
+            upstream: self.upstream.to_string(),
+            detail: error.to_string(),
         })
     }
 }

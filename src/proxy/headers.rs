@@ -3,9 +3,13 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-pub const REQUEST_ID: &str = "x-request-id";
+// Names as constants: `from_static` and `&str` lookups parse the name again on every call.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The upstream's own request id (OpenAI sends one) when it differs from ours.
-pub const UPSTREAM_REQUEST_ID: &str = "x-upstream-request-id";
+pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -72,9 +76,9 @@ pub fn to_upstream(
 ) {
     strip_hop_by_hop(headers);
     if let Some(original) = headers.insert(header::HOST, host.clone()) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), original);
+        headers.insert(X_FORWARDED_HOST, original);
     }
-    let xff = HeaderName::from_static("x-forwarded-for");
+    let xff = X_FORWARDED_FOR;
     let joined = match headers.get(&xff) {
         Some(prior) if !prior.is_empty() => {
             let mut v = Vec::with_capacity(prior.len() + 2 + client_ip.len());
@@ -86,10 +90,7 @@ pub fn to_upstream(
         _ => None,
     };
     headers.insert(xff, joined.unwrap_or_else(|| client_ip.clone()));
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     for (name, value) in added {
         headers.insert(name.clone(), value.clone());
     }
@@ -101,11 +102,11 @@ pub fn to_client(headers: &mut HeaderMap, request_id: &HeaderValue) {
     match headers.get(REQUEST_ID) {
         Some(theirs) if theirs != request_id => {
             let theirs = theirs.clone();
-            headers.insert(HeaderName::from_static(UPSTREAM_REQUEST_ID), theirs);
+            headers.insert(UPSTREAM_REQUEST_ID, theirs);
         }
         _ => {}
     }
-    headers.insert(HeaderName::from_static(REQUEST_ID), request_id.clone());
+    headers.insert(REQUEST_ID, request_id.clone());
 }
 
 #[cfg(test)]

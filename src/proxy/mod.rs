@@ -37,8 +37,72 @@ pub type ProxyRequest = Request<ProxyBody>;
 pub type ProxyResponse = Response<ProxyBody>;
 pub type ProxyFuture = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyError>> + Send>>;
 
-/// A route's whole stack, as stored in the router.
-pub type RouteService = tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>;
+/// A route's whole stack (or a part of it), type-erased. Unlike tower's `BoxCloneSyncService`
+/// it neither allocates to clone nor boxes the (already boxed) future again: every layer here
+/// answers a [`ProxyFuture`] and is always ready.
+#[derive(Clone)]
+pub struct RouteService(std::sync::Arc<dyn CallClone>);
+
+trait CallClone: Send + Sync {
+    fn call_clone(&self, req: ProxyRequest) -> ProxyFuture;
+}
+
+impl<S> CallClone for S
+where
+    S: tower::Service<
+            ProxyRequest,
+            Response = ProxyResponse,
+            Error = ProxyError,
+            Future = ProxyFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    fn call_clone(&self, req: ProxyRequest) -> ProxyFuture {
+        // Layers are cheap handles (Arcs); a clone per call keeps `&self` callers lock-free.
+        self.clone().call(req)
+    }
+}
+
+impl RouteService {
+    pub fn new<S>(service: S) -> Self
+    where
+        S: tower::Service<
+                ProxyRequest,
+                Response = ProxyResponse,
+                Error = ProxyError,
+                Future = ProxyFuture,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        RouteService(std::sync::Arc::new(service))
+    }
+
+    /// Calls the stack without cloning the handle first.
+    pub fn call_shared(&self, req: ProxyRequest) -> ProxyFuture {
+        self.0.call_clone(req)
+    }
+}
+
+impl tower::Service<ProxyRequest> for RouteService {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        self.0.call_clone(req)
+    }
+}
 
 /// Facts about a request set once by the entry service, read by the layers.
 #[derive(Clone, Debug)]

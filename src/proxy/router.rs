@@ -102,8 +102,10 @@ mod tests {
 
     fn svc() -> RouteService {
         RouteService::new(tower::service_fn(
-            |_req: super::super::ProxyRequest| async {
-                Err::<super::super::ProxyResponse, _>(ProxyError::Internal("test".into()))
+            |_req: super::super::ProxyRequest| -> super::super::ProxyFuture {
+                Box::pin(async {
+                    Err::<super::super::ProxyResponse, _>(ProxyError::Internal("test".into()))
+                })
             },
         ))
     }

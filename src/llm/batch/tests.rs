@@ -9,9 +9,9 @@ type Calls = Arc<StdMutex<Vec<Value>>>;
 
 /// An upstream that answers every embeddings call at once, one `[i]` vector per input.
 fn upstream(calls: Calls) -> RouteService {
-    RouteService::new(tower::service_fn(move |req: ProxyRequest| {
+    RouteService::new(tower::service_fn(move |req: ProxyRequest| -> ProxyFuture {
         let calls = calls.clone();
-        async move {
+        Box::pin(async move {
             let body = req
                 .into_body()
                 .collect()
@@ -30,7 +30,7 @@ fn upstream(calls: Calls) -> RouteService {
                 .collect();
             let answer = serde_json::json!({"object": "list", "data": data, "model": "m", "usage": {"prompt_tokens": count, "total_tokens": count}});
             Ok::<_, ProxyError>(Response::new(full(answer.to_string())))
-        }
+        })
     }))
 }
 
