@@ -99,7 +99,7 @@ impl RequestHead {
             Framing::Empty
         } else if let Some(n) = body.size_hint().exact() {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n).as_bytes());
+            out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
             Framing::Length(n)
         } else {
@@ -123,10 +123,6 @@ impl RequestHead {
             replayable: framing == Framing::Empty && idempotent,
         }
     }
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// A response head and how its body is framed.
