@@ -8,6 +8,9 @@
 #   direct     wrk -> mock_openai
 #   sidelight  wrk -> sidelight -> mock_openai
 #   nginx      wrk -> nginx (keep-alive reverse proxy) -> mock_openai
+#   nginx-fwd  the same nginx also doing the header work sidelight does by default: a request
+#              id generated and sent both ways, X-Forwarded-For and X-Forwarded-Proto (for an
+#              equal-work comparison; the target is measured against plain nginx)
 # at 1 and 64 concurrent keep-alive connections, ROUNDS times (targets
 # interleaved inside each round, order rotated per round), and reports medians.
 # See benches/README.md.
@@ -37,8 +40,8 @@ BENCH_TMP=sidelight-bench
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-read -r P_UP P_SL P_ADMIN P_NGX P_TC P_TCADMIN < <(free_ports 6)
-[[ -n ${P_TCADMIN:-} ]] || die "could not pick free ports"
+read -r P_UP P_SL P_ADMIN P_NGX P_TC P_TCADMIN P_NGXF < <(free_ports 7)
+[[ -n ${P_NGXF:-} ]] || die "could not pick free ports"
 
 # --- upstream
 start mock "$TMP/mock.log" "$MOCK_BIN" --listen "127.0.0.1:$P_UP"
@@ -168,6 +171,20 @@ http {
             proxy_set_header Connection "";
         }
     }
+
+    # nginx-fwd: the headers sidelight adds by default, so both do the same work per request.
+    server {
+        listen 127.0.0.1:$P_NGXF;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-ID \$request_id;
+            add_header X-Request-ID \$request_id;
+        }
+    }
 }
 EOF
     "$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" >"$TMP/nginx-test.log" 2>&1 \
@@ -176,8 +193,10 @@ EOF
     NGX_PID=${PIDS[-1]}
     wait_ready nginx "$NGX_PID" "http://127.0.0.1:$P_NGX/ping" pong
     log "nginx ready on 127.0.0.1:$P_NGX (pid $NGX_PID, $NGINX_VERSION)"
-    TARGETS+=(nginx)
+    wait_ready nginx-fwd "$NGX_PID" "http://127.0.0.1:$P_NGXF/ping" pong
+    TARGETS+=(nginx nginx-fwd)
     URL[nginx]="http://127.0.0.1:$P_NGX/ping"
+    URL[nginx-fwd]="http://127.0.0.1:$P_NGXF/ping"
 fi
 
 # ------------------------------------------------------------------ measure
@@ -194,7 +213,7 @@ log "note: $NOTE"
 
 CPU_GROUPS=("bench=$$" "upstream=$MOCK_PID" "direct=$MOCK_PID" "sidelight=$SL_PID")
 [[ -n ${TC_PID:-} ]] && CPU_GROUPS+=("sidelight-tc=$TC_PID")
-[[ -n ${NGX_PID:-} ]] && CPU_GROUPS+=("nginx=$NGX_PID")
+[[ -n ${NGX_PID:-} ]] && CPU_GROUPS+=("nginx=$NGX_PID" "nginx-fwd=$NGX_PID")
 preflight_idle
 
 for t in "${TARGETS[@]}"; do

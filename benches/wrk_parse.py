@@ -209,7 +209,9 @@ def _ratio(a, b):
     return a / b
 
 
-def build_report(summary, targets_order=("direct", "sidelight", "sidelight-tc", "nginx")):
+def build_report(
+    summary, targets_order=("direct", "sidelight", "sidelight-tc", "nginx", "nginx-fwd")
+):
     """Returns (rows, ratio_lines, warnings)."""
     conns_levels = sorted({c for c, _ in summary})
     rows = []
@@ -236,6 +238,12 @@ def build_report(summary, targets_order=("direct", "sidelight", "sidelight-tc", 
             ratios.append(f"sidelight/nginx throughput @{hi} = {r:.2f} (target >= 1.0: {verdict})")
     else:
         ratios.append(f"sidelight/nginx throughput @{hi} = n/a (nginx not run)")
+    r = _ratio(get(hi, "sidelight", "rps"), get(hi, "nginx-fwd", "rps"))
+    if r is not None:
+        ratios.append(
+            f"sidelight/nginx-fwd throughput @{hi} = {r:.2f} (equal work: nginx also adding "
+            "request ids and X-Forwarded-*)"
+        )
 
     d50 = get(lo, "direct", "p50_us")
     s50 = get(lo, "sidelight", "p50_us")
@@ -259,9 +267,11 @@ def build_report(summary, targets_order=("direct", "sidelight", "sidelight-tc", 
     for c in conns_levels:
         sc, nc = get(c, "sidelight", "proxy_cpu"), get(c, "nginx", "proxy_cpu")
         if sc is not None and nc is not None and nc > 0:
-            ratios.append(
-                f"proxy CPU per request @{c}: sidelight {sc:.1f}us vs nginx {nc:.1f}us (= {sc / nc:.2f}x)"
-            )
+            line = f"proxy CPU per request @{c}: sidelight {sc:.1f}us vs nginx {nc:.1f}us (= {sc / nc:.2f}x)"
+            fc = get(c, "nginx-fwd", "proxy_cpu")
+            if fc:
+                line += f"; vs nginx-fwd {fc:.1f}us (= {sc / fc:.2f}x)"
+            ratios.append(line)
     for c in conns_levels:
         r = _ratio(get(c, "sidelight-tc", "rps"), get(c, "sidelight", "rps"))
         if r is not None:

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::proxy::entry::{Entry, Shared};
 use crate::proxy::listener::{self, ListenerTask};
 use crate::ratelimit::concurrency::ConcurrencyLimit;
+use crate::ratelimit::layer::RateLimitLayer;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -164,6 +165,16 @@ impl Sidelight {
                 .map(|u| (u.name.clone(), crate::proxy::retry::budget(&u.retry_budget)))
                 .collect(),
             batches: Default::default(),
+            // A limit that cannot be built is reported by Entry::build, which builds its own.
+            rate_limits: config
+                .routes
+                .iter()
+                .filter(|r| !r.rate_limits.is_empty())
+                .filter_map(|r| {
+                    let layer = RateLimitLayer::new(&r.name, &r.rate_limits, &metrics).ok()?;
+                    Some((r.name.clone(), layer))
+                })
+                .collect(),
         };
         let entry = Entry::build(&config, &metrics, &shared)?;
 

@@ -566,3 +566,26 @@ async fn token_limits_are_corrected_from_streamed_usage_too() {
     assert_eq!(third.status, 429, "{}", third.body);
     assert_eq!(up.request_count(), 2);
 }
+
+#[tokio::test]
+async fn a_limit_holds_for_the_whole_process_not_per_worker() {
+    let up = server::http1().route("/", "ok").run().await;
+    let yaml = config(&up.url(), "[{ name: shared, rate: 10/min, burst: 10 }]")
+        + "\nruntime: { workers: 2 }\n";
+    let proxy = proxy::start(&yaml).await;
+    // Each new connection lands on one worker's socket by its hash (SO_REUSEPORT): forty of
+    // them all on the same worker would be a 1-in-2^39 chance.
+    let mut allowed = 0;
+    for _ in 0..40 {
+        if support::get_on_new_connection(&proxy.url("/x"))
+            .await
+            .status
+            == 200
+        {
+            allowed += 1;
+        }
+    }
+    // 10 a minute refills one every 6 s: the burst is all there is.
+    assert_eq!(allowed, 10, "one bucket across both workers");
+    assert_decisions(&proxy, "shared", "rejected", 30.0).await;
+}

@@ -42,6 +42,9 @@ pub struct Shared {
     pub balancers: HashMap<String, Arc<Balancer>>,
     /// Retry budgets, by upstream name.
     pub retry_budgets: HashMap<String, Arc<tower::retry::budget::TpsBudget>>,
+    /// Rate limits (their buckets and queues), by route name: a route's limit holds for the
+    /// whole process, not per worker.
+    pub rate_limits: HashMap<String, RateLimitLayer>,
     /// Pending embeddings batches, by route: requests on every worker batch together.
     pub batches: crate::llm::batch::Batches,
 }
@@ -223,8 +226,11 @@ impl Entry {
                 }
                 // Rate limits sit after the body limit: an oversized request costs no token.
                 if !r.rate_limits.is_empty() {
-                    let layer =
-                        RateLimitLayer::new(&r.name, &r.rate_limits, metrics).map_err(route_err)?;
+                    let layer = match shared.rate_limits.get(&r.name) {
+                        Some(layer) => layer.clone(),
+                        None => RateLimitLayer::new(&r.name, &r.rate_limits, metrics)
+                            .map_err(route_err)?,
+                    };
                     inner = RouteService::new(layer.layer(inner));
                 }
                 RouteService::new(outer.service(inner))
