@@ -147,11 +147,8 @@ where
             // Kept whole so it can be sent again; the body limit layer already bounds it.
             let body: Bytes = read_whole(body).await?;
             let retryable_method = policy.methods.contains(&parts.method);
-            let request_id = parts
-                .extensions
-                .get::<RequestMeta>()
-                .map(|m| String::from_utf8_lossy(m.id.as_bytes()).into_owned())
-                .unwrap_or_default();
+            // For the log lines, which only retries reach: no allocation on the common path.
+            let request_id = RequestId(parts.extensions.get::<RequestMeta>().map(|m| m.id.clone()));
             let tried = TriedEndpoints::default();
             let mut attempt = 0u32;
             loop {
@@ -227,6 +224,18 @@ impl Policy {
                 Some(response.status().as_u16().to_string())
             }
             _ => None,
+        }
+    }
+}
+
+/// A request id as log lines print it.
+struct RequestId(Option<http::HeaderValue>);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(id) => f.write_str(&String::from_utf8_lossy(id.as_bytes())),
+            None => Ok(()),
         }
     }
 }
