@@ -41,13 +41,15 @@ pub type ProxyFuture = Pin<Box<dyn Future<Output = Result<ProxyResponse, ProxyEr
 /// it neither allocates to clone nor boxes the (already boxed) future again: every layer here
 /// answers a [`ProxyFuture`] and is always ready.
 #[derive(Clone)]
-pub struct RouteService(std::sync::Arc<dyn CallClone>);
+pub struct RouteService(std::sync::Arc<dyn ProxyService>);
 
-trait CallClone: Send + Sync {
+/// What a route stack is made of: an always-ready, cheaply cloned service answering
+/// [`ProxyFuture`]s. Implemented for every such service.
+pub trait ProxyService: Send + Sync + 'static {
     fn call_clone(&self, req: ProxyRequest) -> ProxyFuture;
 }
 
-impl<S> CallClone for S
+impl<S> ProxyService for S
 where
     S: tower::Service<
             ProxyRequest,
@@ -66,18 +68,7 @@ where
 }
 
 impl RouteService {
-    pub fn new<S>(service: S) -> Self
-    where
-        S: tower::Service<
-                ProxyRequest,
-                Response = ProxyResponse,
-                Error = ProxyError,
-                Future = ProxyFuture,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-    {
+    pub fn new(service: impl ProxyService) -> Self {
         RouteService(std::sync::Arc::new(service))
     }
 
@@ -100,7 +91,7 @@ impl tower::Service<ProxyRequest> for RouteService {
     }
 
     fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
-        self.0.call_clone(req)
+        self.call_shared(req)
     }
 }
 

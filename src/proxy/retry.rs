@@ -148,7 +148,10 @@ where
             let body: Bytes = read_whole(body).await?;
             let retryable_method = policy.methods.contains(&parts.method);
             // For the log lines, which only retries reach: no allocation on the common path.
-            let request_id = RequestId(parts.extensions.get::<RequestMeta>().map(|m| m.id.clone()));
+            let request_id = parts
+                .extensions
+                .get::<RequestMeta>()
+                .map_or(http::HeaderValue::from_static(""), |m| m.id.clone());
             let tried = TriedEndpoints::default();
             let mut attempt = 0u32;
             loop {
@@ -187,14 +190,14 @@ where
                 }
                 if !policy.budget.withdraw() {
                     policy.exhausted.inc();
-                    tracing::debug!(upstream = %policy.upstream, reason, %request_id, "retry budget spent; not retrying");
+                    tracing::debug!(upstream = %policy.upstream, reason, request_id = request_id.to_str().unwrap_or(""), "retry budget spent; not retrying");
                     return result;
                 }
                 policy
                     .retries
                     .with_label_values(&[&policy.upstream, &reason])
                     .inc();
-                tracing::debug!(upstream = %policy.upstream, reason, %request_id, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
+                tracing::debug!(upstream = %policy.upstream, reason, request_id = request_id.to_str().unwrap_or(""), attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
                 drop(result);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
@@ -224,18 +227,6 @@ impl Policy {
                 Some(response.status().as_u16().to_string())
             }
             _ => None,
-        }
-    }
-}
-
-/// A request id as log lines print it.
-struct RequestId(Option<http::HeaderValue>);
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(id) => f.write_str(&String::from_utf8_lossy(id.as_bytes())),
-            None => Ok(()),
         }
     }
 }

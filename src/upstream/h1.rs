@@ -220,13 +220,6 @@ impl Conn {
         };
         let mut flushed = false;
         let mut got_bytes = false;
-        let fail = |error: H1Error, got_bytes: bool| Failed {
-            retry_elsewhere: reused
-                && head.replayable
-                && !got_bytes
-                && matches!(&error, H1Error::Closed | H1Error::Io(_)),
-            error,
-        };
         let parsed = poll_fn(|cx| loop {
             let mut progress = false;
             // Write side: the head and body, then a flush.
@@ -243,13 +236,13 @@ impl Conn {
                                 if let Err(e) =
                                     encode_data(head.framing, &mut left, &data, &mut out)
                                 {
-                                    return Poll::Ready(Err(fail(e, got_bytes)));
+                                    return Poll::Ready(Err(e));
                                 }
                             }
                             progress = true;
                         }
                         Poll::Ready(Some(Err(e))) => {
-                            return Poll::Ready(Err(fail(H1Error::RequestBody(e), got_bytes)))
+                            return Poll::Ready(Err(H1Error::RequestBody(e)))
                         }
                         Poll::Ready(None) => {
                             if head.framing == Framing::Chunked {
@@ -259,7 +252,7 @@ impl Conn {
                                     format!("request body ended {left} bytes short of its length")
                                         .into(),
                                 );
-                                return Poll::Ready(Err(fail(e, got_bytes)));
+                                return Poll::Ready(Err(e));
                             }
                             body_open = false;
                             progress = true;
@@ -276,9 +269,7 @@ impl Conn {
                         io.poll_write_vectored(cx, &bufs)
                     };
                     match polled {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(fail(H1Error::Closed, got_bytes)))
-                        }
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(H1Error::Closed)),
                         Poll::Ready(Ok(mut n)) => {
                             let from_head = n.min(head_left.len());
                             head_left = &head_left[from_head..];
@@ -286,9 +277,7 @@ impl Conn {
                             written += n;
                             progress = true;
                         }
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
-                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Io(e))),
                         Poll::Pending => {}
                     }
                 } else if !body_open {
@@ -297,9 +286,7 @@ impl Conn {
                             flushed = true;
                             progress = true;
                         }
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
-                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Io(e))),
                         Poll::Pending => {}
                     }
                 }
@@ -313,19 +300,17 @@ impl Conn {
                         } else {
                             H1Error::Invalid("connection closed inside the response head".into())
                         };
-                        return Poll::Ready(Err(fail(e, got_bytes)));
+                        return Poll::Ready(Err(e));
                     }
                     Poll::Ready(Ok(_)) => {
                         got_bytes = true;
                         match parse_head(&mut self.buf, head.head_method) {
                             Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
                             Ok(None) => progress = true,
-                            Err(e) => return Poll::Ready(Err(fail(e, true))),
+                            Err(e) => return Poll::Ready(Err(e)),
                         }
                     }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(fail(H1Error::Io(e), got_bytes)))
-                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Io(e))),
                     Poll::Pending => {}
                 }
             }
@@ -334,7 +319,15 @@ impl Conn {
             }
         })
         .await;
-        let mut parsed = parsed?;
+        let mut parsed = parsed.map_err(|error| Failed {
+            // Nothing came back on a connection that had served before: it was closed under
+            // the request, which a replayable request may then take elsewhere.
+            retry_elsewhere: reused
+                && head.replayable
+                && !got_bytes
+                && matches!(&error, H1Error::Closed | H1Error::Io(_)),
+            error,
+        })?;
         if !flushed {
             // Answered before the request was fully sent: the rest of it is still owed.
             parsed.keep_alive = false;
@@ -514,7 +507,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 pub struct ResponseBody<R: FnOnce(Conn) + Send + Unpin + 'static> {
     conn: Option<Conn>,
     kind: BodyKind,
-    keep_alive: bool,
+    /// `None` when the connection cannot carry another request.
     release: Option<R>,
 }
 
@@ -527,8 +520,7 @@ impl ResponseHead {
         let mut body = ResponseBody {
             conn: Some(conn),
             kind: self.body,
-            keep_alive: self.keep_alive,
-            release: Some(release),
+            release: self.keep_alive.then_some(release),
         };
         if matches!(body.kind, BodyKind::None) {
             body.finish();
@@ -542,17 +534,18 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> ResponseBody<R> {
         self.kind = BodyKind::None;
         let Some(conn) = self.conn.take() else { return };
         // Bytes past the end of the response were never asked for: don't trust the connection.
-        if self.keep_alive && conn.buf.is_empty() {
+        if conn.buf.is_empty() {
             if let Some(release) = self.release.take() {
                 release(conn);
             }
         }
     }
 
-    fn fail(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// Ends the body with `error`; the connection is closed.
+    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.kind = BodyKind::None;
         self.conn = None;
-        Poll::Ready(Some(Err(H1Error::Invalid(message).into())))
+        Poll::Ready(Some(Err(error.into())))
     }
 }
 
@@ -596,24 +589,22 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
                     }
                     Ok(Decoded::Progress) => continue,
                     Ok(Decoded::NeedMore) => {}
-                    Err(message) => return this.fail(message),
+                    Err(message) => return this.fail(H1Error::Invalid(message)),
                 },
             }
             match ready!(conn.poll_fill(cx)) {
                 Ok(0) => {
                     if matches!(this.kind, BodyKind::UntilClose) {
-                        this.kind = BodyKind::None;
-                        this.conn = None;
+                        // The close is the end; such a connection is never released.
+                        this.finish();
                         return Poll::Ready(None);
                     }
-                    return this.fail("the upstream closed the connection inside the body".into());
+                    return this.fail(H1Error::Invalid(
+                        "the upstream closed the connection inside the body".into(),
+                    ));
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    this.kind = BodyKind::None;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(H1Error::Io(e).into())));
-                }
+                Err(e) => return this.fail(H1Error::Io(e)),
             }
         }
     }

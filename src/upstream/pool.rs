@@ -117,30 +117,22 @@ impl Http1Pool {
         endpoint: usize,
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
         let head = RequestHead::encode(&parts, &body);
         // A pooled connection may have been closed by the server a moment ago. A request that
         // can be sent again (no body, idempotent) then goes out on another connection; others
         // only reach connections that looked alive when taken from the pool.
-        let mut body = Some(body);
         while let Some(mut conn) = self.checkout(endpoint) {
-            let Some(b) = body.take() else { break };
-            match conn.exchange(&head, b).await {
+            match conn.exchange(&head, body).await {
                 Ok(response) => return Ok(self.track(endpoint, conn, response)),
                 Err(failed) if failed.retry_elsewhere => {
                     tracing::debug!(error = %failed.error, "pooled upstream connection was closed; sending again");
-                    body = Some(
-                        http_body_util::Empty::new()
-                            .map_err(crate::BoxError::from)
-                            .boxed_unsync(),
-                    );
+                    // Only a request without a body is sent again.
+                    body = crate::proxy::body::empty();
                 }
                 Err(failed) => return Err(failed.error.into()),
             }
         }
-        let Some(body) = body else {
-            return Err(SendError::Request("request body already consumed".into()));
-        };
         let mut conn = self.connect(endpoint).await?;
         match conn.exchange(&head, body).await {
             Ok(response) => Ok(self.track(endpoint, conn, response)),
