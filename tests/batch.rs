@@ -170,6 +170,11 @@ async fn embed(proxy: &proxy::Proxy, tenant: &str, body: &Value) -> Answer {
     .await
 }
 
+/// Sends every body at once, as tenant `t`; the answers come in the order of `bodies`.
+async fn embed_all(proxy: &proxy::Proxy, bodies: &[Value]) -> Vec<Answer> {
+    futures_util::future::join_all(bodies.iter().map(|b| embed(proxy, "t", b))).await
+}
+
 /// Asserts that `answer` holds exactly the embeddings of `body`'s inputs, each at its input's
 /// `index` (a lone request's answer is the upstream's own, in the upstream's order).
 fn assert_own_vectors(answer: &Answer, body: &Value) {
@@ -336,8 +341,7 @@ async fn base64_and_token_inputs_are_split_like_strings() {
         json!({"model": "m", "input": ["more", "plain"], "encoding_format": "float"}),
     ];
     let started = Instant::now();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     for (answer, body) in answers.iter().zip(&bodies) {
         assert_own_vectors(answer, body);
         // Every group had two requests, so every answer was split: in input order.
@@ -383,12 +387,9 @@ async fn a_full_batch_is_sent_without_waiting_and_a_large_request_goes_alone() {
     let bodies: Vec<Value> = (0..4)
         .map(|i| json!({"model": "m", "input": [format!("q{i}")]}))
         .collect();
-    let answers = tokio::time::timeout(
-        Duration::from_secs(5),
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))),
-    )
-    .await
-    .expect("a full batch must not wait for max_wait");
+    let answers = tokio::time::timeout(Duration::from_secs(5), embed_all(&proxy, &bodies))
+        .await
+        .expect("a full batch must not wait for max_wait");
     for (answer, body) in answers.iter().zip(&bodies) {
         assert_own_vectors(answer, body);
     }
@@ -428,8 +429,7 @@ async fn an_upstream_error_reaches_every_request_of_the_batch() {
     let bodies: Vec<Value> = (0..5)
         .map(|i| json!({"model": "m", "input": format!("q{i}")}))
         .collect();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     for answer in &answers {
         assert_eq!(answer.status, 503);
         assert_eq!(answer.json()["error"]["message"], "upstream is down");
@@ -447,8 +447,7 @@ async fn an_upstream_error_reaches_every_request_of_the_batch() {
         json!({"model": "m", "input": ["fine", "FAIL"]}),
         json!({"model": "m", "input": "also fine"}),
     ];
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     for answer in &answers {
         assert_eq!(answer.status, 400, "{}", answer.body);
     }
@@ -473,8 +472,7 @@ async fn split_mode_isolates_the_request_with_the_bad_input() {
             }
         })
         .collect();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     for (i, (answer, body)) in answers.iter().zip(&bodies).enumerate() {
         if i == 3 {
             assert_eq!(answer.status, 400, "{}", answer.body);
@@ -668,8 +666,7 @@ async fn requests_on_different_workers_share_a_batch() {
     let bodies: Vec<Value> = (0..40)
         .map(|i| json!({"model": "m", "input": format!("w{i}")}))
         .collect();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     for (answer, body) in answers.iter().zip(&bodies) {
         assert_own_vectors(answer, body);
     }
@@ -696,8 +693,7 @@ async fn an_input_asked_for_twice_in_one_batch_is_sent_once() {
         json!({"model": "m", "input": "dup"}),
         json!({"model": "m", "input": ["y", "dup", "dup"]}),
     ];
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     let mut tokens = 0;
     for (answer, body) in answers.iter().zip(&bodies) {
         assert_own_vectors(answer, body);
@@ -727,8 +723,7 @@ async fn an_answer_that_cannot_be_split_is_never_guessed_at() {
     let bodies: Vec<Value> = (0..3)
         .map(|i| json!({"model": "m", "input": format!("s{i}")}))
         .collect();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|b| embed(&proxy, "t", b))).await;
+    let answers = embed_all(&proxy, &bodies).await;
     // The batched answer had 2 embeddings for 3 inputs: each request was sent again alone.
     for (answer, body) in answers.iter().zip(&bodies) {
         assert_own_vectors(answer, body);
