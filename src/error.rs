@@ -20,6 +20,8 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("request head larger than {limit} bytes or with more than {headers} header fields")]
+    HeadersTooLarge { limit: usize, headers: usize },
     #[error("sidelight is overloaded ({limit} requests in flight)")]
     Overloaded { limit: usize },
     #[error("rate limit {limit:?} exceeded; retry in {retry_after} s")]
@@ -64,6 +66,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadersTooLarge { .. } => "request_headers_too_large",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
@@ -85,6 +88,7 @@ impl ProxyError {
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -109,6 +113,7 @@ impl ProxyError {
                 | ProxyError::BodyTooLarge { .. }
                 | ProxyError::ClientBody(_)
                 | ProxyError::BadRequest(_)
+                | ProxyError::HeadersTooLarge { .. }
                 | ProxyError::Overloaded { .. }
                 | ProxyError::RateLimited { .. }
                 | ProxyError::UpstreamBusy { .. }

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod http1;
 pub mod llm;
 pub mod metrics;
 pub mod proxy;

@@ -19,9 +19,6 @@ use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
 use crate::upstream::balance::{Balancer, EndpointMetrics, Outliers};
 use crate::upstream::Upstream;
-use http::Request;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -263,12 +260,11 @@ impl Entry {
     /// error has become a response by now.
     pub fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: super::ProxyRequest,
         listener: usize,
         client: &Peer,
     ) -> Pin<Box<dyn Future<Output = ProxyResponse> + Send>> {
         let id = headers::request_id(req.headers());
-        let mut req = req.map(|body| body.map_err(crate::BoxError::from).boxed_unsync());
         req.headers_mut().insert(headers::REQUEST_ID, id.clone());
         let host = if self.router.matches_hosts() {
             req.uri().authority().map(|a| a.as_str()).or_else(|| {

@@ -1,14 +1,10 @@
 //! Accepts client connections on one listener and serves them (HTTP/1.1 and h2c), until told to
 //! stop; then lets in-flight requests finish, up to the drain deadline.
 
+use super::conn::{self, Client};
 use super::entry::Entry;
 use super::Peer;
 use crate::metrics::Metrics;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -48,13 +44,9 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
     let open = metrics
         .downstream_connections_open
         .with_label_values(&[&name]);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Slowloris guard: a client gets this long to send its request headers.
-        .header_read_timeout(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
+    // The connections' own stop signal, so that their idle waits register with a channel of
+    // this thread's only, not with the one all workers share.
+    let (connections_stop, connections_stopped) = watch::channel(false);
     // Connection tasks, so that those still busy at the drain deadline can be cut.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -75,27 +67,24 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         let _ = stream.set_nodelay(true);
         accepted.inc();
         open.inc();
-        let entry = entry.clone();
-        let client = Peer::new(peer);
-        let service = service_fn(move |req| {
-            let response = entry.handle(req, index, &client);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let client = Client {
+            entry: entry.clone(),
+            listener: index,
+            peer: Peer::new(peer),
+        };
         let open = open.clone();
+        let stop = connections_stopped.clone();
         connections.spawn(async move {
             let _open = GaugeGuard(open);
-            if let Err(e) = conn.await {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
-            }
+            conn::serve(stream, client, stop).await;
         });
     }
     drop(listener);
+    // Idle connections close now; busy ones after their current request.
+    let _ = connections_stop.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
-        _ = graceful.shutdown() => true,
+        _ = drained => true,
         _ = tokio::time::sleep(drain) => {
             tracing::warn!(listener = %name, connections = connections.len(), "drain timeout reached; closing connections with requests still in flight");
             connections.shutdown().await;

@@ -15,6 +15,7 @@
 //! 8. [`forward`]: header hygiene, endpoint choice and the pooled upstream call.
 
 pub mod body;
+pub mod conn;
 pub mod entry;
 pub mod forward;
 pub mod headers;

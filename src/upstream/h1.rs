@@ -12,6 +12,10 @@
 //! own parser, httparse, reads the heads.
 
 use super::connector::Counted;
+use crate::http1::{
+    chunked_is_final, content_length, decode_chunk, encode_chunk, has_token, Chunk, Decoded,
+    MAX_HEADERS, MAX_HEAD_BYTES, READ_CHUNK,
+};
 use crate::proxy::body::ProxyBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
@@ -30,13 +34,6 @@ use tokio::net::TcpStream;
 
 /// What the connector hands over, as a tokio stream.
 pub type Io = TokioIo<Counted<MaybeHttpsStream<TokioIo<TcpStream>>>>;
-
-/// Larger response heads are refused (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
-/// is about 400 KiB).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
-/// How much the read buffer grows by when it runs out of room.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,18 +136,6 @@ enum BodyKind {
     Length(u64),
     Chunked(Chunk),
     UntilClose,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
 }
 
 /// One upstream connection, used by one request at a time.
@@ -347,11 +332,7 @@ fn encode_data(
         return Ok(());
     }
     match framing {
-        Framing::Chunked => {
-            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            out.extend_from_slice(data);
-            out.extend_from_slice(b"\r\n");
-        }
+        Framing::Chunked => encode_chunk(data, out),
         Framing::Length(_) => {
             let n = data.len() as u64;
             if n > *left {
@@ -456,49 +437,19 @@ fn body_kind(
     if headers.contains_key(TRANSFER_ENCODING) {
         // Chunked must be the final coding; anything else runs to the close. With both headers
         // the message may be a smuggling attempt: never reuse the connection.
-        let chunked = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         let both = headers.contains_key(CONTENT_LENGTH);
-        return Ok(if chunked {
+        return Ok(if chunked_is_final(headers) {
             (BodyKind::Chunked(Chunk::Size), both)
         } else {
             (BodyKind::UntilClose, true)
         });
     }
-    let mut length: Option<u64> = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(part)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| H1Error::Invalid("invalid content-length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Invalid("conflicting content-length values".into()));
-            }
-            length = Some(n);
-        }
-    }
+    let length = content_length(headers).map_err(|e| H1Error::Invalid(e.into()))?;
     Ok(match length {
         Some(0) => (BodyKind::None, false),
         Some(n) => (BodyKind::Length(n), false),
         None => (BodyKind::UntilClose, true),
     })
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// A response body read straight off the connection. When it has been read to its end the
@@ -622,76 +573,6 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
     }
 }
 
-enum Decoded {
-    Data(Bytes),
-    End,
-    /// A framing element was consumed; decode again.
-    Progress,
-    NeedMore,
-}
-
-fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
-    match *state {
-        Chunk::Size => match httparse::parse_chunk_size(buf) {
-            Ok(httparse::Status::Complete((used, size))) => {
-                buf.advance(used);
-                *state = if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                };
-                Ok(Decoded::Progress)
-            }
-            Ok(httparse::Status::Partial) if buf.len() > 1024 => {
-                Err("chunk size line too long".into())
-            }
-            Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
-            Err(_) => Err("invalid chunk size".into()),
-        },
-        Chunk::Data(left) => {
-            if buf.is_empty() {
-                return Ok(Decoded::NeedMore);
-            }
-            let n = buf.len().min(left as usize);
-            let data = buf.split_to(n).freeze();
-            *state = if left == n as u64 {
-                Chunk::DataEnd
-            } else {
-                Chunk::Data(left - n as u64)
-            };
-            Ok(Decoded::Data(data))
-        }
-        Chunk::DataEnd => {
-            if buf.len() < 2 {
-                return Ok(Decoded::NeedMore);
-            }
-            if &buf[..2] != b"\r\n" {
-                return Err("chunk data not followed by CRLF".into());
-            }
-            buf.advance(2);
-            *state = Chunk::Size;
-            Ok(Decoded::Progress)
-        }
-        Chunk::Trailers => {
-            // Trailer fields are dropped: hyper's server would not send them over HTTP/1
-            // to a client that did not ask for them either.
-            let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
-                return if buf.len() > MAX_HEAD_BYTES {
-                    Err("trailers too large".into())
-                } else {
-                    Ok(Decoded::NeedMore)
-                };
-            };
-            buf.advance(end + 2);
-            Ok(if end == 0 {
-                Decoded::End
-            } else {
-                Decoded::Progress
-            })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -756,39 +637,6 @@ mod tests {
         let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
         assert_eq!(h.response.headers()["content-type"], "text/plain");
-    }
-
-    #[test]
-    fn chunks() {
-        let mut buf =
-            BytesMut::from("5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nx-trailer: t\r\n\r\nrest");
-        let mut state = Chunk::Size;
-        let mut data = Vec::new();
-        loop {
-            match decode_chunk(&mut buf, &mut state).unwrap() {
-                Decoded::Data(d) => data.extend_from_slice(&d),
-                Decoded::End => break,
-                Decoded::Progress => {}
-                Decoded::NeedMore => panic!("all bytes are there"),
-            }
-        }
-        assert_eq!(data, b"helloabc");
-        assert_eq!(&buf[..], b"rest");
-        let mut bad = BytesMut::from("zz\r\n");
-        assert!(decode_chunk(&mut bad, &mut Chunk::Size).is_err());
-        let mut partial = BytesMut::from("5\r\nhel");
-        let mut state = Chunk::Size;
-        assert!(matches!(
-            decode_chunk(&mut partial, &mut state),
-            Ok(Decoded::Progress)
-        ));
-        assert!(
-            matches!(decode_chunk(&mut partial, &mut state), Ok(Decoded::Data(d)) if d == "hel")
-        );
-        assert!(matches!(
-            decode_chunk(&mut partial, &mut state),
-            Ok(Decoded::NeedMore)
-        ));
     }
 
     #[test]

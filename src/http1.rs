@@ -1,0 +1,237 @@
+//! HTTP/1.1 message framing (RFC 9112) shared by both sides of the proxy: sidelight's own
+//! client connections to upstreams ([`crate::upstream`]) and its client-facing connections
+//! ([`crate::proxy::conn`]). httparse reads heads and chunk-size lines; this module holds what
+//! is left: chunked bodies, `Content-Length`, `Transfer-Encoding` and connection tokens.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName};
+
+/// Larger heads are refused (nginx's buffers are 4–8 KiB; hyper's limit is about 400 KiB).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// More header lines than this are refused (hyper's default too).
+pub const MAX_HEADERS: usize = 100;
+/// How much a read buffer grows by when it runs out of room.
+pub const READ_CHUNK: usize = 16 * 1024;
+
+/// Where a chunked body's decoder stands.
+#[derive(Clone, Copy, Debug)]
+pub enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+pub enum Decoded {
+    Data(Bytes),
+    End,
+    /// A framing element was consumed; decode again.
+    Progress,
+    NeedMore,
+}
+
+/// Decodes the next piece of a chunked body off the front of `buf`.
+pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
+    match *state {
+        Chunk::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+                Ok(Decoded::Progress)
+            }
+            Ok(httparse::Status::Partial) if buf.len() > 1024 => {
+                Err("chunk size line too long".into())
+            }
+            Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
+            Err(_) => Err("invalid chunk size".into()),
+        },
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore);
+            }
+            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let data = buf.split_to(n).freeze();
+            *state = if left == n as u64 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left - n as u64)
+            };
+            Ok(Decoded::Data(data))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Decoded::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF".into());
+            }
+            buf.advance(2);
+            *state = Chunk::Size;
+            Ok(Decoded::Progress)
+        }
+        Chunk::Trailers => {
+            // Trailer fields are dropped: an HTTP/1 peer that did not ask for them (`TE:
+            // trailers`) must not depend on them, and hyper's server drops them too.
+            let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
+                return if buf.len() > MAX_HEAD_BYTES {
+                    Err("trailers too large".into())
+                } else {
+                    Ok(Decoded::NeedMore)
+                };
+            };
+            buf.advance(end + 2);
+            Ok(if end == 0 {
+                Decoded::End
+            } else {
+                Decoded::Progress
+            })
+        }
+    }
+}
+
+/// Appends one chunk of a chunked body (nothing for empty data: a zero-size chunk would end it).
+pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return;
+    }
+    chunk_size_line(data.len(), out);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a chunk-size line (`1a\r\n`).
+pub fn chunk_size_line(len: usize, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 16];
+    let mut n = len;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a comma-separated header has `token` among its values (case-insensitive).
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `chunked` is the final transfer coding (else the body runs to the close, or, in a
+/// request, cannot be delimited at all).
+pub fn chunked_is_final(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// The `Content-Length`, if any. Repeated equal values are one value; differing or malformed
+/// ones are an error (RFC 9110 §8.6).
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("invalid content-length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks() {
+        let mut buf =
+            BytesMut::from("5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nx-trailer: t\r\n\r\nrest");
+        let mut state = Chunk::Size;
+        let mut data = Vec::new();
+        loop {
+            match decode_chunk(&mut buf, &mut state).unwrap() {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::End => break,
+                Decoded::Progress => {}
+                Decoded::NeedMore => panic!("all bytes are there"),
+            }
+        }
+        assert_eq!(data, b"helloabc");
+        assert_eq!(&buf[..], b"rest");
+        let mut bad = BytesMut::from("zz\r\n");
+        assert!(decode_chunk(&mut bad, &mut Chunk::Size).is_err());
+        let mut partial = BytesMut::from("5\r\nhel");
+        let mut state = Chunk::Size;
+        assert!(matches!(
+            decode_chunk(&mut partial, &mut state),
+            Ok(Decoded::Progress)
+        ));
+        assert!(
+            matches!(decode_chunk(&mut partial, &mut state), Ok(Decoded::Data(d)) if d == "hel")
+        );
+        assert!(matches!(
+            decode_chunk(&mut partial, &mut state),
+            Ok(Decoded::NeedMore)
+        ));
+    }
+
+    #[test]
+    fn chunk_encoding() {
+        let mut out = Vec::new();
+        encode_chunk(b"", &mut out);
+        assert!(out.is_empty());
+        encode_chunk(&[b'x'; 26], &mut out);
+        assert!(out.starts_with(b"1a\r\nxx") && out.ends_with(b"x\r\n"));
+        out.clear();
+        chunk_size_line(0x10000, &mut out);
+        assert_eq!(out, b"10000\r\n");
+    }
+
+    #[test]
+    fn lengths() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            for part in v.split('|') {
+                m.append(CONTENT_LENGTH, part.parse().unwrap());
+            }
+            content_length(&m)
+        };
+        assert_eq!(h("5"), Ok(Some(5)));
+        assert_eq!(h("3, 3"), Ok(Some(3)));
+        assert_eq!(h("3|3"), Ok(Some(3)));
+        assert!(h("1, 2").is_err());
+        assert!(h("-1").is_err());
+        assert!(h("nope").is_err());
+        assert_eq!(content_length(&HeaderMap::new()), Ok(None));
+    }
+}

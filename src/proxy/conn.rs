@@ -1,0 +1,1073 @@
+//! One client connection, from accept to close.
+//!
+//! HTTP/1.1 is served by sidelight's own loop, for the reason the upstream side has its own
+//! client ([`crate::upstream::h1`]): hyper's server dispatcher costs more per request than the
+//! rest of a proxied request's user-space work put together. Here one task does everything: the
+//! request head is parsed straight off the connection's buffer, a request body reads the socket
+//! as the route consumes it, and the response goes out from the same task, its head and body in
+//! one write when the body is already there. Clients speaking h2c (prior knowledge) are handed
+//! to hyper's HTTP/2 server.
+//!
+//! What a client sees follows hyper and nginx: keep-alive by default in HTTP/1.1 (opt-in in
+//! 1.0), pipelined requests answered in order, `100 Continue` sent when the body is first read,
+//! a malformed head answered with a JSON 400 (431 when too large) and the connection closed, a
+//! client that hangs up cancels its request, and a stuck client gets 30 s to send a head.
+
+use super::body::{empty, ProxyBody};
+use super::entry::Entry;
+use super::{listener, Peer, ProxyResponse};
+use crate::error::ProxyError;
+use crate::http1::{
+    chunk_size_line, chunked_is_final, content_length, decode_chunk, has_token, Chunk, Decoded,
+    MAX_HEADERS, MAX_HEAD_BYTES, READ_CHUNK,
+};
+use crate::BoxError;
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+
+/// Slowloris guard: a client gets this long to send a request head, idle time included.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request body bytes read and thrown away after an early answer, to keep the connection.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+/// How long an unread request body may take to arrive before the connection is given up.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// Data frames up to this size are copied next to the head (one write); larger go on their own.
+const COPY_LIMIT: usize = 16 * 1024;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection serves and for whom.
+pub struct Client {
+    pub entry: Entry,
+    /// The listener's index in the config.
+    pub listener: usize,
+    pub peer: Peer,
+}
+
+/// Serves `stream` until the client leaves, the connection fails, or `stop` (then in-flight
+/// requests finish first, and their responses say `connection: close`).
+pub async fn serve(stream: TcpStream, client: Client, stop: watch::Receiver<bool>) {
+    let (read, write) = stream.into_split();
+    let stopped = {
+        let mut stop = stop.clone();
+        Box::pin(async move { listener::stopped(&mut stop).await })
+    };
+    let conn = H1 {
+        reader: Some(Reader {
+            io: read,
+            buf: BytesMut::new(),
+        }),
+        write,
+        out: Vec::with_capacity(1024),
+        client,
+        stop,
+        stopped: Some(stopped),
+        stopping: false,
+        unread: false,
+        head_timer: None,
+    };
+    conn.run().await;
+}
+
+/// The read side of a connection and what it has read but not consumed.
+struct Reader {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Reader {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+struct H1 {
+    /// `None` while a request body has it.
+    reader: Option<Reader>,
+    write: OwnedWriteHalf,
+    /// The response being written; kept for its capacity.
+    out: Vec<u8>,
+    client: Client,
+    stop: watch::Receiver<bool>,
+    /// Resolves when the listener stops; polled only while idle, then dropped.
+    stopped: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    stopping: bool,
+    /// Request bytes may still be arriving that nobody will read.
+    unread: bool,
+    /// Created the first time a head is waited for, then re-armed only when it fires early
+    /// (a timer reset per request would cost more than the check).
+    head_timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// A parsed request head and what it says about the connection.
+struct Head {
+    request: Request<()>,
+    body: BodyKind,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// How the client frames the request body.
+#[derive(Clone, Copy, Debug)]
+enum BodyKind {
+    Empty,
+    Length(u64),
+    Chunked(Chunk),
+}
+
+enum Waited {
+    Data,
+    Closed,
+    Stop,
+    Timeout,
+}
+
+/// A request body given back by its [`RequestBody`]: `rest` is `None` when it was read to its
+/// end, else what is left of it (its reader was dropped early).
+struct Returned {
+    reader: Reader,
+    rest: Option<BodyKind>,
+    /// `100 Continue` was never sent: the client may be holding the body back.
+    continue_owed: bool,
+}
+
+/// How the response in flight relates to the request it answers.
+struct Answering {
+    head_method: bool,
+    http10: bool,
+    keep_alive: bool,
+    /// The request body while the route has it.
+    away: Option<oneshot::Receiver<Returned>>,
+    /// A request body dropped before its end, back with what is left of it.
+    cut: Option<Returned>,
+}
+
+impl Answering {
+    fn new(head_method: bool, http10: bool, keep_alive: bool) -> Self {
+        Answering {
+            head_method,
+            http10,
+            keep_alive,
+            away: None,
+            cut: None,
+        }
+    }
+}
+
+impl H1 {
+    async fn run(mut self) {
+        let mut first = true;
+        loop {
+            let head = match self.read_head(first).await {
+                Ok(Some(head)) => head,
+                Ok(None) => return,
+                Err(HeadError::H2) => return self.into_h2().await,
+                Err(HeadError::Bad(e)) => {
+                    let _ = self
+                        .respond(e.to_response(None), Answering::new(false, false, false))
+                        .await;
+                    self.unread = true;
+                    return self.close().await;
+                }
+            };
+            first = false;
+            let head_method = head.request.method() == Method::HEAD;
+            let http10 = head.request.version() == Version::HTTP_10;
+            let mut answering = Answering::new(head_method, http10, head.keep_alive);
+            let request = match head.body {
+                BodyKind::Empty => head.request.map(|()| empty()),
+                kind => {
+                    let (tx, rx) = oneshot::channel();
+                    let body = RequestBody {
+                        reader: self.reader.take(),
+                        kind,
+                        home: Some(tx),
+                        continue_owed: head.expect_continue,
+                        continue_sent: 0,
+                    };
+                    answering.away = Some(rx);
+                    head.request.map(|()| body.boxed_unsync())
+                }
+            };
+            let client = &self.client;
+            let response = client.entry.handle(request, client.listener, &client.peer);
+            let Some(response) = self.until_answered(response, &mut answering).await else {
+                // The client hung up: dropping the response future cancels the request.
+                return;
+            };
+            match self.respond(response, answering).await {
+                Ok(true) => {}
+                Ok(false) => return self.close().await,
+                Err(e) => {
+                    tracing::debug!(client = %self.client.peer.addr, error = %e, "writing a response failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for the next request head. `Ok(None)`: the connection is done (closed by the
+    /// client, idle at shutdown, or too slow).
+    async fn read_head(&mut self, first: bool) -> Result<Option<Head>, HeadError> {
+        let mut started: Option<Instant> = None;
+        loop {
+            let Some(reader) = self.reader.as_mut() else {
+                return Ok(None);
+            };
+            if !reader.buf.is_empty() {
+                if first && H2_PREFACE.starts_with(&reader.buf[..reader.buf.len().min(24)]) {
+                    if reader.buf.len() >= H2_PREFACE.len() {
+                        return Err(HeadError::H2);
+                    }
+                } else if let Some(head) = parse_head(&mut reader.buf)? {
+                    return Ok(Some(head));
+                }
+            }
+            let idle = reader.buf.is_empty();
+            if idle && self.stopping {
+                return Ok(None);
+            }
+            let deadline = *started.get_or_insert_with(Instant::now) + HEADER_READ_TIMEOUT;
+            let stopped = &mut self.stopped;
+            let timer = &mut self.head_timer;
+            let waited = poll_fn(|cx| {
+                match reader.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Waited::Closed),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Waited::Data),
+                    Poll::Pending => {}
+                }
+                if idle {
+                    if let Some(stop) = stopped.as_mut() {
+                        if stop.as_mut().poll(cx).is_ready() {
+                            *stopped = None;
+                            return Poll::Ready(Waited::Stop);
+                        }
+                    }
+                }
+                let sleep =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if sleep.deadline() >= deadline {
+                        return Poll::Ready(Waited::Timeout);
+                    }
+                    sleep.as_mut().reset(deadline);
+                }
+                Poll::Pending
+            })
+            .await;
+            match waited {
+                Waited::Data => {}
+                Waited::Closed => return Ok(None),
+                Waited::Stop => {
+                    self.stopping = true;
+                    return Ok(None);
+                }
+                Waited::Timeout => {
+                    tracing::debug!(client = %self.client.peer.addr, "no request head within the header read timeout; closing");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Runs `response` to its answer, watching the client meanwhile: `None` if it hung up.
+    async fn until_answered(
+        &mut self,
+        mut response: Pin<Box<dyn Future<Output = ProxyResponse> + Send>>,
+        answering: &mut Answering,
+    ) -> Option<ProxyResponse> {
+        let reader = &mut self.reader;
+        poll_fn(|cx| {
+            if let Poll::Ready(response) = response.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if client_gone(reader, answering, cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Writes `response`. `Ok(true)`: the connection can take another request.
+    async fn respond(
+        &mut self,
+        response: ProxyResponse,
+        mut answering: Answering,
+    ) -> io::Result<bool> {
+        let (parts, mut body) = response.into_parts();
+        let status = parts.status;
+        let no_body = answering.head_method
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        if *self.stop.borrow() {
+            self.stopping = true;
+        }
+        let mut keep_alive = answering.keep_alive && !self.stopping;
+        let declared = content_length(&parts.headers).ok().flatten();
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            let skip = name == TRANSFER_ENCODING
+                || name == CONNECTION
+                || (name == CONTENT_LENGTH
+                    && (status == StatusCode::NO_CONTENT
+                        || status.is_informational()
+                        || (declared.is_none() && !no_body)));
+            if !skip {
+                header_line(out, name, value);
+            }
+        }
+        let framing = if no_body {
+            Framing::None
+        } else if let Some(n) = declared {
+            Framing::Length(n)
+        } else if let Some(n) = body.size_hint().exact() {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+            Framing::Length(n)
+        } else if !answering.http10 {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        };
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if answering.http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        if !parts.headers.contains_key(DATE) {
+            date_line(out);
+        }
+        out.extend_from_slice(b"\r\n");
+
+        let complete = if matches!(framing, Framing::None) || body.is_end_stream() {
+            // Never polled, as hyper does; the body's own drop accounts for it.
+            drop(body);
+            match framing {
+                Framing::None | Framing::Length(0) => true,
+                Framing::Chunked => {
+                    self.out.extend_from_slice(b"0\r\n\r\n");
+                    true
+                }
+                // Shorter than it said, or delimited by the close.
+                Framing::Length(_) | Framing::UntilClose => false,
+            }
+        } else {
+            match self.write_body(&mut body, framing, &mut answering).await? {
+                Some(complete) => complete,
+                None => return Ok(false),
+            }
+        };
+        if !self.out.is_empty() {
+            self.write.write_all(&self.out).await?;
+        }
+        if !complete {
+            return Ok(false);
+        }
+        Ok(keep_alive && self.take_back(answering).await)
+    }
+
+    /// Writes the body after the head already in `out`. `Some(false)`: it ended short of its
+    /// length or failed, so the message is incomplete; `None`: the client hung up.
+    async fn write_body(
+        &mut self,
+        body: &mut ProxyBody,
+        framing: Framing,
+        answering: &mut Answering,
+    ) -> io::Result<Option<bool>> {
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        loop {
+            let polled = if self.out.is_empty() {
+                // Nothing waits to go out: wait for the body, watching the client.
+                let reader = &mut self.reader;
+                let polled = poll_fn(|cx| {
+                    if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                        return Poll::Ready(Some(frame));
+                    }
+                    if client_gone(reader, answering, cx) {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match polled {
+                    Some(frame) => frame,
+                    None => return Ok(None),
+                }
+            } else if self.out.len() >= 4 * COPY_LIMIT {
+                self.write.write_all(&self.out).await?;
+                self.out.clear();
+                continue;
+            } else {
+                // Something waits: take what the body already has, else send what waits first.
+                match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        self.write.write_all(&self.out).await?;
+                        self.out.clear();
+                        continue;
+                    }
+                }
+            };
+            let data = match polled {
+                None => {
+                    return Ok(Some(match framing {
+                        Framing::Chunked => {
+                            self.out.extend_from_slice(b"0\r\n\r\n");
+                            true
+                        }
+                        Framing::Length(_) => left == 0,
+                        _ => false,
+                    }))
+                }
+                Some(Err(e)) => {
+                    // The stream broke: the client must see an incomplete message, so the
+                    // connection closes without a last chunk.
+                    tracing::debug!(client = %self.client.peer.addr, error = %crate::error::chain(e.as_ref()), "response body failed");
+                    return Ok(Some(false));
+                }
+                // Trailers are not sent over HTTP/1 (hyper's server does the same).
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            match framing {
+                Framing::Length(_) => {
+                    if data.len() as u64 > left {
+                        tracing::debug!(client = %self.client.peer.addr, "response body longer than its content-length; cut");
+                        return Ok(Some(false));
+                    }
+                    left -= data.len() as u64;
+                }
+                Framing::Chunked => chunk_size_line(data.len(), &mut self.out),
+                _ => {}
+            }
+            if data.len() <= COPY_LIMIT {
+                self.out.extend_from_slice(&data);
+            } else {
+                self.write.write_all(&self.out).await?;
+                self.out.clear();
+                self.write.write_all(&data).await?;
+            }
+            if matches!(framing, Framing::Chunked) {
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Gets the read side back from the request body after a response. False: the connection
+    /// cannot take another request (the body was cut, or could not be drained in time).
+    async fn take_back(&mut self, answering: Answering) -> bool {
+        if self.reader.is_some() {
+            return true;
+        }
+        let returned = match (answering.cut, answering.away) {
+            (Some(returned), _) => returned,
+            (None, Some(mut away)) => match away.try_recv() {
+                Ok(returned) => returned,
+                // Still held by someone, or failed: the connection's read side is gone.
+                Err(_) => return false,
+            },
+            (None, None) => return false,
+        };
+        let Returned {
+            mut reader,
+            rest,
+            continue_owed,
+        } = returned;
+        let drained = match rest {
+            None => true,
+            // The client may still be waiting for the go-ahead to send it.
+            Some(_) if continue_owed => false,
+            Some(kind) => drain(&mut reader, kind).await,
+        };
+        self.reader = Some(reader);
+        self.unread = !drained;
+        drained
+    }
+
+    /// Closes after a last response. A client whose request body is still arriving gets it
+    /// read for a while first: closing with unread bytes would reset the connection and could
+    /// destroy the response before the client reads it (nginx's lingering close).
+    async fn close(mut self) {
+        let _ = self.write.shutdown().await;
+        let Some(reader) = self.reader.as_mut().filter(|_| self.unread) else {
+            return;
+        };
+        let deadline = Instant::now() + DRAIN_TIME;
+        let mut read = 0u64;
+        while read < 4 * DRAIN_LIMIT {
+            reader.buf.clear();
+            match tokio::time::timeout_at(deadline, poll_fn(|cx| reader.poll_fill(cx))).await {
+                Ok(Ok(n)) if n > 0 => read += n as u64,
+                _ => return,
+            }
+        }
+    }
+
+    /// Hands the connection, and what has been read of it, to hyper's HTTP/2 server.
+    async fn into_h2(self) {
+        let Some(reader) = self.reader else { return };
+        let Ok(stream) = reader.io.reunite(self.write) else {
+            return;
+        };
+        let io = Prefixed {
+            prefix: reader.buf.freeze(),
+            io: stream,
+        };
+        serve_h2(io, Arc::new(self.client), self.stop).await;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Whether the client has closed its side or failed, looking only when the read side is here.
+/// A request body that comes home read to its end gives the read side back on the way.
+fn client_gone(
+    reader: &mut Option<Reader>,
+    answering: &mut Answering,
+    cx: &mut Context<'_>,
+) -> bool {
+    if reader.is_none() {
+        let Some(away) = answering.away.as_mut() else {
+            return false;
+        };
+        let polled = Pin::new(away).poll(cx);
+        if polled.is_ready() {
+            answering.away = None;
+        }
+        match polled {
+            Poll::Ready(Ok(returned)) if returned.rest.is_none() => {
+                *reader = Some(returned.reader);
+            }
+            Poll::Ready(Ok(returned)) => {
+                // Dropped unread; `take_back` decides about it after the response.
+                answering.cut = Some(returned);
+                return false;
+            }
+            Poll::Ready(Err(_)) | Poll::Pending => return false,
+        }
+    }
+    let Some(r) = reader.as_mut() else {
+        return false;
+    };
+    loop {
+        // Pipelined requests wait in the buffer; past a head's worth, stop looking.
+        if r.buf.len() > MAX_HEAD_BYTES {
+            return false;
+        }
+        match r.poll_fill(cx) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return false,
+        }
+    }
+}
+
+/// Reads and discards what is left of a request body, within limits. True if it all came.
+async fn drain(reader: &mut Reader, mut kind: BodyKind) -> bool {
+    let deadline = Instant::now() + DRAIN_TIME;
+    let mut discarded = 0u64;
+    loop {
+        match take_data(&mut reader.buf, &mut kind) {
+            Ok(Some(data)) => {
+                discarded += data.len() as u64;
+                if discarded > DRAIN_LIMIT {
+                    return false;
+                }
+                continue;
+            }
+            Ok(None) if matches!(kind, BodyKind::Empty) => return true,
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+        match tokio::time::timeout_at(deadline, poll_fn(|cx| reader.poll_fill(cx))).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Takes the next data off `buf` according to `kind`, which becomes `Empty` at the end. `None`:
+/// more bytes are needed, or the body is done.
+fn take_data(buf: &mut BytesMut, kind: &mut BodyKind) -> Result<Option<Bytes>, String> {
+    loop {
+        match kind {
+            BodyKind::Empty => return Ok(None),
+            BodyKind::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                if *left == 0 {
+                    *kind = BodyKind::Empty;
+                }
+                return Ok(Some(buf.split_to(n).freeze()));
+            }
+            BodyKind::Chunked(state) => match decode_chunk(buf, state)? {
+                Decoded::Data(data) => return Ok(Some(data)),
+                Decoded::End => *kind = BodyKind::Empty,
+                Decoded::Progress => {}
+                Decoded::NeedMore => return Ok(None),
+            },
+        }
+    }
+}
+
+enum HeadError {
+    /// An HTTP/2 connection preface.
+    H2,
+    Bad(ProxyError),
+}
+
+impl From<ProxyError> for HeadError {
+    fn from(e: ProxyError) -> Self {
+        HeadError::Bad(e)
+    }
+}
+
+/// Parses a request head off the front of `buf`. `None`: more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: MAX_HEAD_BYTES,
+                headers: MAX_HEADERS,
+            })
+        }
+        Err(e) => {
+            return Err(ProxyError::BadRequest(format!(
+                "malformed request head: {e}"
+            )))
+        }
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
+        .map_err(|_| ProxyError::BadRequest("invalid method".into()))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // The target and header values become slices of the head's own buffer, not copies: note
+    // where they are, then take the head off the buffer.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let target = span(parsed.path.unwrap_or("").as_bytes());
+    let mut spans = [((0usize, 0usize), (0usize, 0usize)); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (slot, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        *slot = (span(h.name.as_bytes()), span(h.value));
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    for &((ns, ne), (vs, ve)) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ne])
+            .map_err(|_| ProxyError::BadRequest("invalid header name".into()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| ProxyError::BadRequest(format!("invalid value of header {name}")))?;
+        headers.append(name, value);
+    }
+    let body = request_body_kind(&headers, version)?;
+    let keep_alive = match version {
+        Version::HTTP_11 => !has_token(&headers, CONNECTION, "close"),
+        _ => has_token(&headers, CONNECTION, "keep-alive"),
+    };
+    let expect_continue = version == Version::HTTP_11
+        && !matches!(body, BodyKind::Empty)
+        && headers
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        body,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// RFC 9112 §6.3 for requests: chunked if it is the final coding, else `Content-Length`, else
+/// no body. Both headers at once, or another final coding, is refused (request smuggling).
+fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyKind, ProxyError> {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(ProxyError::BadRequest(
+                "transfer-encoding in an HTTP/1.0 request".into(),
+            ));
+        }
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(ProxyError::BadRequest(
+                "both transfer-encoding and content-length".into(),
+            ));
+        }
+        if !chunked_is_final(headers) {
+            return Err(ProxyError::BadRequest(
+                "transfer-encoding must end with chunked".into(),
+            ));
+        }
+        return Ok(BodyKind::Chunked(Chunk::Size));
+    }
+    match content_length(headers).map_err(|e| ProxyError::BadRequest(e.into()))? {
+        None | Some(0) => Ok(BodyKind::Empty),
+        Some(n) => Ok(BodyKind::Length(n)),
+    }
+}
+
+/// A request body read straight off the client connection as the route consumes it. Read to
+/// its end, or dropped, it sends the read side back to the connection.
+struct RequestBody {
+    reader: Option<Reader>,
+    kind: BodyKind,
+    home: Option<oneshot::Sender<Returned>>,
+    continue_owed: bool,
+    /// Bytes of the `100 Continue` line already written.
+    continue_sent: usize,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl RequestBody {
+    fn go_home(&mut self) {
+        if let (Some(reader), Some(home)) = (self.reader.take(), self.home.take()) {
+            let rest = (!matches!(self.kind, BodyKind::Empty)).then_some(self.kind);
+            let _ = home.send(Returned {
+                reader,
+                rest,
+                continue_owed: self.continue_owed,
+            });
+        }
+    }
+
+    /// Ends the body with an error; the connection will close.
+    fn fail(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.kind = BodyKind::Empty;
+        self.reader = None;
+        self.home = None;
+        Poll::Ready(Some(Err(message.into())))
+    }
+
+    /// Tells a client that waits for it to send the body (RFC 9110 §10.1.1).
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(reader) = self.reader.as_ref() else {
+            return Poll::Ready(Ok(()));
+        };
+        let stream = reader.io.as_ref();
+        while self.continue_sent < CONTINUE.len() {
+            ready!(stream.poll_write_ready(cx))?;
+            match stream.try_write(&CONTINUE[self.continue_sent..]) {
+                Ok(n) => self.continue_sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.continue_owed = false;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.go_home();
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(reader) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match take_data(&mut reader.buf, &mut this.kind) {
+                Ok(Some(data)) => {
+                    // The client sent without waiting for the go-ahead.
+                    this.continue_owed = false;
+                    if matches!(this.kind, BodyKind::Empty) {
+                        this.go_home();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if matches!(this.kind, BodyKind::Empty) => {
+                    this.go_home();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(message) => {
+                    return this.fail(format!("invalid chunked request body: {message}"))
+                }
+            }
+            if this.continue_owed {
+                if let Err(e) = ready!(this.poll_continue(cx)) {
+                    return this.fail(format!("client connection: {e}"));
+                }
+            }
+            let Some(reader) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(reader.poll_fill(cx)) {
+                Ok(0) => {
+                    return this
+                        .fail("the client closed the connection inside the request body".into())
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(format!("client connection: {e}")),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, BodyKind::Empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            BodyKind::Empty => SizeHint::with_exact(0),
+            BodyKind::Length(n) => SizeHint::with_exact(n),
+            BodyKind::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn header_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_u64(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &digits[i..]
+}
+
+/// Appends a `date:` line, formatted once a second per thread.
+fn date_line(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second || cached.1.is_empty() {
+            *cached = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(cached.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Serves an h2c connection with hyper until it ends; at `stop`, lets its streams finish.
+async fn serve_h2(io: Prefixed, client: Arc<Client>, mut stop: watch::Receiver<bool>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
+        let response = client.entry.handle(req, client.listener, &client.peer);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = listener::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "h2 client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<Head>, ProxyError> {
+        parse_head(&mut BytesMut::from(text))
+    }
+
+    #[test]
+    fn request_heads() {
+        let h = head("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.request.uri(), "/a?b=1");
+        assert_eq!(h.request.headers().get_all("x-a").iter().count(), 2);
+        assert!(h.keep_alive && matches!(h.body, BodyKind::Empty));
+        let h = head("POST / HTTP/1.0\r\ncontent-length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive && matches!(h.body, BodyKind::Length(3)));
+        let h =
+            head("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(h.expect_continue && matches!(h.body, BodyKind::Chunked(_)));
+        assert!(head("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(matches!(
+            head("GARBAGE\r\n\r\n"),
+            Err(ProxyError::BadRequest(_))
+        ));
+        let smuggled = "POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(matches!(head(smuggled), Err(ProxyError::BadRequest(_))));
+        let big = format!(
+            "GET / HTTP/1.1\r\nx: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        assert!(matches!(
+            head(&big),
+            Err(ProxyError::HeadersTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn body_pieces() {
+        let mut buf = BytesMut::from("3\r\nabc\r\n0\r\n\r\nGET");
+        let mut kind = BodyKind::Chunked(Chunk::Size);
+        assert_eq!(take_data(&mut buf, &mut kind).unwrap().unwrap(), "abc");
+        assert!(take_data(&mut buf, &mut kind).unwrap().is_none());
+        assert!(matches!(kind, BodyKind::Empty));
+        assert_eq!(&buf[..], b"GET");
+        let mut buf = BytesMut::from("abcdef");
+        let mut kind = BodyKind::Length(4);
+        assert_eq!(take_data(&mut buf, &mut kind).unwrap().unwrap(), "abcd");
+        assert!(matches!(kind, BodyKind::Empty));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa_u64(1234567, &mut [0; 20]), b"1234567");
+        assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+}

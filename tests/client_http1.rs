@@ -1,0 +1,324 @@
+//! sidelight's own HTTP/1.1 server, seen from raw TCP clients: keep-alive rules, pipelining,
+//! `100 Continue`, chunked uploads, HEAD, early answers that keep the connection, and heads
+//! that are too large.
+
+mod support;
+
+use http::Response;
+use sidelight::proxy::body::full;
+use std::time::Duration;
+use support::{proxy, server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn config(endpoint: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - {{ name: up, endpoints: ["{endpoint}"] }}
+routes:
+  - {{ name: r, upstream: up, match: {{ path_prefix: /r }} }}
+"#
+    )
+}
+
+/// An upstream that answers with the request's method, path and body.
+async fn echo() -> server::Server {
+    server::http1()
+        .route_fn("/", |r| {
+            let text = format!(
+                "{} {} {}",
+                r.method,
+                r.uri.path(),
+                String::from_utf8_lossy(&r.body)
+            );
+            Response::new(full(text))
+        })
+        .run()
+        .await
+}
+
+struct Raw {
+    conn: TcpStream,
+    pending: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Raw {
+    async fn connect(proxy: &proxy::Proxy) -> Raw {
+        Raw {
+            conn: TcpStream::connect(proxy.addr).await.unwrap(),
+            pending: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.conn.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads until `pending` holds `n` bytes; false at the end of the stream.
+    async fn fill(&mut self, n: usize) -> bool {
+        while self.pending.len() < n {
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout(WAIT, self.conn.read(&mut chunk))
+                .await
+                .expect("sidelight answered in time")
+                .unwrap_or(0);
+            if read == 0 {
+                return false;
+            }
+            self.pending.extend_from_slice(&chunk[..read]);
+        }
+        true
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.pending[..i].to_vec()).unwrap();
+                self.pending.drain(..i + 2);
+                return line;
+            }
+            let want = self.pending.len() + 1;
+            assert!(self.fill(want).await, "connection closed inside a head");
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        assert!(self.fill(n).await, "connection closed inside a body");
+        self.pending.drain(..n).collect()
+    }
+
+    /// Reads one response; `head_request` when it answers a HEAD.
+    async fn response(&mut self, head_request: bool) -> Reply {
+        let status_line = self.line().await;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').expect("header line");
+            headers.push((name.trim().to_lowercase(), value.trim().to_string()));
+        }
+        let mut reply = Reply {
+            status,
+            headers,
+            body: String::new(),
+        };
+        if head_request || status == 100 || status == 204 || status == 304 {
+            return reply;
+        }
+        let mut body = Vec::new();
+        if reply.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line().await, 16).expect("chunk size");
+                if size == 0 {
+                    assert_eq!(self.line().await, "", "no trailers");
+                    break;
+                }
+                body.extend(self.take(size).await);
+                assert_eq!(self.take(2).await, b"\r\n");
+            }
+        } else {
+            let length: usize = reply
+                .header("content-length")
+                .expect("a length or chunks")
+                .parse()
+                .unwrap();
+            body = self.take(length).await;
+        }
+        reply.body = String::from_utf8(body).unwrap();
+        reply
+    }
+
+    /// True if sidelight closes the connection (within the wait) without sending anything else.
+    async fn closed(&mut self) -> bool {
+        !self.fill(self.pending.len() + 1).await
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(
+        b"GET /r/one HTTP/1.1\r\nhost: x\r\n\r\nPOST /r/two HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nbodyGET /r/three HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw.response(false).await.body, "GET /r/one ");
+    assert_eq!(raw.response(false).await.body, "POST /r/two body");
+    let third = raw.response(false).await;
+    assert_eq!(third.body, "GET /r/three ");
+    assert!(third.header("date").is_some(), "{third:?}");
+    assert!(third.header("x-request-id").is_some(), "{third:?}");
+}
+
+#[tokio::test]
+async fn keep_alive_follows_the_http_version_and_connection_header() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+
+    // HTTP/1.0 closes unless asked not to.
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"GET /r/a HTTP/1.0\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(
+        (reply.status, reply.header("connection")),
+        (200, Some("close"))
+    );
+    assert!(raw.closed().await);
+
+    let mut raw = Raw::connect(&proxy).await;
+    for path in ["/r/b", "/r/c"] {
+        raw.send(format!("GET {path} HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").as_bytes())
+            .await;
+        let reply = raw.response(false).await;
+        assert_eq!(reply.header("connection"), Some("keep-alive"));
+        assert_eq!(reply.body, format!("GET {path} "));
+    }
+
+    // HTTP/1.1 keeps the connection unless told to close it.
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"GET /r/d HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let reply = raw.response(false).await;
+    assert_eq!(
+        (reply.status, reply.header("connection")),
+        (200, Some("close"))
+    );
+    assert!(raw.closed().await);
+}
+
+#[tokio::test]
+async fn a_client_that_expects_100_continue_gets_the_go_ahead() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"PUT /r/up HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n")
+        .await;
+    let interim = raw.response(false).await;
+    assert_eq!(interim.status, 100);
+    raw.send(b"hello").await;
+    let reply = raw.response(false).await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "PUT /r/up hello")
+    );
+}
+
+#[tokio::test]
+async fn chunked_uploads_reach_the_upstream_whole() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"POST /r/c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    raw.send(b"6\r\n world\r\n0\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.body, "POST /r/c hello world");
+    // The connection carries on after a chunked body.
+    raw.send(b"GET /r/next HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(raw.response(false).await.body, "GET /r/next ");
+}
+
+#[tokio::test]
+async fn head_answers_carry_the_length_but_no_body() {
+    let up = server::http1().route("/", "twelve bytes").run().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"HEAD /r HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let reply = raw.response(true).await;
+    assert_eq!(
+        (reply.status, reply.header("content-length")),
+        (200, Some("12"))
+    );
+    // Had body bytes followed, they would be read as the next status line.
+    raw.send(b"GET /r HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(raw.response(false).await.body, "twelve bytes");
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_keeps_the_connection() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    // No route: answered without reading the body, which is then read and dropped.
+    let body = "x".repeat(20_000);
+    raw.send(
+        format!(
+            "POST /elsewhere HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.header("connection"), None, "{reply:?}");
+    raw.send(b"GET /r/after HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(raw.response(false).await.body, "GET /r/after ");
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_head_too_large_gets_431_and_the_connection_closes() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    let big = "a".repeat(70 * 1024);
+    raw.send(format!("GET /r HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 431);
+    assert_eq!(
+        reply.header("x-sidelight-error"),
+        Some("request_headers_too_large")
+    );
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["error"]["type"], "request_headers_too_large");
+    assert!(raw.closed().await);
+    assert_eq!(up.request_count(), 0);
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_refused() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    for head in [
+        "POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        "POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+        "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n",
+    ] {
+        let mut raw = Raw::connect(&proxy).await;
+        raw.send(head.as_bytes()).await;
+        let reply = raw.response(false).await;
+        assert_eq!(reply.status, 400, "{head:?}: {reply:?}");
+        assert_eq!(reply.header("x-sidelight-error"), Some("bad_request"));
+        assert!(raw.closed().await, "{head:?}");
+    }
+    assert_eq!(up.request_count(), 0);
+}
