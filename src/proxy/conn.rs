@@ -31,6 +31,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -157,6 +158,8 @@ struct Answering {
     away: Option<oneshot::Receiver<Returned>>,
     /// A request body dropped before its end, back with what is left of it.
     cut: Option<Returned>,
+    /// Set once the response starts, after which the body must not write `100 Continue`.
+    continue_gate: Option<Arc<AtomicBool>>,
 }
 
 impl Answering {
@@ -167,6 +170,7 @@ impl Answering {
             keep_alive,
             away: None,
             cut: None,
+            continue_gate: None,
         }
     }
 }
@@ -195,11 +199,14 @@ impl H1 {
                 BodyKind::Empty => head.request.map(|()| empty()),
                 kind => {
                     let (tx, rx) = oneshot::channel();
+                    let gate = head.expect_continue.then(Arc::default);
+                    answering.continue_gate = gate.clone();
                     let body = RequestBody {
                         reader: self.reader.take(),
                         kind,
                         home: Some(tx),
                         continue_owed: head.expect_continue,
+                        continue_gate: gate,
                         continue_sent: 0,
                     };
                     answering.away = Some(rx);
@@ -312,6 +319,9 @@ impl H1 {
         response: ProxyResponse,
         mut answering: Answering,
     ) -> io::Result<bool> {
+        if let Some(gate) = &answering.continue_gate {
+            gate.store(true, Ordering::Release);
+        }
         let (parts, mut body) = response.into_parts();
         let status = parts.status;
         let no_body = answering.head_method
@@ -322,7 +332,6 @@ impl H1 {
             self.stopping = true;
         }
         let mut keep_alive = answering.keep_alive && !self.stopping;
-        let declared = content_length(&parts.headers).ok().flatten();
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -330,16 +339,27 @@ impl H1 {
         out.push(b' ');
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
+        // Framing headers are sidelight's to write; the rest go out as they are.
+        let (mut has_length, mut has_date) = (false, false);
         for (name, value) in &parts.headers {
-            let skip = name == TRANSFER_ENCODING
-                || name == CONNECTION
-                || (name == CONTENT_LENGTH
-                    && (status == StatusCode::NO_CONTENT
-                        || status.is_informational()
-                        || (declared.is_none() && !no_body)));
-            if !skip {
+            if name == CONTENT_LENGTH {
+                has_length = true;
+            } else if name == TRANSFER_ENCODING || name == CONNECTION {
+            } else {
+                has_date |= name == DATE;
                 header_line(out, name, value);
             }
+        }
+        // A valid `content-length` is kept (HEAD and 304 answers state the length they omit);
+        // an invalid one is dropped and the body framed by what it is.
+        let declared = has_length
+            .then(|| content_length(&parts.headers).ok().flatten())
+            .flatten()
+            .filter(|_| status != StatusCode::NO_CONTENT && !status.is_informational());
+        if let Some(n) = declared {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
         }
         let framing = if no_body {
             Framing::None
@@ -362,7 +382,7 @@ impl H1 {
         } else if answering.http10 {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
-        if !parts.headers.contains_key(DATE) {
+        if !has_date {
             date_line(out);
         }
         out.extend_from_slice(b"\r\n");
@@ -391,7 +411,9 @@ impl H1 {
         if !complete {
             return Ok(false);
         }
-        Ok(keep_alive && self.take_back(answering).await)
+        // Taken back even when closing: an unread body makes the close linger.
+        let reusable = self.take_back(answering).await;
+        Ok(keep_alive && reusable)
     }
 
     /// Writes the body after the head already in `out`. `Some(false)`: it ended short of its
@@ -702,28 +724,38 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
         (start, start + s.len())
     };
     let target = span(parsed.path.unwrap_or("").as_bytes());
-    let mut spans = [((0usize, 0usize), (0usize, 0usize)); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (slot, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *slot = (span(h.name.as_bytes()), span(h.value));
-    }
+    let spans: Vec<_> = parsed
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
-    let mut headers = HeaderMap::with_capacity(count + 4);
-    for &((ns, ne), (vs, ve)) in &spans[..count] {
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    // Which headers that matter here are present, so that absent ones cost no lookup.
+    let (mut framed, mut connection, mut expect) = (false, false, false);
+    for &((ns, ne), (vs, ve)) in &spans {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| ProxyError::BadRequest("invalid header name".into()))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| ProxyError::BadRequest(format!("invalid value of header {name}")))?;
+        framed |= name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
+        connection |= name == CONNECTION;
+        expect |= name == EXPECT;
         headers.append(name, value);
     }
-    let body = request_body_kind(&headers, version)?;
-    let keep_alive = match version {
-        Version::HTTP_11 => !has_token(&headers, CONNECTION, "close"),
-        _ => has_token(&headers, CONNECTION, "keep-alive"),
+    let body = if framed {
+        request_body_kind(&headers, version)?
+    } else {
+        BodyKind::Empty
     };
-    let expect_continue = version == Version::HTTP_11
+    let keep_alive = match version {
+        Version::HTTP_11 => !(connection && has_token(&headers, CONNECTION, "close")),
+        _ => connection && has_token(&headers, CONNECTION, "keep-alive"),
+    };
+    let expect_continue = expect
+        && version == Version::HTTP_11
         && !matches!(body, BodyKind::Empty)
         && headers
             .get(EXPECT)
@@ -775,6 +807,8 @@ struct RequestBody {
     kind: BodyKind,
     home: Option<oneshot::Sender<Returned>>,
     continue_owed: bool,
+    /// Set when the response has started: too late for `100 Continue`.
+    continue_gate: Option<Arc<AtomicBool>>,
     /// Bytes of the `100 Continue` line already written.
     continue_sent: usize,
 }
@@ -806,6 +840,13 @@ impl RequestBody {
         let Some(reader) = self.reader.as_ref() else {
             return Poll::Ready(Ok(()));
         };
+        let too_late = self
+            .continue_gate
+            .as_ref()
+            .is_some_and(|g| g.load(Ordering::Acquire));
+        if too_late && self.continue_sent == 0 {
+            return Poll::Ready(Ok(()));
+        }
         let stream = reader.io.as_ref();
         while self.continue_sent < CONTINUE.len() {
             ready!(stream.poll_write_ready(cx))?;

@@ -386,24 +386,22 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
         // Header names and values become slices of the head's own buffer, not copies: note
         // where they are, then take the head off the buffer.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let count = parsed.headers.len();
-        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *span = (
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            );
-        }
+        // Not a zeroed array of MAX_HEADERS: clearing it cost more than the allocation.
+        let spans: Vec<_> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                let name = h.name.as_ptr() as usize - base;
+                let value = h.value.as_ptr() as usize - base;
+                (name, name + h.name.len(), value, value + h.value.len())
+            })
+            .collect();
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &(ns, ne, vs, ve) in &spans {
+            let name = HeaderName::from_bytes(&head[ns..ne])
                 .map_err(|_| H1Error::Invalid("invalid header name".into()))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| H1Error::Invalid(format!("value of header {name}")))?;
             headers.append(name, value);
         }
