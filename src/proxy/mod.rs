@@ -1,7 +1,8 @@
 //! The HTTP request path.
 //!
-//! A request goes through [`entry::Entry`] (request id, routing) and then through its route's
-//! stack of tower layers, outermost first, one concern each:
+//! A request arrives on a client connection ([`listener`] accepts, [`conn`] serves: HTTP/1.1
+//! by sidelight's own loop, h2c by hyper), goes through [`entry::Entry`] (request id, routing)
+//! and then through its route's stack of tower layers, outermost first, one concern each:
 //!
 //! 1. [`observe`]: metrics, access log, and turning errors into responses (via [`crate::error`]);
 //! 2. [`limit::OverloadLayer`]: 503 past `limits.max_in_flight_requests`;
