@@ -111,6 +111,7 @@ async fn serve_worker(
             listener,
             entry: entry.clone(),
             metrics: metrics.clone(),
+            header_read_timeout: config.limits.header_read_timeout,
         };
         tasks.push(tokio::spawn(listener::serve(
             task,

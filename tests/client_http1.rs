@@ -14,8 +14,13 @@ use tokio::net::TcpStream;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn config(endpoint: &str) -> String {
+    config_with(endpoint, "")
+}
+
+fn config_with(endpoint: &str, top: &str) -> String {
     format!(
         r#"
+{top}
 upstreams:
   - {{ name: up, endpoints: ["{endpoint}"] }}
 routes:
@@ -302,6 +307,40 @@ async fn a_head_too_large_gets_431_and_the_connection_closes() {
     assert_eq!(json["error"]["type"], "request_headers_too_large");
     assert!(raw.closed().await);
     assert_eq!(up.request_count(), 0);
+    let kind = [("listener", "main"), ("kind", "headers_too_large")];
+    proxy
+        .assert_metric_eventually("sidelight_downstream_protocol_errors_total", &kind, 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_head_is_disconnected() {
+    let up = echo().await;
+    let proxy = proxy::start(&config_with(
+        &up.url(),
+        "limits: { header_read_timeout: 300ms }",
+    ))
+    .await;
+    // Half a head, then nothing: closed after limits.header_read_timeout.
+    let mut slow = Raw::connect(&proxy).await;
+    slow.send(b"GET /r HTTP/1.1\r\nhost: x\r\n").await;
+    // An idle keep-alive connection is held to the same limit.
+    let mut idle = Raw::connect(&proxy).await;
+    idle.send(b"GET /r/a HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(idle.response(false).await.status, 200);
+    let started = std::time::Instant::now();
+    assert!(slow.closed().await, "a slow head is cut");
+    assert!(idle.closed().await, "an idle connection is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let kind = [("listener", "main"), ("kind", "header_timeout")];
+    proxy
+        .assert_metric_eventually("sidelight_downstream_protocol_errors_total", &kind, 2.0)
+        .await;
+    assert_eq!(up.request_count(), 1);
 }
 
 #[tokio::test]
@@ -321,4 +360,8 @@ async fn request_smuggling_shapes_are_refused() {
         assert!(raw.closed().await, "{head:?}");
     }
     assert_eq!(up.request_count(), 0);
+    let kind = [("listener", "main"), ("kind", "bad_request")];
+    proxy
+        .assert_metric_eventually("sidelight_downstream_protocol_errors_total", &kind, 3.0)
+        .await;
 }

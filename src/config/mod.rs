@@ -99,6 +99,10 @@ pub struct LimitsConfig {
     /// Past this many requests in flight across all listeners, new ones get 503 (overloaded).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_requests: usize,
+    /// A client connection that takes longer to send a request head (idle keep-alive time
+    /// included) is closed: the slowloris guard (nginx's `client_header_timeout`).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -818,6 +822,9 @@ fn default_max_body() -> ByteSize {
 fn default_max_in_flight() -> usize {
     10_000
 }
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -865,6 +872,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_request_body_bytes: default_max_body(),
             max_in_flight_requests: default_max_in_flight(),
+            header_read_timeout: default_header_read_timeout(),
         }
     }
 }

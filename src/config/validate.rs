@@ -61,6 +61,9 @@ pub(super) fn validate(
     if config.limits.max_in_flight_requests == 0 {
         errs.add("limits.max_in_flight_requests", "must be at least 1");
     }
+    if config.limits.header_read_timeout.is_zero() {
+        errs.add("limits.header_read_timeout", "must be more than 0s");
+    }
     errs.0
 }
 
@@ -576,6 +579,20 @@ routes:
             "{errs:?}"
         );
         assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn limits_are_checked_by_path() {
+        let errs = errors(
+            "limits: { max_in_flight_requests: 0, header_read_timeout: 0s }\nupstreams: [{ name: a, endpoints: [http://a] }]\nroutes: [{ upstream: a }]\n",
+        );
+        assert_eq!(
+            errs,
+            [
+                "limits.max_in_flight_requests: must be at least 1",
+                "limits.header_read_timeout: must be more than 0s"
+            ],
+        );
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub const CONNECT_ERROR_KINDS: [&str; 4] = ["refused", "dns", "tls", "other"];
 pub const TIMEOUT_KINDS: &[&str] = &["connect", "first_byte", "idle", "total"];
 /// Failures of an established upstream exchange: a closed set.
 pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "body"];
+/// Why sidelight closed a client connection without handing a request to a route.
+pub const PROTOCOL_ERROR_KINDS: [&str; 3] = ["bad_request", "headers_too_large", "header_timeout"];
 
 /// Values of the `method` label: the standard methods, anything else is `other`.
 pub const METHODS: [&str; 8] = [
@@ -144,6 +146,7 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     pub downstream_connections: IntCounterVec,
     pub downstream_connections_open: IntGaugeVec,
+    pub downstream_protocol_errors: IntCounterVec,
     pub overloaded: IntCounter,
     pub cache_lookups: IntCounterVec,
     pub cache_stores: IntCounterVec,
@@ -249,6 +252,7 @@ impl Metrics {
             upstream_failures: counter(&r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, or body error after.", &["upstream", "kind"]),
             downstream_connections: counter(&r, "sidelight_downstream_connections_total", "Client connections accepted.", &["listener"]),
             downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
+            downstream_protocol_errors: counter(&r, "sidelight_downstream_protocol_errors_total", "Client connections closed for a malformed or oversized request head, or none within limits.header_read_timeout.", &["listener", "kind"]),
             overloaded: {
                 let c = IntCounter::new("sidelight_overloaded_total", "Requests refused with 503 because max_in_flight_requests was reached.")
                     .unwrap_or_else(|e| panic!("{e}"));
@@ -423,6 +427,10 @@ impl Metrics {
         self.downstream_connections.with_label_values(&[listener]);
         self.downstream_connections_open
             .with_label_values(&[listener]);
+        for kind in PROTOCOL_ERROR_KINDS {
+            self.downstream_protocol_errors
+                .with_label_values(&[listener, kind]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

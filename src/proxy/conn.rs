@@ -11,7 +11,8 @@
 //! What a client sees follows hyper and nginx: keep-alive by default in HTTP/1.1 (opt-in in
 //! 1.0), pipelined requests answered in order, `100 Continue` sent when the body is first read,
 //! a malformed head answered with a JSON 400 (431 when too large) and the connection closed, a
-//! client that hangs up cancels its request, and a stuck client gets 30 s to send a head.
+//! client that hangs up cancels its request, and a stuck client gets
+//! `limits.header_read_timeout` to send a head.
 
 use super::body::{empty, ProxyBody};
 use super::entry::Entry;
@@ -21,12 +22,14 @@ use crate::http1::{
     chunk_size_line, chunked_is_final, content_length, decode_chunk, has_token, Chunk, Decoded,
     MAX_HEADERS, MAX_HEAD_BYTES, READ_CHUNK,
 };
+use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
 use crate::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use prometheus::IntCounter;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
@@ -41,8 +44,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 
-/// Slowloris guard: a client gets this long to send a request head, idle time included.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request body bytes read and thrown away after an early answer, to keep the connection.
 const DRAIN_LIMIT: u64 = 256 * 1024;
 /// How long an unread request body may take to arrive before the connection is given up.
@@ -57,6 +58,32 @@ pub struct Client {
     /// The listener's index in the config.
     pub listener: usize,
     pub peer: Peer,
+    /// How long a request head may take, idle keep-alive time included (slowloris guard).
+    pub header_read_timeout: Duration,
+    pub errors: ProtocolErrors,
+}
+
+/// The listener's counters of connections closed before a request could be routed.
+#[derive(Clone)]
+pub struct ProtocolErrors {
+    bad_request: IntCounter,
+    headers_too_large: IntCounter,
+    header_timeout: IntCounter,
+}
+
+impl ProtocolErrors {
+    pub fn new(metrics: &Metrics, listener: &str) -> Self {
+        let [bad_request, headers_too_large, header_timeout] = PROTOCOL_ERROR_KINDS.map(|kind| {
+            metrics
+                .downstream_protocol_errors
+                .with_label_values(&[listener, kind])
+        });
+        ProtocolErrors {
+            bad_request,
+            headers_too_large,
+            header_timeout,
+        }
+    }
 }
 
 /// Serves `stream` until the client leaves, the connection fails, or `stop` (then in-flight
@@ -184,6 +211,12 @@ impl H1 {
                 Ok(None) => return,
                 Err(HeadError::H2) => return self.into_h2().await,
                 Err(HeadError::Bad(e)) => {
+                    let errors = &self.client.errors;
+                    match e {
+                        ProxyError::HeadersTooLarge { .. } => errors.headers_too_large.inc(),
+                        _ => errors.bad_request.inc(),
+                    }
+                    tracing::debug!(client = %self.client.peer.addr, error = %e, "unusable request head");
                     let _ = self
                         .respond(e.to_response(None), Answering::new(false, false, false))
                         .await;
@@ -251,7 +284,8 @@ impl H1 {
             if idle && self.stopping {
                 return Ok(None);
             }
-            let deadline = *started.get_or_insert_with(Instant::now) + HEADER_READ_TIMEOUT;
+            let deadline =
+                *started.get_or_insert_with(Instant::now) + self.client.header_read_timeout;
             let stopped = &mut self.stopped;
             let timer = &mut self.head_timer;
             let waited = poll_fn(|cx| {
@@ -287,6 +321,7 @@ impl H1 {
                     return Ok(None);
                 }
                 Waited::Timeout => {
+                    self.client.errors.header_timeout.inc();
                     tracing::debug!(client = %self.client.peer.addr, "no request head within the header read timeout; closing");
                     return Ok(None);
                 }

@@ -1,7 +1,7 @@
 //! Accepts client connections on one listener and serves them (HTTP/1.1 and h2c), until told to
 //! stop; then lets in-flight requests finish, up to the drain deadline.
 
-use super::conn::{self, Client};
+use super::conn::{self, Client, ProtocolErrors};
 use super::entry::Entry;
 use super::Peer;
 use crate::metrics::Metrics;
@@ -28,6 +28,7 @@ pub struct ListenerTask {
     pub listener: TcpListener,
     pub entry: Entry,
     pub metrics: Arc<Metrics>,
+    pub header_read_timeout: Duration,
 }
 
 /// Serves until `stop` flips to true, then drains. Returns false when connections were still
@@ -39,11 +40,13 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         listener,
         entry,
         metrics,
+        header_read_timeout,
     } = task;
     let accepted = metrics.downstream_connections.with_label_values(&[&name]);
     let open = metrics
         .downstream_connections_open
         .with_label_values(&[&name]);
+    let errors = ProtocolErrors::new(&metrics, &name);
     // The connections' own stop signal, so that their idle waits register with a channel of
     // this thread's only, not with the one all workers share.
     let (connections_stop, connections_stopped) = watch::channel(false);
@@ -71,6 +74,8 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
             entry: entry.clone(),
             listener: index,
             peer: Peer::new(peer),
+            header_read_timeout,
+            errors: errors.clone(),
         };
         let open = open.clone();
         let stop = connections_stopped.clone();
