@@ -358,69 +358,18 @@ impl H1 {
             gate.store(true, Ordering::Release);
         }
         let (parts, mut body) = response.into_parts();
-        let status = parts.status;
-        let no_body = answering.head_method
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
         if *self.stop.borrow() {
             self.stopping = true;
         }
         let mut keep_alive = answering.keep_alive && !self.stopping;
-        let out = &mut self.out;
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
-        // Framing headers are sidelight's to write; the rest go out as they are.
-        let (mut has_length, mut has_date) = (false, false);
-        for (name, value) in &parts.headers {
-            if name == CONTENT_LENGTH {
-                has_length = true;
-            } else if name == TRANSFER_ENCODING || name == CONNECTION {
-            } else {
-                has_date |= name == DATE;
-                header_line(out, name, value);
-            }
-        }
-        // A valid `content-length` is kept (HEAD and 304 answers state the length they omit);
-        // an invalid one is dropped and the body framed by what it is.
-        let declared = has_length
-            .then(|| content_length(&parts.headers).ok().flatten())
-            .flatten()
-            .filter(|_| status != StatusCode::NO_CONTENT && !status.is_informational());
-        if let Some(n) = declared {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
-            out.extend_from_slice(b"\r\n");
-        }
-        let framing = if no_body {
-            Framing::None
-        } else if let Some(n) = declared {
-            Framing::Length(n)
-        } else if let Some(n) = body.size_hint().exact() {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
-            out.extend_from_slice(b"\r\n");
-            Framing::Length(n)
-        } else if !answering.http10 {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-            Framing::Chunked
-        } else {
-            keep_alive = false;
-            Framing::UntilClose
-        };
-        if !keep_alive {
-            out.extend_from_slice(b"connection: close\r\n");
-        } else if answering.http10 {
-            out.extend_from_slice(b"connection: keep-alive\r\n");
-        }
-        if !has_date {
-            date_line(out);
-        }
-        out.extend_from_slice(b"\r\n");
+        self.out.clear();
+        let framing = encode_head(
+            &mut self.out,
+            &parts,
+            body.size_hint().exact(),
+            &answering,
+            &mut keep_alive,
+        );
 
         let complete = if matches!(framing, Framing::None) || body.is_end_stream() {
             // Never polled, as hyper does; the body's own drop accounts for it.
@@ -965,6 +914,74 @@ impl Body for RequestBody {
     }
 }
 
+/// Writes a response head into `out` and decides how its body is framed; `keep_alive` turns
+/// false when only the close can delimit the body.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    exact_length: Option<u64>,
+    answering: &Answering,
+    keep_alive: &mut bool,
+) -> Framing {
+    let status = parts.status;
+    let no_body = answering.head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Framing headers are sidelight's to write; the rest go out as they are.
+    let (mut has_length, mut has_date) = (false, false);
+    for (name, value) in &parts.headers {
+        let framing_header = name == TRANSFER_ENCODING || name == CONNECTION;
+        if name == CONTENT_LENGTH {
+            has_length = true;
+        } else if !framing_header {
+            has_date |= name == DATE;
+            header_line(out, name, value);
+        }
+    }
+    // A valid `content-length` is kept (HEAD and 304 answers state the length they omit);
+    // an invalid one is dropped and the body framed by what it is.
+    let declared = has_length
+        .then(|| content_length(&parts.headers).ok().flatten())
+        .flatten()
+        .filter(|_| status != StatusCode::NO_CONTENT && !status.is_informational());
+    let framing = if no_body {
+        Framing::None
+    } else if let Some(n) = declared.or(exact_length) {
+        Framing::Length(n)
+    } else if !answering.http10 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    } else {
+        *keep_alive = false;
+        Framing::UntilClose
+    };
+    let length = match framing {
+        Framing::Length(n) => Some(n),
+        _ => declared,
+    };
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+        out.extend_from_slice(b"\r\n");
+    }
+    if !*keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if answering.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !has_date {
+        date_line(out);
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
 fn header_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
@@ -1138,6 +1155,69 @@ mod tests {
         let mut kind = BodyKind::Length(4);
         assert_eq!(take_data(&mut buf, &mut kind).unwrap().unwrap(), "abcd");
         assert!(matches!(kind, BodyKind::Empty));
+    }
+
+    fn head_of(
+        status: u16,
+        headers: &[(&str, &str)],
+        exact: Option<u64>,
+        answering: Answering,
+    ) -> (String, Framing, bool) {
+        let mut response = http::Response::builder().status(status);
+        for (n, v) in headers {
+            response = response.header(*n, *v);
+        }
+        let (parts, ()) = response.body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        let mut keep_alive = answering.keep_alive;
+        let framing = encode_head(&mut out, &parts, exact, &answering, &mut keep_alive);
+        (String::from_utf8(out).unwrap(), framing, keep_alive)
+    }
+
+    #[test]
+    fn response_heads() {
+        let (head, framing, keep) = head_of(
+            200,
+            &[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked"),
+                ("x-a", "1"),
+            ],
+            None,
+            Answering::new(false, false, true),
+        );
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "));
+        assert!(head.ends_with(" GMT\r\n\r\n") && !head.contains("chunked"));
+        assert!(matches!(framing, Framing::Length(5)) && keep);
+        // HEAD states the length it omits; 204 has none.
+        let (head, framing, _) = head_of(
+            200,
+            &[("content-length", "9")],
+            None,
+            Answering::new(true, false, true),
+        );
+        assert!(head.contains("content-length: 9") && matches!(framing, Framing::None));
+        let (head, _, _) = head_of(
+            204,
+            &[("content-length", "0")],
+            None,
+            Answering::new(false, false, true),
+        );
+        assert!(!head.contains("content-length"));
+        // Unknown length: chunked in 1.1, the close in 1.0.
+        let (head, framing, _) = head_of(200, &[], None, Answering::new(false, false, true));
+        assert!(head.contains("transfer-encoding: chunked") && matches!(framing, Framing::Chunked));
+        let (head, framing, keep) = head_of(200, &[], None, Answering::new(false, true, true));
+        assert!(head.contains("connection: close") && matches!(framing, Framing::UntilClose));
+        assert!(!keep);
+        let (head, framing, _) = head_of(
+            200,
+            &[("date", "x")],
+            Some(3),
+            Answering::new(false, true, true),
+        );
+        assert!(head.contains("content-length: 3") && head.contains("connection: keep-alive"));
+        assert!(matches!(framing, Framing::Length(3)) && head.matches("date").count() == 1);
     }
 
     #[test]
