@@ -1,6 +1,6 @@
 //! sidelight's own HTTP/1.1 server, seen from raw TCP clients: keep-alive rules, pipelining,
-//! `100 Continue`, chunked uploads, HEAD, early answers that keep the connection, and heads
-//! that are too large.
+//! `100 Continue`, chunked uploads, HEAD, large and streamed answers, early answers that keep the
+//! connection, slow clients, heads that are too large, and request smuggling shapes.
 
 mod support;
 
@@ -364,4 +364,37 @@ async fn request_smuggling_shapes_are_refused() {
     proxy
         .assert_metric_eventually("sidelight_downstream_protocol_errors_total", &kind, 3.0)
         .await;
+}
+
+#[tokio::test]
+async fn large_and_streamed_bodies_arrive_whole_and_the_connection_carries_on() {
+    use http_body_util::{BodyExt, StreamBody};
+    let big = "0123456789abcdef".repeat(64 * 1024);
+    let body = big.clone();
+    let up = server::http1()
+        .route_fn("/r/big", move |_| Response::new(full(body.clone())))
+        .route_fn("/r/stream", |_| {
+            // No length: sidelight frames it with chunks.
+            let chunks = (0..100).map(|i| {
+                Ok::<_, sidelight::BoxError>(hyper::body::Frame::data(bytes::Bytes::from(format!(
+                    "chunk {i};"
+                ))))
+            });
+            Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync())
+        })
+        .run()
+        .await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"GET /r/big HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.header("content-length"), Some("1048576"));
+    assert!(reply.body == big, "the 1 MiB body arrived whole");
+    raw.send(b"GET /r/stream HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+    let want: String = (0..100).map(|i| format!("chunk {i};")).collect();
+    assert_eq!(reply.body, want);
+    raw.send(b"GET /r/big HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(raw.response(false).await.body.len(), big.len());
 }

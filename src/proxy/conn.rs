@@ -395,6 +395,10 @@ impl H1 {
         if !complete {
             return Ok(false);
         }
+        // A large streamed response must not pin its buffer for the connection's lifetime.
+        if self.out.capacity() > 4 * COPY_LIMIT {
+            self.out = Vec::with_capacity(1024);
+        }
         // Taken back even when closing: an unread body makes the close linger.
         let reusable = self.take_back(answering).await;
         Ok(keep_alive && reusable)
