@@ -6,6 +6,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName};
+use http_body::SizeHint;
 
 /// Larger heads are refused (nginx's buffers are 4–8 KiB; hyper's limit is about 400 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -27,7 +28,65 @@ pub enum Chunk {
     Trailers,
 }
 
-pub enum Decoded {
+/// What is left of a message body, and how it is delimited: the one decoder behind both the
+/// request bodies sidelight reads from clients and the response bodies it reads from upstreams.
+#[derive(Clone, Copy, Debug)]
+pub enum BodyDecoder {
+    /// Read to its end (or never had a body).
+    Done,
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes (responses only); the caller ends it at the close.
+    UntilClose,
+}
+
+impl BodyDecoder {
+    /// Takes the next data off the front of `buf`. `None`: more bytes are needed, or the body is
+    /// done (the decoder is then `Done`).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
+        loop {
+            match self {
+                BodyDecoder::Done => return Ok(None),
+                BodyDecoder::Length(0) => *self = BodyDecoder::Done,
+                BodyDecoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = BodyDecoder::Done;
+                    }
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                BodyDecoder::UntilClose => {
+                    return Ok((!buf.is_empty()).then(|| buf.split().freeze()));
+                }
+                BodyDecoder::Chunked(state) => match decode_chunk(buf, state)? {
+                    Decoded::Data(data) => return Ok(Some(data)),
+                    Decoded::End => *self = BodyDecoder::Done,
+                    Decoded::Progress => {}
+                    Decoded::NeedMore => return Ok(None),
+                },
+            }
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, BodyDecoder::Done)
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match *self {
+            BodyDecoder::Done => SizeHint::with_exact(0),
+            BodyDecoder::Length(n) => SizeHint::with_exact(n),
+            BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
     Data(Bytes),
     End,
     /// A framing element was consumed; decode again.
@@ -36,7 +95,7 @@ pub enum Decoded {
 }
 
 /// Decodes the next piece of a chunked body off the front of `buf`.
-pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String> {
     match *state {
         Chunk::Size => match httparse::parse_chunk_size(buf) {
             Ok(httparse::Status::Complete((used, size))) => {
@@ -203,6 +262,23 @@ mod tests {
             decode_chunk(&mut partial, &mut state),
             Ok(Decoded::NeedMore)
         ));
+    }
+
+    #[test]
+    fn body_decoders() {
+        let mut buf = BytesMut::from("3\r\nabc\r\n0\r\n\r\nGET");
+        let mut body = BodyDecoder::Chunked(Chunk::Size);
+        assert_eq!(body.decode(&mut buf).unwrap().unwrap(), "abc");
+        assert!(body.decode(&mut buf).unwrap().is_none() && body.is_done());
+        assert_eq!(&buf[..], b"GET");
+        let mut buf = BytesMut::from("abcdef");
+        let mut body = BodyDecoder::Length(4);
+        assert_eq!(body.size_hint().exact(), Some(4));
+        assert_eq!(body.decode(&mut buf).unwrap().unwrap(), "abcd");
+        assert!(body.is_done() && &buf[..] == b"ef");
+        let mut body = BodyDecoder::UntilClose;
+        assert_eq!(body.decode(&mut buf).unwrap().unwrap(), "ef");
+        assert!(body.decode(&mut buf).unwrap().is_none() && !body.is_done());
     }
 
     #[test]

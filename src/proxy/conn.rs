@@ -19,8 +19,8 @@ use super::entry::Entry;
 use super::{listener, Peer, ProxyResponse};
 use crate::error::ProxyError;
 use crate::http1::{
-    chunk_size_line, chunked_is_final, content_length, decode_chunk, has_token, Chunk, Decoded,
-    MAX_HEADERS, MAX_HEAD_BYTES, READ_CHUNK,
+    chunk_size_line, chunked_is_final, content_length, has_token, BodyDecoder, Chunk, MAX_HEADERS,
+    MAX_HEAD_BYTES, READ_CHUNK,
 };
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
 use crate::BoxError;
@@ -147,17 +147,9 @@ struct H1 {
 /// A parsed request head and what it says about the connection.
 struct Head {
     request: Request<()>,
-    body: BodyKind,
+    body: BodyDecoder,
     keep_alive: bool,
     expect_continue: bool,
-}
-
-/// How the client frames the request body.
-#[derive(Clone, Copy, Debug)]
-enum BodyKind {
-    Empty,
-    Length(u64),
-    Chunked(Chunk),
 }
 
 enum Waited {
@@ -171,7 +163,7 @@ enum Waited {
 /// end, else what is left of it (its reader was dropped early).
 struct Returned {
     reader: Reader,
-    rest: Option<BodyKind>,
+    rest: Option<BodyDecoder>,
     /// `100 Continue` was never sent: the client may be holding the body back.
     continue_owed: bool,
 }
@@ -229,7 +221,7 @@ impl H1 {
             let http10 = head.request.version() == Version::HTTP_10;
             let mut answering = Answering::new(head_method, http10, head.keep_alive);
             let request = match head.body {
-                BodyKind::Empty => head.request.map(|()| empty()),
+                BodyDecoder::Done => head.request.map(|()| empty()),
                 kind => {
                     let (tx, rx) = oneshot::channel();
                     let gate = head.expect_continue.then(Arc::default);
@@ -612,11 +604,11 @@ fn client_gone(
 }
 
 /// Reads and discards what is left of a request body, within limits. True if it all came.
-async fn drain(reader: &mut Reader, mut kind: BodyKind) -> bool {
+async fn drain(reader: &mut Reader, mut kind: BodyDecoder) -> bool {
     let deadline = Instant::now() + DRAIN_TIME;
     let mut discarded = 0u64;
     loop {
-        match take_data(&mut reader.buf, &mut kind) {
+        match kind.decode(&mut reader.buf) {
             Ok(Some(data)) => {
                 discarded += data.len() as u64;
                 if discarded > DRAIN_LIMIT {
@@ -624,40 +616,13 @@ async fn drain(reader: &mut Reader, mut kind: BodyKind) -> bool {
                 }
                 continue;
             }
-            Ok(None) if matches!(kind, BodyKind::Empty) => return true,
+            Ok(None) if kind.is_done() => return true,
             Ok(None) => {}
             Err(_) => return false,
         }
         match tokio::time::timeout_at(deadline, poll_fn(|cx| reader.poll_fill(cx))).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return false,
-        }
-    }
-}
-
-/// Takes the next data off `buf` according to `kind`, which becomes `Empty` at the end. `None`:
-/// more bytes are needed, or the body is done.
-fn take_data(buf: &mut BytesMut, kind: &mut BodyKind) -> Result<Option<Bytes>, String> {
-    loop {
-        match kind {
-            BodyKind::Empty => return Ok(None),
-            BodyKind::Length(left) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
-                if *left == 0 {
-                    *kind = BodyKind::Empty;
-                }
-                return Ok(Some(buf.split_to(n).freeze()));
-            }
-            BodyKind::Chunked(state) => match decode_chunk(buf, state)? {
-                Decoded::Data(data) => return Ok(Some(data)),
-                Decoded::End => *kind = BodyKind::Empty,
-                Decoded::Progress => {}
-                Decoded::NeedMore => return Ok(None),
-            },
         }
     }
 }
@@ -736,7 +701,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     let body = if framed {
         request_body_kind(&headers, version)?
     } else {
-        BodyKind::Empty
+        BodyDecoder::Done
     };
     let keep_alive = match version {
         Version::HTTP_11 => !(connection && has_token(&headers, CONNECTION, "close")),
@@ -744,7 +709,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     };
     let expect_continue = expect
         && version == Version::HTTP_11
-        && !matches!(body, BodyKind::Empty)
+        && !body.is_done()
         && headers
             .get(EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -763,7 +728,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
 
 /// RFC 9112 §6.3 for requests: chunked if it is the final coding, else `Content-Length`, else
 /// no body. Both headers at once, or another final coding, is refused (request smuggling).
-fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyKind, ProxyError> {
+fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyDecoder, ProxyError> {
     if headers.contains_key(TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(ProxyError::BadRequest(
@@ -780,11 +745,11 @@ fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyKind, 
                 "transfer-encoding must end with chunked".into(),
             ));
         }
-        return Ok(BodyKind::Chunked(Chunk::Size));
+        return Ok(BodyDecoder::Chunked(Chunk::Size));
     }
     match content_length(headers).map_err(|e| ProxyError::BadRequest(e.into()))? {
-        None | Some(0) => Ok(BodyKind::Empty),
-        Some(n) => Ok(BodyKind::Length(n)),
+        None | Some(0) => Ok(BodyDecoder::Done),
+        Some(n) => Ok(BodyDecoder::Length(n)),
     }
 }
 
@@ -792,7 +757,7 @@ fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyKind, 
 /// its end, or dropped, it sends the read side back to the connection.
 struct RequestBody {
     reader: Option<Reader>,
-    kind: BodyKind,
+    kind: BodyDecoder,
     home: Option<oneshot::Sender<Returned>>,
     continue_owed: bool,
     /// Set when the response has started: too late for `100 Continue`.
@@ -806,7 +771,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 impl RequestBody {
     fn go_home(&mut self) {
         if let (Some(reader), Some(home)) = (self.reader.take(), self.home.take()) {
-            let rest = (!matches!(self.kind, BodyKind::Empty)).then_some(self.kind);
+            let rest = (!self.kind.is_done()).then_some(self.kind);
             let _ = home.send(Returned {
                 reader,
                 rest,
@@ -817,7 +782,7 @@ impl RequestBody {
 
     /// Ends the body with an error; the connection will close.
     fn fail(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.kind = BodyKind::Empty;
+        self.kind = BodyDecoder::Done;
         self.reader = None;
         self.home = None;
         Poll::Ready(Some(Err(message.into())))
@@ -868,16 +833,16 @@ impl Body for RequestBody {
             let Some(reader) = this.reader.as_mut() else {
                 return Poll::Ready(None);
             };
-            match take_data(&mut reader.buf, &mut this.kind) {
+            match this.kind.decode(&mut reader.buf) {
                 Ok(Some(data)) => {
                     // The client sent without waiting for the go-ahead.
                     this.continue_owed = false;
-                    if matches!(this.kind, BodyKind::Empty) {
+                    if this.kind.is_done() {
                         this.go_home();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Ok(None) if matches!(this.kind, BodyKind::Empty) => {
+                Ok(None) if this.kind.is_done() => {
                     this.go_home();
                     return Poll::Ready(None);
                 }
@@ -906,15 +871,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::Empty)
+        self.kind.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            BodyKind::Empty => SizeHint::with_exact(0),
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            BodyKind::Chunked(_) => SizeHint::default(),
-        }
+        self.kind.size_hint()
     }
 }
 
@@ -1120,16 +1081,16 @@ mod tests {
             .unwrap();
         assert_eq!(h.request.uri(), "/a?b=1");
         assert_eq!(h.request.headers().get_all("x-a").iter().count(), 2);
-        assert!(h.keep_alive && matches!(h.body, BodyKind::Empty));
+        assert!(h.keep_alive && matches!(h.body, BodyDecoder::Done));
         let h = head("POST / HTTP/1.0\r\ncontent-length: 3\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(!h.keep_alive && matches!(h.body, BodyKind::Length(3)));
+        assert!(!h.keep_alive && matches!(h.body, BodyDecoder::Length(3)));
         let h =
             head("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
                 .unwrap()
                 .unwrap();
-        assert!(h.expect_continue && matches!(h.body, BodyKind::Chunked(_)));
+        assert!(h.expect_continue && matches!(h.body, BodyDecoder::Chunked(_)));
         assert!(head("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
         assert!(matches!(
             head("GARBAGE\r\n\r\n"),
@@ -1145,20 +1106,6 @@ mod tests {
             head(&big),
             Err(ProxyError::HeadersTooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn body_pieces() {
-        let mut buf = BytesMut::from("3\r\nabc\r\n0\r\n\r\nGET");
-        let mut kind = BodyKind::Chunked(Chunk::Size);
-        assert_eq!(take_data(&mut buf, &mut kind).unwrap().unwrap(), "abc");
-        assert!(take_data(&mut buf, &mut kind).unwrap().is_none());
-        assert!(matches!(kind, BodyKind::Empty));
-        assert_eq!(&buf[..], b"GET");
-        let mut buf = BytesMut::from("abcdef");
-        let mut kind = BodyKind::Length(4);
-        assert_eq!(take_data(&mut buf, &mut kind).unwrap().unwrap(), "abcd");
-        assert!(matches!(kind, BodyKind::Empty));
     }
 
     fn head_of(

@@ -13,8 +13,8 @@
 
 use super::connector::Counted;
 use crate::http1::{
-    chunked_is_final, content_length, decode_chunk, encode_chunk, has_token, Chunk, Decoded,
-    MAX_HEADERS, MAX_HEAD_BYTES, READ_CHUNK,
+    chunked_is_final, content_length, encode_chunk, has_token, BodyDecoder, Chunk, MAX_HEADERS,
+    MAX_HEAD_BYTES, READ_CHUNK,
 };
 use crate::proxy::body::ProxyBody;
 use crate::BoxError;
@@ -125,17 +125,9 @@ impl RequestHead {
 /// A response head and how its body is framed.
 pub struct ResponseHead {
     pub response: Response<()>,
-    body: BodyKind,
+    body: BodyDecoder,
     /// The connection may carry another request once this body is read.
     keep_alive: bool,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum BodyKind {
-    None,
-    Length(u64),
-    Chunked(Chunk),
-    UntilClose,
 }
 
 /// One upstream connection, used by one request at a time.
@@ -428,25 +420,25 @@ fn body_kind(
     status: StatusCode,
     headers: &HeaderMap,
     head_method: bool,
-) -> Result<(BodyKind, bool), H1Error> {
+) -> Result<(BodyDecoder, bool), H1Error> {
     if head_method || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((BodyKind::None, false));
+        return Ok((BodyDecoder::Done, false));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
         // Chunked must be the final coding; anything else runs to the close. With both headers
         // the message may be a smuggling attempt: never reuse the connection.
         let both = headers.contains_key(CONTENT_LENGTH);
         return Ok(if chunked_is_final(headers) {
-            (BodyKind::Chunked(Chunk::Size), both)
+            (BodyDecoder::Chunked(Chunk::Size), both)
         } else {
-            (BodyKind::UntilClose, true)
+            (BodyDecoder::UntilClose, true)
         });
     }
     let length = content_length(headers).map_err(|e| H1Error::Invalid(e.into()))?;
     Ok(match length {
-        Some(0) => (BodyKind::None, false),
-        Some(n) => (BodyKind::Length(n), false),
-        None => (BodyKind::UntilClose, true),
+        Some(0) => (BodyDecoder::Done, false),
+        Some(n) => (BodyDecoder::Length(n), false),
+        None => (BodyDecoder::UntilClose, true),
     })
 }
 
@@ -455,7 +447,7 @@ fn body_kind(
 /// dropped before that, it closes the connection with it.
 pub struct ResponseBody<R: FnOnce(Conn) + Send + Unpin + 'static> {
     conn: Option<Conn>,
-    kind: BodyKind,
+    kind: BodyDecoder,
     /// `None` when the connection cannot carry another request.
     release: Option<R>,
 }
@@ -471,7 +463,7 @@ impl ResponseHead {
             kind: self.body,
             release: self.keep_alive.then_some(release),
         };
-        if matches!(body.kind, BodyKind::None) {
+        if body.kind.is_done() {
             body.finish();
         }
         self.response.map(|()| body)
@@ -480,7 +472,7 @@ impl ResponseHead {
 
 impl<R: FnOnce(Conn) + Send + Unpin + 'static> ResponseBody<R> {
     fn finish(&mut self) {
-        self.kind = BodyKind::None;
+        self.kind = BodyDecoder::Done;
         let Some(conn) = self.conn.take() else { return };
         // Bytes past the end of the response were never asked for: don't trust the connection.
         if conn.buf.is_empty() {
@@ -492,7 +484,7 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> ResponseBody<R> {
 
     /// Ends the body with `error`; the connection is closed.
     fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.kind = BodyKind::None;
+        self.kind = BodyDecoder::Done;
         self.conn = None;
         Poll::Ready(Some(Err(error.into())))
     }
@@ -511,39 +503,23 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match &mut this.kind {
-                BodyKind::None => return Poll::Ready(None),
-                BodyKind::Length(left) => {
-                    if !conn.buf.is_empty() {
-                        let n = conn.buf.len().min(*left as usize);
-                        let data = conn.buf.split_to(n).freeze();
-                        *left -= n as u64;
-                        if *left == 0 {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                BodyKind::UntilClose => {
-                    if !conn.buf.is_empty() {
-                        let data = conn.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                BodyKind::Chunked(state) => match decode_chunk(&mut conn.buf, state) {
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::End) => {
+            match this.kind.decode(&mut conn.buf) {
+                Ok(Some(data)) => {
+                    if this.kind.is_done() {
                         this.finish();
-                        return Poll::Ready(None);
                     }
-                    Ok(Decoded::Progress) => continue,
-                    Ok(Decoded::NeedMore) => {}
-                    Err(message) => return this.fail(H1Error::Invalid(message)),
-                },
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if this.kind.is_done() => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(message) => return this.fail(H1Error::Invalid(message)),
             }
             match ready!(conn.poll_fill(cx)) {
                 Ok(0) => {
-                    if matches!(this.kind, BodyKind::UntilClose) {
+                    if matches!(this.kind, BodyDecoder::UntilClose) {
                         // The close is the end; such a connection is never released.
                         this.finish();
                         return Poll::Ready(None);
@@ -559,15 +535,11 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::None) || self.conn.is_none()
+        self.kind.is_done() || self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            BodyKind::None => SizeHint::with_exact(0),
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
+        self.kind.size_hint()
     }
 }
 
@@ -585,21 +557,21 @@ mod tests {
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(matches!(h.body, BodyKind::Length(5)) && h.keep_alive);
+        assert!(matches!(h.body, BodyDecoder::Length(5)) && h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(matches!(h.body, BodyKind::Chunked(_)) && h.keep_alive);
+        assert!(matches!(h.body, BodyDecoder::Chunked(_)) && h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(matches!(h.body, BodyKind::UntilClose) && !h.keep_alive);
+        assert!(matches!(h.body, BodyDecoder::UntilClose) && !h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
-        assert!(matches!(h.body, BodyKind::UntilClose) && !h.keep_alive);
+        assert!(matches!(h.body, BodyDecoder::UntilClose) && !h.keep_alive);
         let h = head("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(matches!(h.body, BodyKind::None) && h.keep_alive);
+        assert!(matches!(h.body, BodyDecoder::Done) && h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n")
             .unwrap()
             .unwrap();
@@ -623,7 +595,7 @@ mod tests {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n");
         assert!(matches!(
             parse_head(&mut buf, true).unwrap().unwrap().body,
-            BodyKind::None
+            BodyDecoder::Done
         ));
     }
 
