@@ -5,15 +5,79 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::SizeHint;
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::AsyncRead;
 
 /// Larger heads are refused (nginx's buffers are 4–8 KiB; hyper's limit is about 400 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// More header lines than this are refused (hyper's default too).
 pub const MAX_HEADERS: usize = 100;
 /// How much a read buffer grows by when it runs out of room.
-pub const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads what `io` has into `buf`, growing it when room runs low.
+pub fn poll_fill<R: AsyncRead + ?Sized>(
+    io: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(io, cx, buf)
+}
+
+/// Where `piece`, a slice httparse returned, lies in `buf`, the buffer it parsed: the head's
+/// target and header values become slices of the head once it is taken off the buffer, not
+/// copies.
+pub fn span_in(buf: &[u8], piece: &[u8]) -> Range<usize> {
+    let start = piece.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + piece.len()
+}
+
+/// The spans of each parsed header's name and value in `buf`. A `Vec`, not a zeroed array of
+/// [`MAX_HEADERS`]: clearing one cost more than the allocation.
+pub fn header_spans(
+    buf: &[u8],
+    headers: &[httparse::Header<'_>],
+) -> Vec<(Range<usize>, Range<usize>)> {
+    headers
+        .iter()
+        .map(|h| (span_in(buf, h.name.as_bytes()), span_in(buf, h.value)))
+        .collect()
+}
+
+/// The header whose name and value lie at `spans` in `head`; the value shares `head`'s memory.
+pub fn header_at(
+    head: &Bytes,
+    (name, value): &(Range<usize>, Range<usize>),
+) -> Result<(HeaderName, HeaderValue), String> {
+    let name = HeaderName::from_bytes(&head[name.clone()])
+        .map_err(|_| "invalid header name".to_string())?;
+    let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+        .map_err(|_| format!("invalid value of header {name}"))?;
+    Ok((name, value))
+}
+
+/// Appends `name: value` and its line end.
+pub fn header_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a `content-length` line.
+pub fn length_line(n: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
 
 /// Where a chunked body's decoder stands.
 #[derive(Clone, Copy, Debug)]
@@ -279,6 +343,36 @@ mod tests {
         let mut body = BodyDecoder::UntilClose;
         assert_eq!(body.decode(&mut buf).unwrap().unwrap(), "ef");
         assert!(body.decode(&mut buf).unwrap().is_none() && !body.is_done());
+    }
+
+    #[test]
+    fn head_pieces() {
+        let text = b"x-a: 1\r\ncontent-type: text/plain\r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; 4];
+        let Ok(httparse::Status::Complete((_, parsed))) = httparse::parse_headers(text, &mut slots)
+        else {
+            panic!("complete headers")
+        };
+        let spans = header_spans(text, parsed);
+        let head = Bytes::from_static(text);
+        let (name, value) = header_at(&head, &spans[1]).unwrap();
+        assert_eq!(
+            (name.as_str(), value.to_str().unwrap()),
+            ("content-type", "text/plain")
+        );
+        let mut out = Vec::new();
+        header_line(&mut out, &name, &value);
+        length_line(0, &mut out);
+        length_line(u64::MAX, &mut out);
+        assert_eq!(
+            out,
+            b"content-type: text/plain\r\ncontent-length: 0\r\ncontent-length: 18446744073709551615\r\n"
+        );
+        let bad = Bytes::from_static(b"x-a: \x7f");
+        assert_eq!(
+            header_at(&bad, &(0..3, 5..6)).unwrap_err(),
+            "invalid value of header x-a"
+        );
     }
 
     #[test]

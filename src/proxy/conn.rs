@@ -19,14 +19,14 @@ use super::entry::Entry;
 use super::{listener, Peer, ProxyResponse};
 use crate::error::ProxyError;
 use crate::http1::{
-    chunk_size_line, chunked_is_final, content_length, has_token, BodyDecoder, Chunk, MAX_HEADERS,
-    MAX_HEAD_BYTES, READ_CHUNK,
+    chunk_size_line, chunked_is_final, content_length, has_token, header_at, header_line,
+    header_spans, length_line, poll_fill, span_in, BodyDecoder, Chunk, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
 use crate::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use prometheus::IntCounter;
@@ -119,10 +119,7 @@ struct Reader {
 
 impl Reader {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        poll_fill(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -669,30 +666,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     } else {
         Version::HTTP_11
     };
-    // The target and header values become slices of the head's own buffer, not copies: note
-    // where they are, then take the head off the buffer.
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start, start + s.len())
-    };
-    let target = span(parsed.path.unwrap_or("").as_bytes());
-    let spans: Vec<_> = parsed
-        .headers
-        .iter()
-        .map(|h| (span(h.name.as_bytes()), span(h.value)))
-        .collect();
+    let target = span_in(buf, parsed.path.unwrap_or("").as_bytes());
+    let spans = header_spans(buf, parsed.headers);
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+    let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     // Which headers that matter here are present, so that absent ones cost no lookup.
     let (mut framed, mut connection, mut expect) = (false, false, false);
-    for &((ns, ne), (vs, ve)) in &spans {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| ProxyError::BadRequest("invalid header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| ProxyError::BadRequest(format!("invalid value of header {name}")))?;
+    for span in &spans {
+        let (name, value) = header_at(&head, span).map_err(ProxyError::BadRequest)?;
         framed |= name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
         connection |= name == CONNECTION;
         expect |= name == EXPECT;
@@ -931,9 +914,7 @@ fn encode_head(
         _ => declared,
     };
     if let Some(n) = length {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
-        out.extend_from_slice(b"\r\n");
+        length_line(n, out);
     }
     if !*keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
@@ -945,26 +926,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn header_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn itoa_u64(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[i..]
 }
 
 /// Appends a `date:` line, formatted once a second per thread.
@@ -1169,12 +1130,5 @@ mod tests {
         );
         assert!(head.contains("content-length: 3") && head.contains("connection: keep-alive"));
         assert!(matches!(framing, Framing::Length(3)) && head.matches("date").count() == 1);
-    }
-
-    #[test]
-    fn numbers() {
-        assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa_u64(1234567, &mut [0; 20]), b"1234567");
-        assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), b"18446744073709551615");
     }
 }

@@ -13,14 +13,14 @@
 
 use super::connector::Counted;
 use crate::http1::{
-    chunked_is_final, content_length, encode_chunk, has_token, BodyDecoder, Chunk, MAX_HEADERS,
-    MAX_HEAD_BYTES, READ_CHUNK,
+    chunked_is_final, content_length, encode_chunk, has_token, header_at, header_line,
+    header_spans, length_line, poll_fill, BodyDecoder, Chunk, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::proxy::body::ProxyBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
@@ -83,21 +83,16 @@ impl RequestHead {
             if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
                 continue;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            header_line(&mut out, name, value);
         }
         let framing = if body.is_end_stream() {
             let expects_body = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
             if expects_body || had_length {
-                out.extend_from_slice(b"content-length: 0\r\n");
+                length_line(0, &mut out);
             }
             Framing::Empty
         } else if let Some(n) = body.size_hint().exact() {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            length_line(n, &mut out);
             Framing::Length(n)
         } else {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -171,10 +166,7 @@ impl Conn {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.buf)
+        poll_fill(Pin::new(&mut *self.io), cx, &mut self.buf)
     }
 
     /// Writes the request (head, then body as it comes) and reads the response head. A response
@@ -375,26 +367,11 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
         } else {
             Version::HTTP_11
         };
-        // Header names and values become slices of the head's own buffer, not copies: note
-        // where they are, then take the head off the buffer.
-        let base = buf.as_ptr() as usize;
-        // Not a zeroed array of MAX_HEADERS: clearing it cost more than the allocation.
-        let spans: Vec<_> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                (name, name + h.name.len(), value, value + h.value.len())
-            })
-            .collect();
+        let spans = header_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for &(ns, ne, vs, ve) in &spans {
-            let name = HeaderName::from_bytes(&head[ns..ne])
-                .map_err(|_| H1Error::Invalid("invalid header name".into()))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-                .map_err(|_| H1Error::Invalid(format!("value of header {name}")))?;
+        for span in &spans {
+            let (name, value) = header_at(&head, span).map_err(H1Error::Invalid)?;
             headers.append(name, value);
         }
         let (body, framing_closes) = body_kind(status, &headers, head_method)?;
