@@ -398,3 +398,50 @@ async fn large_and_streamed_bodies_arrive_whole_and_the_connection_carries_on() 
     raw.send(b"GET /r/big HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert_eq!(raw.response(false).await.body.len(), big.len());
 }
+
+#[tokio::test]
+async fn a_broken_chunked_upload_is_the_clients_error_and_nothing_is_lost_upstream() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(
+        b"POST /r/c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(reply.header("x-sidelight-error"), Some("client_body_error"));
+    assert!(
+        reply.body.contains("invalid chunked request body"),
+        "{}",
+        reply.body
+    );
+    assert!(
+        raw.closed().await,
+        "the connection's framing is lost: it closes"
+    );
+    assert!(
+        up.requests().iter().all(|r| r.body != "hello"),
+        "the upstream never took a cut body for a whole one"
+    );
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_client_waiting_for_100_continue_skips_the_go_ahead() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    // No route: answered without reading the body, so the client is never told to send it.
+    raw.send(
+        b"PUT /elsewhere HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n",
+    )
+    .await;
+    let reply = raw.response(false).await;
+    assert_eq!(
+        reply.status, 404,
+        "no interim 100 before the answer: {reply:?}"
+    );
+    // The body may still be on its way, so the connection cannot carry another request.
+    assert!(raw.closed().await);
+    assert_eq!(up.request_count(), 0);
+}

@@ -9,8 +9,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use prometheus::IntCounter;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
@@ -119,9 +120,14 @@ pub struct BodyLimit<S> {
     limit: u64,
 }
 
-const BODY_OK: u8 = 0;
-const BODY_TOO_LARGE: u8 = 1;
-const BODY_CLIENT_ERROR: u8 = 2;
+/// Why a request body failed, kept for the answer: the upstream call fails when the body does,
+/// and the client should hear the body's reason, not "upstream reset".
+#[derive(Debug)]
+enum BodyFailure {
+    TooLarge,
+    /// The client's own error reading the body (it hung up, or broke the chunked framing).
+    Client(String),
+}
 
 impl<S> Service<ProxyRequest> for BodyLimit<S>
 where
@@ -151,25 +157,24 @@ where
         if req.body().is_end_stream() {
             return self.inner.call(req);
         }
-        let state = Arc::new(AtomicU8::new(BODY_OK));
+        let failure = Arc::new(OnceLock::new());
         let req = req.map(|body| {
             Limited {
                 inner: body,
                 remaining: limit,
                 limit,
-                state: state.clone(),
+                failure: failure.clone(),
             }
             .boxed_unsync()
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            // The upstream call fails when our body wrapper fails it; say why, not "upstream reset".
-            match state.load(Ordering::Acquire) {
-                BODY_TOO_LARGE => Err(ProxyError::BodyTooLarge { limit }),
-                BODY_CLIENT_ERROR if result.is_err() => Err(ProxyError::ClientBody(
-                    "the client stopped sending the request body".into(),
-                )),
+            match failure.get() {
+                Some(BodyFailure::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+                Some(BodyFailure::Client(why)) if result.is_err() => {
+                    Err(ProxyError::ClientBody(why.clone()))
+                }
                 _ => result,
             }
         })
@@ -182,7 +187,7 @@ pin_project_lite::pin_project! {
         inner: ProxyBody,
         remaining: u64,
         limit: u64,
-        state: Arc<AtomicU8>,
+        failure: Arc<OnceLock<BodyFailure>>,
     }
 }
 
@@ -199,7 +204,7 @@ impl Body for Limited {
             Poll::Ready(Some(Ok(frame))) => {
                 let len = frame.data_ref().map_or(0, |d| d.len() as u64);
                 if len > *this.remaining {
-                    this.state.store(BODY_TOO_LARGE, Ordering::Release);
+                    let _ = this.failure.set(BodyFailure::TooLarge);
                     return Poll::Ready(Some(Err(
                         ProxyError::BodyTooLarge { limit: *this.limit }.into()
                     )));
@@ -208,7 +213,9 @@ impl Body for Limited {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.state.store(BODY_CLIENT_ERROR, Ordering::Release);
+                let _ = this
+                    .failure
+                    .set(BodyFailure::Client(crate::error::chain(e.as_ref())));
                 Poll::Ready(Some(Err(e)))
             }
             other => other,
