@@ -4,7 +4,7 @@
 //! is left: chunked bodies, `Content-Length`, `Transfer-Encoding` and connection tokens.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::SizeHint;
 use std::io;
@@ -273,22 +273,77 @@ pub fn chunked_is_final(headers: &HeaderMap) -> bool {
 /// The `Content-Length`, if any. Repeated equal values are one value; differing or malformed
 /// ones are an error (RFC 9110 §8.6).
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut length: Option<u64> = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(part)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("invalid content-length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length values");
-            }
-            length = Some(n);
+    headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .try_fold(None, fold_content_length)
+}
+
+/// Folds one `content-length` field value (possibly a list) into what earlier ones said.
+pub fn fold_content_length(
+    length: Option<u64>,
+    value: &HeaderValue,
+) -> Result<Option<u64>, &'static str> {
+    let mut length = length;
+    for part in value.as_bytes().split(|b| *b == b',') {
+        let n = std::str::from_utf8(part)
+            .ok()
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("invalid content-length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting content-length values");
         }
+        length = Some(n);
     }
     Ok(length)
+}
+
+/// What a head's framing-related headers said, noted while its header map was built: most
+/// messages carry none but `content-length`, and then framing costs no map lookups.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadFacts {
+    /// Every `content-length` value folded together (`Err` when invalid or conflicting).
+    pub length: Result<Option<u64>, &'static str>,
+    pub transfer_encoding: bool,
+    pub connection: bool,
+    pub expect: bool,
+}
+
+impl Default for HeadFacts {
+    fn default() -> Self {
+        HeadFacts {
+            length: Ok(None),
+            transfer_encoding: false,
+            connection: false,
+            expect: false,
+        }
+    }
+}
+
+impl HeadFacts {
+    pub fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == CONTENT_LENGTH {
+            self.length = self.length.and_then(|l| fold_content_length(l, value));
+        } else if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == CONNECTION {
+            self.connection = true;
+        } else if name == EXPECT {
+            self.expect = true;
+        }
+    }
+
+    /// Whether a `content-length` header was present at all (valid or not).
+    pub fn has_length(&self) -> bool {
+        !matches!(self.length, Ok(None))
+    }
+
+    /// Whether the `Connection` header lists `token`.
+    pub fn connection_has(&self, headers: &HeaderMap, token: &str) -> bool {
+        self.connection && has_token(headers, CONNECTION, token)
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::config::RouteCacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::body::{full, ProxyBody};
-use crate::proxy::{headers, ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
+use crate::proxy::{headers, ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::Frame;
@@ -325,7 +325,7 @@ where
                 content_type_json: json,
                 ignore_fields: &policy.ignore_fields,
             });
-            let request_id = parts.extensions.get::<RequestMeta>().map(|m| m.id.clone());
+            let meta = parts.extensions.get::<RequestMeta>().cloned();
             let controls = Controls::read(&parts.headers);
             let req = http::Request::from_parts(parts, full(body));
             let key = match key {
@@ -346,7 +346,7 @@ where
                 policy.metrics.saved_cache.inc();
                 if hit.is_fresh() {
                     policy.metrics.hit.inc();
-                    return Ok(replay(&hit, &key, request_id.as_ref()));
+                    return Ok(replay(&hit, &key, meta.as_ref()));
                 }
                 // Stale but in its grace period: answer now, refresh once in the background.
                 policy.metrics.stale.inc();
@@ -368,7 +368,7 @@ where
                     on_complete,
                     true,
                 );
-                return Ok(replay(&hit, &key, request_id.as_ref()));
+                return Ok(replay(&hit, &key, meta.as_ref()));
             }
             let share = policy.dedup && !controls.no_cache && !controls.no_dedup;
             let (sub, label) = if share {
@@ -392,15 +392,7 @@ where
                 let sub = Coalescer::solo(max_keep, inner.call(req), keep_for, on_complete);
                 (sub, "MISS")
             };
-            respond(
-                sub,
-                label,
-                &key,
-                started,
-                request_id.as_ref(),
-                controls.no_cache,
-            )
-            .await
+            respond(sub, label, &key, started, meta.as_ref(), controls.no_cache).await
         })
     }
 }
@@ -481,7 +473,7 @@ async fn respond(
     label: &'static str,
     key: &CacheKey,
     started: Instant,
-    request_id: Option<&HeaderValue>,
+    meta: Option<&RequestMeta>,
     refresh: bool,
 ) -> Result<ProxyResponse, ProxyError> {
     let (status, mut headers) = sub.head().await?;
@@ -494,18 +486,18 @@ async fn respond(
     headers.insert(CACHE_HEADER, HeaderValue::from_static(label));
     set(&mut headers, "cache-status", status_line);
     set(&mut headers, CACHE_KEY_HEADER, key.hex());
-    if let Some(id) = request_id {
-        headers.insert(headers::REQUEST_ID, id.clone());
+    if let Some(meta) = meta {
+        headers.insert(headers::REQUEST_ID, meta.id.clone());
+        // Time spent waiting for the shared upstream answer is upstream time, not overhead.
+        meta.upstream_wait.set(waited);
     }
     let mut response = Response::new(sub.into_body());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    // Time spent waiting for the shared upstream answer is upstream time, not overhead.
-    response.extensions_mut().insert(UpstreamWait(waited));
     Ok(response)
 }
 
-fn replay(hit: &Stored, key: &CacheKey, request_id: Option<&HeaderValue>) -> ProxyResponse {
+fn replay(hit: &Stored, key: &CacheKey, meta: Option<&RequestMeta>) -> ProxyResponse {
     let chunks = hit.chunks.clone();
     let body: ProxyBody = StreamBody::new(futures_util::stream::iter(
         chunks
@@ -525,12 +517,10 @@ fn replay(hit: &Stored, key: &CacheKey, request_id: Option<&HeaderValue>) -> Pro
     );
     set(h, "age", hit.stored_at.elapsed().as_secs().to_string());
     set(h, CACHE_KEY_HEADER, key.hex());
-    if let Some(id) = request_id {
-        h.insert(headers::REQUEST_ID, id.clone());
+    if let Some(meta) = meta {
+        h.insert(headers::REQUEST_ID, meta.id.clone());
+        // No upstream wait at all: everything is sidelight's own time.
+        meta.upstream_wait.set(Duration::ZERO);
     }
-    // No upstream wait at all: everything is sidelight's own time.
-    response
-        .extensions_mut()
-        .insert(UpstreamWait(Duration::ZERO));
     response
 }

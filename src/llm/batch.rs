@@ -29,7 +29,6 @@ use crate::config::{BatchConfig, BatchOnError};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::body::full;
-use crate::proxy::UpstreamWait;
 use crate::proxy::{headers, ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, RouteService};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -373,7 +372,7 @@ impl State {
         };
         let started = Instant::now();
         let settings = &self.settings;
-        let request_id = parts.extensions.get::<RequestMeta>().map(|m| m.id.clone());
+        let meta = parts.extensions.get::<RequestMeta>().cloned();
         let count = parsed.inputs.len();
 
         let (no_cache, no_store) = cache_controls(&parts.headers);
@@ -427,7 +426,7 @@ impl State {
                 StatusCode::OK,
                 headers,
                 Bytes::from(body),
-                request_id.as_ref(),
+                meta.as_ref(),
                 Duration::ZERO,
             ));
         }
@@ -454,12 +453,12 @@ impl State {
         let waited = started.elapsed();
         match outcome {
             Outcome::Response(mut response) => {
-                if let Some(id) = &request_id {
+                if let Some(meta) = &meta {
                     response
                         .headers_mut()
-                        .insert(headers::REQUEST_ID, id.clone());
+                        .insert(headers::REQUEST_ID, meta.id.clone());
+                    meta.upstream_wait.set(waited);
                 }
-                response.extensions_mut().insert(UpstreamWait(waited));
                 Ok(response)
             }
             Outcome::Failed(e) => Err(e),
@@ -467,7 +466,7 @@ impl State {
                 status,
                 headers,
                 body,
-            } => Ok(respond(status, headers, body, request_id.as_ref(), waited)),
+            } => Ok(respond(status, headers, body, meta.as_ref(), waited)),
             Outcome::Embeddings {
                 status,
                 mut headers,
@@ -507,7 +506,7 @@ impl State {
                     status,
                     headers,
                     Bytes::from(body),
-                    request_id.as_ref(),
+                    meta.as_ref(),
                     waited,
                 ))
             }
@@ -849,7 +848,11 @@ fn upstream_request(first: &http::request::Parts, body: Bytes) -> ProxyRequest {
     h.insert(header::CONTENT_LENGTH, length);
     *req.headers_mut() = h;
     if let Some(meta) = first.extensions.get::<RequestMeta>() {
-        req.extensions_mut().insert(meta.clone());
+        // A cell of its own: each member's wait is set from the batch's, not by this call.
+        req.extensions_mut().insert(RequestMeta {
+            upstream_wait: crate::proxy::UpstreamWait::new(),
+            ..meta.clone()
+        });
     }
     req
 }
@@ -858,20 +861,20 @@ fn respond(
     status: StatusCode,
     mut h: HeaderMap,
     body: Bytes,
-    request_id: Option<&HeaderValue>,
+    meta: Option<&RequestMeta>,
     waited: Duration,
 ) -> ProxyResponse {
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::TRANSFER_ENCODING);
-    if let Some(id) = request_id {
-        h.insert(headers::REQUEST_ID, id.clone());
+    if let Some(meta) = meta {
+        h.insert(headers::REQUEST_ID, meta.id.clone());
+        // Waiting for the batch and the upstream is not sidelight's per-request overhead; the
+        // batch wait has its own histogram.
+        meta.upstream_wait.set(waited);
     }
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     *response.headers_mut() = h;
-    // Waiting for the batch and the upstream is not sidelight's per-request overhead; the batch
-    // wait has its own histogram.
-    response.extensions_mut().insert(UpstreamWait(waited));
     response
 }
 

@@ -19,8 +19,8 @@ use super::entry::Entry;
 use super::{listener, Peer, ProxyResponse};
 use crate::error::ProxyError;
 use crate::http1::{
-    chunk_size_line, chunked_is_final, content_length, has_token, header_at, header_line,
-    header_spans, length_line, poll_fill, span_in, BodyDecoder, Chunk, MAX_HEADERS, MAX_HEAD_BYTES,
+    chunk_size_line, chunked_is_final, fold_content_length, header_at, header_line, header_spans,
+    length_line, poll_fill, span_in, BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
 use crate::BoxError;
@@ -672,25 +672,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    // Which headers that matter here are present, so that absent ones cost no lookup.
-    let (mut framed, mut connection, mut expect) = (false, false, false);
+    let mut facts = HeadFacts::default();
     for span in &spans {
         let (name, value) = header_at(&head, span).map_err(ProxyError::BadRequest)?;
-        framed |= name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
-        connection |= name == CONNECTION;
-        expect |= name == EXPECT;
+        facts.note(&name, &value);
         headers.append(name, value);
     }
-    let body = if framed {
-        request_body_kind(&headers, version)?
-    } else {
-        BodyDecoder::Done
-    };
+    let body = request_body_kind(&headers, &facts, version)?;
     let keep_alive = match version {
-        Version::HTTP_11 => !(connection && has_token(&headers, CONNECTION, "close")),
-        _ => connection && has_token(&headers, CONNECTION, "keep-alive"),
+        Version::HTTP_11 => !facts.connection_has(&headers, "close"),
+        _ => facts.connection_has(&headers, "keep-alive"),
     };
-    let expect_continue = expect
+    let expect_continue = facts.expect
         && version == Version::HTTP_11
         && !body.is_done()
         && headers
@@ -711,14 +704,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
 
 /// RFC 9112 §6.3 for requests: chunked if it is the final coding, else `Content-Length`, else
 /// no body. Both headers at once, or another final coding, is refused (request smuggling).
-fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyDecoder, ProxyError> {
-    if headers.contains_key(TRANSFER_ENCODING) {
+fn request_body_kind(
+    headers: &HeaderMap,
+    facts: &HeadFacts,
+    version: Version,
+) -> Result<BodyDecoder, ProxyError> {
+    if facts.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(ProxyError::BadRequest(
                 "transfer-encoding in an HTTP/1.0 request".into(),
             ));
         }
-        if headers.contains_key(CONTENT_LENGTH) {
+        if facts.has_length() {
             return Err(ProxyError::BadRequest(
                 "both transfer-encoding and content-length".into(),
             ));
@@ -730,7 +727,7 @@ fn request_body_kind(headers: &HeaderMap, version: Version) -> Result<BodyDecode
         }
         return Ok(BodyDecoder::Chunked(Chunk::Size));
     }
-    match content_length(headers).map_err(|e| ProxyError::BadRequest(e.into()))? {
+    match facts.length.map_err(|e| ProxyError::BadRequest(e.into()))? {
         None | Some(0) => Ok(BodyDecoder::Done),
         Some(n) => Ok(BodyDecoder::Length(n)),
     }
@@ -882,11 +879,11 @@ fn encode_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     // Framing headers are sidelight's to write; the rest go out as they are.
-    let (mut has_length, mut has_date) = (false, false);
+    let (mut length, mut has_date) = (Ok(None), false);
     for (name, value) in &parts.headers {
         let framing_header = name == TRANSFER_ENCODING || name == CONNECTION;
         if name == CONTENT_LENGTH {
-            has_length = true;
+            length = length.and_then(|l| fold_content_length(l, value));
         } else if !framing_header {
             has_date |= name == DATE;
             header_line(out, name, value);
@@ -894,8 +891,8 @@ fn encode_head(
     }
     // A valid `content-length` is kept (HEAD and 304 answers state the length they omit);
     // an invalid one is dropped and the body framed by what it is.
-    let declared = has_length
-        .then(|| content_length(&parts.headers).ok().flatten())
+    let declared = length
+        .ok()
         .flatten()
         .filter(|_| status != StatusCode::NO_CONTENT && !status.is_informational());
     let framing = if no_body {

@@ -284,6 +284,7 @@ impl Entry {
             id: id.clone(),
             start: Instant::now(),
             client: client.clone(),
+            upstream_wait: super::UpstreamWait::new(),
         });
         // Every layer is always ready (limits answer with errors, not backpressure), so the
         // stack is called without polling readiness first.

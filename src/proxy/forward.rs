@@ -2,7 +2,7 @@
 
 use super::body::BodyObserver;
 use super::headers;
-use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, UpstreamWait};
+use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::error::ProxyError;
 use crate::upstream::balance::{backoff_from, InFlight, Outcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
@@ -48,6 +48,25 @@ impl PathRewrite {
     }
 }
 
+impl PathRewrite {
+    /// The upstream request target for `uri` on `endpoint`, in origin form (the transport adds
+    /// scheme and authority where its protocol needs them).
+    pub fn upstream_uri(&self, endpoint: &Endpoint, uri: &Uri) -> Result<Uri, String> {
+        if self.replacement.is_none() && endpoint.base_path.is_empty() {
+            // The common case: the path goes as it came; its already-checked bytes are shared.
+            if let Some(pq) = uri.path_and_query().filter(|pq| pq.path().starts_with('/')) {
+                if uri.scheme().is_none() && uri.authority().is_none() {
+                    return Ok(uri.clone());
+                }
+                return Ok(Uri::from(pq.clone()));
+            }
+        }
+        PathAndQuery::try_from(self.apply(endpoint, uri))
+            .map(Uri::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Joins two path pieces with exactly one slash between them.
 fn join(a: &str, b: &str) -> String {
     match (a.ends_with('/'), b.starts_with('/')) {
@@ -86,20 +105,23 @@ impl Service<ProxyRequest> for Forward {
         let index = upstream.pick(req.extensions().get::<TriedEndpoints>());
         let in_flight = upstream.balancer.enter(index);
         let endpoint = &upstream.endpoints[index];
-        let path = self.rewrite.apply(endpoint, req.uri());
-        // Origin-form: the transport adds scheme and authority where its protocol needs them.
-        let uri = match PathAndQuery::try_from(path) {
-            Ok(pq) => Uri::from(pq),
+        let uri = match self.rewrite.upstream_uri(endpoint, req.uri()) {
+            Ok(uri) => uri,
             Err(e) => {
                 let err = ProxyError::BadRequest(format!("cannot rewrite the path: {e}"));
                 return Box::pin(async move { Err(err) });
             }
         };
-        let (client_ip, request_id) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) => (meta.client.ip.clone(), meta.id.clone()),
+        let (client_ip, request_id, wait_cell) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (
+                meta.client.ip.clone(),
+                meta.id.clone(),
+                Some(meta.upstream_wait.clone()),
+            ),
             None => (
                 HeaderValue::from_static("unknown"),
                 HeaderValue::from_static("-"),
+                None,
             ),
         };
         *req.uri_mut() = uri;
@@ -142,7 +164,9 @@ impl Service<ProxyRequest> for Forward {
                     let mut response =
                         response.map(|body| crate::proxy::body::Observed::boxed(body, watch));
                     headers::to_client(response.headers_mut(), &request_id);
-                    response.extensions_mut().insert(UpstreamWait(wait));
+                    if let Some(cell) = &wait_cell {
+                        cell.set(wait);
+                    }
                     Ok(response)
                 }
                 Err(err) => {
@@ -238,5 +262,20 @@ mod tests {
         assert_eq!(replace.apply(&endpoint(""), &uri), "/api/v2/v1/chat?x=1");
         let exact: Uri = "/openai".parse().unwrap();
         assert_eq!(strip.apply(&endpoint(""), &exact), "/");
+
+        // The request target sent upstream: always origin form, rewritten or not.
+        let target = |r: &PathRewrite, base: &str, uri: &str| {
+            r.upstream_uri(&endpoint(base), &uri.parse().unwrap())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            target(&keep, "", "/openai/v1/chat?x=1"),
+            "/openai/v1/chat?x=1"
+        );
+        assert_eq!(target(&keep, "", "http://h:1/v1/chat?x=1"), "/v1/chat?x=1");
+        assert_eq!(target(&keep, "", "http://h:1"), "/");
+        assert_eq!(target(&keep, "/base", "/v1?x=1"), "/base/v1?x=1");
+        assert_eq!(target(&strip, "", "http://h:1/openai/v1?x=1"), "/v1?x=1");
     }
 }

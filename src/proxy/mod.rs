@@ -103,6 +103,8 @@ pub struct RequestMeta {
     pub id: HeaderValue,
     pub start: Instant,
     pub client: Peer,
+    /// Set by whichever layer got this request's response headers; read by observe.
+    pub upstream_wait: UpstreamWait,
 }
 
 /// The client end of a connection, worked out once per connection rather than per request.
@@ -121,7 +123,38 @@ impl Peer {
     }
 }
 
-/// Set by the forwarding service on responses it got from upstream: how long sidelight waited
-/// for the upstream's headers, so the observe layer can compute sidelight's own overhead.
-#[derive(Clone, Copy, Debug)]
-pub struct UpstreamWait(pub Duration);
+/// How long sidelight waited for the upstream's response headers for one request, so the
+/// observe layer can compute sidelight's own overhead. Set by the forwarding service, or by the
+/// cache and batching layers for answers they share (zero for a cache hit); unset for answers
+/// that never waited on an upstream (an error, for instance). A cell shared by the request
+/// meta's clones rather than a response extension: a first extension costs three allocations.
+#[derive(Clone, Debug)]
+pub struct UpstreamWait(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl UpstreamWait {
+    const UNSET: u64 = u64::MAX;
+
+    pub fn new() -> Self {
+        UpstreamWait(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            Self::UNSET,
+        )))
+    }
+
+    pub fn set(&self, wait: Duration) {
+        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(Self::UNSET - 1);
+        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::UNSET => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+impl Default for UpstreamWait {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -84,9 +84,13 @@ where
 
     fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
         let info = self.info.clone();
-        let (id, start) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) => (meta.id.clone(), meta.start),
-            None => (HeaderValue::from_static("-"), Instant::now()),
+        let (id, start, upstream_wait) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) => (meta.id.clone(), meta.start, meta.upstream_wait.clone()),
+            None => (
+                HeaderValue::from_static("-"),
+                Instant::now(),
+                UpstreamWait::new(),
+            ),
         };
         // Most LLM-gateway GETs and many POSTs are small; a body with nothing to count is not
         // wrapped at all.
@@ -123,10 +127,10 @@ where
             let headers_at = start.elapsed();
             let response = match result {
                 Ok(response) => {
-                    if let Some(UpstreamWait(wait)) = response.extensions().get::<UpstreamWait>() {
+                    if let Some(wait) = upstream_wait.get() {
                         info.route_metrics
                             .overhead
-                            .observe(headers_at.saturating_sub(*wait).as_secs_f64());
+                            .observe(headers_at.saturating_sub(wait).as_secs_f64());
                     }
                     response
                 }

@@ -89,7 +89,7 @@ where
                     TimedBody {
                         inner: body,
                         sleep: None,
-                        expires: (Instant::now() + t.idle).min(deadline),
+                        expires: None,
                         deadline,
                         timeouts: t.clone(),
                     }
@@ -118,13 +118,16 @@ where
 pin_project_lite::pin_project! {
     /// A response body under the idle and total deadlines. One timer serves both, set to
     /// whichever comes first; it is only armed when the body actually has to wait, so chunks
-    /// that are already there cost no timer work.
+    /// that are already there cost no timer work (nor a clock read).
     struct TimedBody {
         #[pin]
         inner: ProxyBody,
         sleep: Option<Pin<Box<Sleep>>>,
-        // When the current wait for a chunk expires: min(last chunk + idle, deadline).
-        expires: Instant,
+        // When the current wait for a chunk expires: min(start of the wait + idle, deadline).
+        // `None` until the body first has to wait after a chunk (or after the headers). An idle
+        // gap is time the upstream keeps sidelight waiting, so it starts there, not at the
+        // chunk: time the client takes to read the chunk is not the upstream's idleness.
+        expires: Option<Instant>,
         deadline: Instant,
         timeouts: Arc<Timeouts>,
     }
@@ -141,11 +144,14 @@ impl Body for TimedBody {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                *this.expires = (Instant::now() + this.timeouts.idle).min(*this.deadline);
+                *this.expires = None;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
-                let expires = *this.expires;
+                let (idle, deadline) = (this.timeouts.idle, *this.deadline);
+                let expires = *this
+                    .expires
+                    .get_or_insert_with(|| (Instant::now() + idle).min(deadline));
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires)));

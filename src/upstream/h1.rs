@@ -13,13 +13,13 @@
 
 use super::connector::Counted;
 use crate::http1::{
-    chunked_is_final, content_length, encode_chunk, has_token, header_at, header_line,
-    header_spans, length_line, poll_fill, BodyDecoder, Chunk, MAX_HEADERS, MAX_HEAD_BYTES,
+    chunked_is_final, encode_chunk, header_at, header_line, header_spans, length_line, poll_fill,
+    BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::proxy::body::ProxyBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
@@ -369,16 +369,19 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
         };
         let spans = header_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
+        // Room for what the proxy adds on the way back (request ids, `date`).
+        let mut headers = HeaderMap::with_capacity(spans.len() + 2);
+        let mut facts = HeadFacts::default();
         for span in &spans {
             let (name, value) = header_at(&head, span).map_err(H1Error::Invalid)?;
+            facts.note(&name, &value);
             headers.append(name, value);
         }
-        let (body, framing_closes) = body_kind(status, &headers, head_method)?;
+        let (body, framing_closes) = body_kind(status, &headers, &facts, head_method)?;
         let keep_alive = !framing_closes
             && match version {
-                Version::HTTP_11 => !has_token(&headers, CONNECTION, "close"),
-                _ => has_token(&headers, CONNECTION, "keep-alive"),
+                Version::HTTP_11 => !facts.connection_has(&headers, "close"),
+                _ => facts.connection_has(&headers, "keep-alive"),
             };
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -396,22 +399,23 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
 fn body_kind(
     status: StatusCode,
     headers: &HeaderMap,
+    facts: &HeadFacts,
     head_method: bool,
 ) -> Result<(BodyDecoder, bool), H1Error> {
     if head_method || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((BodyDecoder::Done, false));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if facts.transfer_encoding {
         // Chunked must be the final coding; anything else runs to the close. With both headers
         // the message may be a smuggling attempt: never reuse the connection.
-        let both = headers.contains_key(CONTENT_LENGTH);
+        let both = facts.has_length();
         return Ok(if chunked_is_final(headers) {
             (BodyDecoder::Chunked(Chunk::Size), both)
         } else {
             (BodyDecoder::UntilClose, true)
         });
     }
-    let length = content_length(headers).map_err(|e| H1Error::Invalid(e.into()))?;
+    let length = facts.length.map_err(|e| H1Error::Invalid(e.into()))?;
     Ok(match length {
         Some(0) => (BodyDecoder::Done, false),
         Some(n) => (BodyDecoder::Length(n), false),
