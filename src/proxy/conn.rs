@@ -439,16 +439,7 @@ impl H1 {
                 }
             };
             let data = match polled {
-                None => {
-                    return Ok(Some(match framing {
-                        Framing::Chunked => {
-                            self.out.extend_from_slice(b"0\r\n\r\n");
-                            true
-                        }
-                        Framing::Length(_) => left == 0,
-                        _ => false,
-                    }))
-                }
+                None => return Ok(Some(self.body_ended(framing, left))),
                 Some(Err(e)) => {
                     // The stream broke: the client must see an incomplete message, so the
                     // connection closes without a last chunk.
@@ -482,6 +473,23 @@ impl H1 {
             if matches!(framing, Framing::Chunked) {
                 self.out.extend_from_slice(b"\r\n");
             }
+            if body.is_end_stream() {
+                // Not polled again just to hear `None`: a full-length body ends here, and the
+                // wrappers' drop accounts for a body that ended (as hyper does).
+                return Ok(Some(self.body_ended(framing, left)));
+            }
+        }
+    }
+
+    /// Closes the body's framing at its end; whether the message was complete.
+    fn body_ended(&mut self, framing: Framing, left: u64) -> bool {
+        match framing {
+            Framing::Chunked => {
+                self.out.extend_from_slice(b"0\r\n\r\n");
+                true
+            }
+            Framing::Length(_) => left == 0,
+            _ => false,
         }
     }
 
