@@ -70,8 +70,10 @@ impl KeyBy {
                         s
                     })
             }
+            // The connection's IP text, formatted once per connection.
             KeyBy::ClientIp => meta
-                .map(|m| m.client.addr.ip().to_string())
+                .and_then(|m| m.client.ip.to_str().ok())
+                .map(String::from)
                 .unwrap_or_default(),
             KeyBy::Header(name) => headers
                 .get(name)

@@ -71,6 +71,9 @@ pub struct Buckets<C: Clock = DefaultClock> {
     quota: Quota,
     clock: C,
     keys: moka::sync::Cache<String, Arc<Limiter<C>>>,
+    /// The bucket of the empty key: a route-wide limit's only one (and that of requests a
+    /// per-header limit finds no header on). Held directly, it costs no cache lookup.
+    unkeyed: Limiter<C>,
 }
 
 impl<C> Buckets<C>
@@ -83,6 +86,8 @@ where
         let refill = quota.replenish_interval() * quota.burst_size().get();
         Buckets {
             quota,
+            unkeyed: RateLimiter::direct_with_clock(quota, clock.clone())
+                .with_middleware::<StateInformationMiddleware>(),
             clock,
             keys: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
@@ -92,12 +97,18 @@ where
     }
 
     pub fn check(&self, key: &str) -> Decision {
-        let limiter = self.keys.get_with_by_ref(key, || {
-            Arc::new(
-                RateLimiter::direct_with_clock(self.quota, self.clock.clone())
-                    .with_middleware::<StateInformationMiddleware>(),
-            )
-        });
+        let keyed;
+        let limiter = if key.is_empty() {
+            &self.unkeyed
+        } else {
+            keyed = self.keys.get_with_by_ref(key, || {
+                Arc::new(
+                    RateLimiter::direct_with_clock(self.quota, self.clock.clone())
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            });
+            &*keyed
+        };
         match limiter.check() {
             Ok(snapshot) => Decision::Allowed {
                 remaining: snapshot.remaining_burst_capacity(),

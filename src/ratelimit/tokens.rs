@@ -80,6 +80,8 @@ pub struct TokenBuckets {
     capacity: f64,
     per_second: f64,
     keys: moka::sync::Cache<String, Arc<TokenBucket>>,
+    /// The empty key's bucket (a route-wide limit's only one), held without a cache lookup.
+    unkeyed: Arc<TokenBucket>,
 }
 
 impl TokenBuckets {
@@ -92,6 +94,7 @@ impl TokenBuckets {
         TokenBuckets {
             capacity,
             per_second,
+            unkeyed: Arc::new(TokenBucket::new(capacity, per_second)),
             keys: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
                 .time_to_idle(refill)
@@ -100,6 +103,9 @@ impl TokenBuckets {
     }
 
     pub fn bucket(&self, key: &str) -> Arc<TokenBucket> {
+        if key.is_empty() {
+            return self.unkeyed.clone();
+        }
         self.keys.get_with_by_ref(key, || {
             Arc::new(TokenBucket::new(self.capacity, self.per_second))
         })
