@@ -154,13 +154,19 @@ where
                 .map_or(http::HeaderValue::from_static(""), |m| m.id.clone());
             let tried = TriedEndpoints::default();
             let mut attempt = 0u32;
+            let mut template = parts;
             loop {
-                let mut req = Request::new(full(body.clone()));
-                *req.method_mut() = parts.method.clone();
-                *req.uri_mut() = parts.uri.clone();
-                *req.version_mut() = parts.version;
-                *req.headers_mut() = parts.headers.clone();
-                *req.extensions_mut() = parts.extensions.clone();
+                // Each attempt sends the template and leaves a copy for the next: the request
+                // that goes out keeps the header map sized by the client connection (with room
+                // for the forwarding headers), the copy is only grown if it is ever sent.
+                let mut copy = Request::new(());
+                *copy.method_mut() = template.method.clone();
+                *copy.uri_mut() = template.uri.clone();
+                *copy.version_mut() = template.version;
+                *copy.headers_mut() = template.headers.clone();
+                *copy.extensions_mut() = template.extensions.clone();
+                let sending = std::mem::replace(&mut template, copy.into_parts().0);
+                let mut req = Request::from_parts(sending, full(body.clone()));
                 req.extensions_mut().insert(tried.clone());
                 let result = inner.call(req).await;
                 let Some(reason) = policy.reason(&result, retryable_method) else {
