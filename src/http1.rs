@@ -5,7 +5,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use http_body::SizeHint;
 use std::io;
 use std::ops::Range;
@@ -53,7 +53,7 @@ pub fn header_spans(
 }
 
 /// The header whose name and value lie at `spans` in `head`; the value shares `head`'s memory.
-pub fn header_at(
+fn header_at(
     head: &Bytes,
     (name, value): &(Range<usize>, Range<usize>),
 ) -> Result<(HeaderName, HeaderValue), String> {
@@ -350,9 +350,35 @@ impl HeadFacts {
     }
 
     /// Whether the `Connection` header lists `token`.
-    pub fn connection_has(&self, headers: &HeaderMap, token: &str) -> bool {
+    fn connection_has(&self, headers: &HeaderMap, token: &str) -> bool {
         self.connection && has_token(headers, CONNECTION, token)
     }
+
+    /// Whether the message lets its connection carry another one: by default in HTTP/1.1
+    /// unless `Connection: close`, only with `Connection: keep-alive` in 1.0.
+    pub fn keep_alive(&self, headers: &HeaderMap, version: Version) -> bool {
+        match version {
+            Version::HTTP_11 => !self.connection_has(headers, "close"),
+            _ => self.connection_has(headers, "keep-alive"),
+        }
+    }
+}
+
+/// The header map of a head taken off its buffer (`head`), its values sharing the head's
+/// memory, with room for `room` more headers; and what its framing headers said.
+pub fn header_map(
+    head: &Bytes,
+    spans: &[(Range<usize>, Range<usize>)],
+    room: usize,
+) -> Result<(HeaderMap, HeadFacts), String> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
+    let mut facts = HeadFacts::default();
+    for span in spans {
+        let (name, value) = header_at(head, span)?;
+        facts.note(&name, &value);
+        headers.append(name, value);
+    }
+    Ok((headers, facts))
 }
 
 #[cfg(test)]

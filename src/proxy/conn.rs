@@ -19,7 +19,7 @@ use super::entry::Entry;
 use super::{listener, Peer, ProxyResponse};
 use crate::error::ProxyError;
 use crate::http1::{
-    chunk_size_line, chunked_is_final, fold_content_length, header_at, header_line, header_spans,
+    chunk_size_line, chunked_is_final, fold_content_length, header_line, header_map, header_spans,
     length_line, poll_fill, span_in, BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
@@ -363,15 +363,7 @@ impl H1 {
         let complete = if matches!(framing, Framing::None) || body.is_end_stream() {
             // Never polled, as hyper does; the body's own drop accounts for it.
             drop(body);
-            match framing {
-                Framing::None | Framing::Length(0) => true,
-                Framing::Chunked => {
-                    self.out.extend_from_slice(b"0\r\n\r\n");
-                    true
-                }
-                // Shorter than it said, or delimited by the close.
-                Framing::Length(_) | Framing::UntilClose => false,
-            }
+            self.body_ended(framing, framing.declared())
         } else {
             match self.write_body(&mut body, framing, &mut answering).await? {
                 Some(complete) => complete,
@@ -401,10 +393,7 @@ impl H1 {
         framing: Framing,
         answering: &mut Answering,
     ) -> io::Result<Option<bool>> {
-        let mut left = match framing {
-            Framing::Length(n) => n,
-            _ => 0,
-        };
+        let mut left = framing.declared();
         loop {
             let polled = if self.out.is_empty() {
                 // Nothing waits to go out: wait for the body, watching the client.
@@ -481,15 +470,17 @@ impl H1 {
         }
     }
 
-    /// Closes the body's framing at its end; whether the message was complete.
+    /// Closes the body's framing at its end, `left` bytes short of its declared length;
+    /// whether the message was complete (one delimited by the close never is).
     fn body_ended(&mut self, framing: Framing, left: u64) -> bool {
         match framing {
+            Framing::None => true,
             Framing::Chunked => {
                 self.out.extend_from_slice(b"0\r\n\r\n");
                 true
             }
             Framing::Length(_) => left == 0,
-            _ => false,
+            Framing::UntilClose => false,
         }
     }
 
@@ -563,6 +554,16 @@ enum Framing {
     Length(u64),
     Chunked,
     UntilClose,
+}
+
+impl Framing {
+    /// The body length the head declared (0 unless `Length`).
+    fn declared(self) -> u64 {
+        match self {
+            Framing::Length(n) => n,
+            _ => 0,
+        }
+    }
 }
 
 /// Whether the client has closed its side or failed, looking only when the read side is here.
@@ -679,18 +680,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    let mut facts = HeadFacts::default();
-    for span in &spans {
-        let (name, value) = header_at(&head, span).map_err(ProxyError::BadRequest)?;
-        facts.note(&name, &value);
-        headers.append(name, value);
-    }
+    // Room for the forwarding headers and the request id added on the way upstream.
+    let (headers, facts) = header_map(&head, &spans, 4).map_err(ProxyError::BadRequest)?;
     let body = request_body_kind(&headers, &facts, version)?;
-    let keep_alive = match version {
-        Version::HTTP_11 => !facts.connection_has(&headers, "close"),
-        _ => facts.connection_has(&headers, "keep-alive"),
-    };
+    let keep_alive = facts.keep_alive(&headers, version);
     let expect_continue = facts.expect
         && version == Version::HTTP_11
         && !body.is_done()

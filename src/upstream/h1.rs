@@ -13,7 +13,7 @@
 
 use super::connector::Counted;
 use crate::http1::{
-    chunked_is_final, encode_chunk, header_at, header_line, header_spans, length_line, poll_fill,
+    chunked_is_final, encode_chunk, header_line, header_map, header_spans, length_line, poll_fill,
     BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::proxy::body::ProxyBody;
@@ -370,19 +370,9 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
         let spans = header_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
         // Room for what the proxy adds on the way back (request ids, `date`).
-        let mut headers = HeaderMap::with_capacity(spans.len() + 2);
-        let mut facts = HeadFacts::default();
-        for span in &spans {
-            let (name, value) = header_at(&head, span).map_err(H1Error::Invalid)?;
-            facts.note(&name, &value);
-            headers.append(name, value);
-        }
+        let (headers, facts) = header_map(&head, &spans, 2).map_err(H1Error::Invalid)?;
         let (body, framing_closes) = body_kind(status, &headers, &facts, head_method)?;
-        let keep_alive = !framing_closes
-            && match version {
-                Version::HTTP_11 => !facts.connection_has(&headers, "close"),
-                _ => facts.connection_has(&headers, "keep-alive"),
-            };
+        let keep_alive = !framing_closes && facts.keep_alive(&headers, version);
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
