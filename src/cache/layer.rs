@@ -487,9 +487,8 @@ async fn respond(
     set(&mut headers, "cache-status", status_line);
     set(&mut headers, CACHE_KEY_HEADER, key.hex());
     if let Some(meta) = meta {
-        headers.insert(headers::REQUEST_ID, meta.id.clone());
         // Time spent waiting for the shared upstream answer is upstream time, not overhead.
-        meta.upstream_wait.set(waited);
+        meta.stamp(&mut headers, waited);
     }
     let mut response = Response::new(sub.into_body());
     *response.status_mut() = status;
@@ -518,9 +517,8 @@ fn replay(hit: &Stored, key: &CacheKey, meta: Option<&RequestMeta>) -> ProxyResp
     set(h, "age", hit.stored_at.elapsed().as_secs().to_string());
     set(h, CACHE_KEY_HEADER, key.hex());
     if let Some(meta) = meta {
-        h.insert(headers::REQUEST_ID, meta.id.clone());
         // No upstream wait at all: everything is sidelight's own time.
-        meta.upstream_wait.set(Duration::ZERO);
+        meta.stamp(h, Duration::ZERO);
     }
     response
 }

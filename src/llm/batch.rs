@@ -29,7 +29,7 @@ use crate::config::{BatchConfig, BatchOnError};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::body::full;
-use crate::proxy::{headers, ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, RouteService};
+use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, RouteService};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -454,10 +454,7 @@ impl State {
         match outcome {
             Outcome::Response(mut response) => {
                 if let Some(meta) = &meta {
-                    response
-                        .headers_mut()
-                        .insert(headers::REQUEST_ID, meta.id.clone());
-                    meta.upstream_wait.set(waited);
+                    meta.stamp(response.headers_mut(), waited);
                 }
                 Ok(response)
             }
@@ -867,10 +864,9 @@ fn respond(
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::TRANSFER_ENCODING);
     if let Some(meta) = meta {
-        h.insert(headers::REQUEST_ID, meta.id.clone());
         // Waiting for the batch and the upstream is not sidelight's per-request overhead; the
         // batch wait has its own histogram.
-        meta.upstream_wait.set(waited);
+        meta.stamp(&mut h, waited);
     }
     let mut response = Response::new(full(body));
     *response.status_mut() = status;

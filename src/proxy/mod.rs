@@ -107,6 +107,15 @@ pub struct RequestMeta {
     pub upstream_wait: UpstreamWait,
 }
 
+impl RequestMeta {
+    /// Marks an answer the request did not get from its own upstream call (a cache hit, a
+    /// shared or batched answer): our request id on it, and how long it waited upstream.
+    pub fn stamp(&self, headers: &mut http::HeaderMap, upstream_wait: Duration) {
+        headers.insert(headers::REQUEST_ID, self.id.clone());
+        self.upstream_wait.set(upstream_wait);
+    }
+}
+
 /// The client end of a connection, worked out once per connection rather than per request.
 #[derive(Clone, Debug)]
 pub struct Peer {
