@@ -270,6 +270,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn idle_gaps_count_while_waiting_on_the_upstream_not_while_the_client_reads() {
+        // Chunks 40 ms apart under a 50 ms idle limit, read by a client that takes 100 ms over
+        // each one: its reading time is not the upstream's idleness.
+        let mut svc = TimeoutLayer::new(timeouts(100, 50, 10_000)).layer(upstream(10, 40, 3));
+        let response = svc.call(http::Request::new(full(""))).await.unwrap();
+        let mut body = response.into_body();
+        let mut n = 0;
+        while let Some(frame) = body.frame().await {
+            assert!(frame.is_ok(), "chunk {n} was cut");
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(n, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn each_timeout_kind() {
         assert_eq!(
             run(timeouts(100, 50, 10_000), upstream(10, 10, 5)).await,
