@@ -4,7 +4,7 @@
 //! shaped like the OpenAI error object (`{"error": {"type", "message", "request_id"}}`), so LLM
 //! SDKs surface it readably and a user can tell it apart from an upstream's own error.
 
-use crate::proxy::body::{full, ProxyBody};
+use crate::http::body::{full, ProxyBody};
 use http::{header, HeaderValue, Response, StatusCode};
 use std::time::Duration;
 
@@ -59,6 +59,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// A body's error as the client's error: a `ProxyError` raised inside a body layer (the body
+    /// limit, say) keeps its kind; anything else is a client body failure.
+    pub fn from_body(e: crate::BoxError) -> Self {
+        match e.downcast::<ProxyError>() {
+            Ok(err) => *err,
+            Err(e) => ProxyError::ClientBody(e.to_string()),
+        }
+    }
+
     /// The stable, documented `type` of the error (also the `x-sidelight-error` header).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -140,7 +149,7 @@ impl ProxyError {
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind()));
         if let Some(id) = request_id {
-            headers.insert(crate::proxy::headers::REQUEST_ID, id.clone());
+            headers.insert(crate::http::headers::REQUEST_ID, id.clone());
         }
         match self {
             ProxyError::Overloaded { .. } | ProxyError::UpstreamBusy { .. } => {

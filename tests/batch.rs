@@ -5,7 +5,7 @@ mod support;
 
 use http::Request;
 use serde_json::{json, Value};
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,7 +82,7 @@ fn inputs_of(body: &Value) -> Vec<Value> {
     }
 }
 
-fn json_response(status: u16, body: &Value) -> http::Response<sidelight::proxy::body::ProxyBody> {
+fn json_response(status: u16, body: &Value) -> http::Response<sidelight::http::body::ProxyBody> {
     http::Response::builder()
         .status(status)
         .header("content-type", "application/json")

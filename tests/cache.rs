@@ -5,7 +5,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{proxy, server, Answer};

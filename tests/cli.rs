@@ -5,7 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use http::Request;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

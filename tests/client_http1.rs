@@ -5,7 +5,7 @@
 mod support;
 
 use http::Response;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::time::Duration;
 use support::{proxy, server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use sidelight::BoxError;
 use std::time::{Duration, Instant};
 use support::{proxy, server, Answer};

@@ -5,7 +5,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::time::Duration;
 use support::{proxy, server};
 
@@ -238,7 +238,7 @@ routes:
         up.url()
     );
     let proxy = proxy::start(&yaml).await;
-    let h2_client: hyper_util::client::legacy::Client<_, sidelight::proxy::body::ProxyBody> =
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
             .build(hyper_util::client::legacy::connect::HttpConnector::new());

@@ -7,7 +7,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -68,7 +68,7 @@ async fn drain_deadline_cuts_hung_requests() {
         support::client()
             .request(
                 http::Request::get(url)
-                    .body(sidelight::proxy::body::full(""))
+                    .body(sidelight::http::body::full(""))
                     .unwrap(),
             )
             .await
@@ -146,7 +146,7 @@ async fn several_workers_share_the_port_and_drain_together() {
             support::client_no_pool()
                 .request(
                     http::Request::get(url)
-                        .body(sidelight::proxy::body::full(""))
+                        .body(sidelight::http::body::full(""))
                         .unwrap(),
                 )
                 .await

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use std::time::Duration;
 use support::{proxy, server};

@@ -219,7 +219,7 @@ async fn an_endpoint_that_answers_429_is_rested_for_its_retry_after() {
             http::Response::builder()
                 .status(429)
                 .header("retry-after", "60")
-                .body(sidelight::proxy::body::full("slow down"))
+                .body(sidelight::http::body::full("slow down"))
                 .unwrap()
         })
         .run()

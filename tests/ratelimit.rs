@@ -3,7 +3,7 @@
 mod support;
 
 use http::Request;
-use sidelight::proxy::body::full;
+use sidelight::http::body::full;
 use std::time::{Duration, Instant};
 use support::{proxy, server, Answer};
 

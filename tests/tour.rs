@@ -119,7 +119,7 @@ async fn api_key_from_the_environment_reaches_the_upstream_only() {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("none")
                 .to_string();
-            http::Response::new(sidelight::proxy::body::full(auth))
+            http::Response::new(sidelight::http::body::full(auth))
         })
         .run()
         .await;

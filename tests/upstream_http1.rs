@@ -7,7 +7,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
-use sidelight::proxy::body::ProxyBody;
+use sidelight::http::body::ProxyBody;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use support::proxy;
@@ -198,7 +198,7 @@ async fn head_and_no_content_answers_have_no_body_whatever_their_length_says() {
         client
             .request(
                 Request::get(proxy.url("/"))
-                    .body(sidelight::proxy::body::empty())
+                    .body(sidelight::http::body::empty())
                     .unwrap(),
             )
             .await
@@ -209,7 +209,7 @@ async fn head_and_no_content_answers_have_no_body_whatever_their_length_says() {
     let head = client
         .request(
             Request::head(proxy.url("/"))
-                .body(sidelight::proxy::body::empty())
+                .body(sidelight::http::body::empty())
                 .unwrap(),
         )
         .await

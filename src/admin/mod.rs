@@ -1,7 +1,7 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/config`, `/status`, `POST /cache/purge`.
 
+use crate::http::body::{full, ProxyBody};
 use crate::metrics::Metrics;
-use crate::proxy::body::{full, ProxyBody};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;

@@ -12,8 +12,8 @@
 
 use super::key::CacheKey;
 use crate::error::ProxyError;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::ProxyFuture;
+use crate::http::body::ProxyBody;
+use crate::service::ProxyFuture;
 use crate::BoxError;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};

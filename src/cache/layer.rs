@@ -18,9 +18,11 @@ use super::rules::Rules;
 use super::store::{Store, Stored};
 use crate::config::RouteCacheConfig;
 use crate::error::ProxyError;
+use crate::http::body::{full, ProxyBody};
+use crate::http::headers;
+use crate::http::RequestMeta;
 use crate::metrics::Metrics;
-use crate::proxy::body::{full, ProxyBody};
-use crate::proxy::{headers, ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::Frame;
@@ -304,7 +306,9 @@ where
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // The key needs the whole body; the body-limit layer outside bounds it.
-            let body = crate::proxy::body::read_whole(body).await?;
+            let body = crate::http::body::read_whole(body)
+                .await
+                .map_err(ProxyError::from_body)?;
             let readonly = policy.rules.as_ref().is_none_or(|r| {
                 r.allows(&parts.method, parts.uri.path(), parts.uri.query(), &body)
             });

@@ -4,8 +4,8 @@
 //! detection) live in the balancer itself.
 
 use crate::config::{Config, HealthCheckConfig, RouteKind, UpstreamConfig};
+use crate::http::body::empty;
 use crate::metrics::Metrics;
-use crate::proxy::body::empty;
 use crate::upstream::balance::Balancer;
 use crate::upstream::{BuildError, Upstream};
 use http::{header, HeaderValue, Method, Request, StatusCode};

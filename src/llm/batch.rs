@@ -27,9 +27,10 @@ pub use input_cache::InputCache;
 
 use crate::config::{BatchConfig, BatchOnError};
 use crate::error::ProxyError;
+use crate::http::body::full;
+use crate::http::RequestMeta;
 use crate::metrics::Metrics;
-use crate::proxy::body::full;
-use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta, RouteService};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse, RouteService};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -847,7 +848,7 @@ fn upstream_request(first: &http::request::Parts, body: Bytes) -> ProxyRequest {
     if let Some(meta) = first.extensions.get::<RequestMeta>() {
         // A cell of its own: each member's wait is set from the batch's, not by this call.
         req.extensions_mut().insert(RequestMeta {
-            upstream_wait: crate::proxy::UpstreamWait::new(),
+            upstream_wait: crate::http::UpstreamWait::new(),
             ..meta.clone()
         });
     }

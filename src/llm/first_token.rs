@@ -16,9 +16,9 @@ use super::usage::Tally;
 use super::Provider;
 use crate::config::RouteConfig;
 use crate::error::ProxyError;
+use crate::http::body::ProxyBody;
 use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::BoxError;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -332,7 +332,7 @@ impl Body for TokenBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::RouteService;
+    use crate::service::RouteService;
     use http_body_util::StreamBody;
     use tokio::sync::mpsc;
 
@@ -378,7 +378,7 @@ mod tests {
         "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
 
     fn request() -> ProxyRequest {
-        http::Request::new(crate::proxy::body::empty())
+        http::Request::new(crate::http::body::empty())
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,9 +15,10 @@ use super::{LlmFacts, Provider, Usage, UsageHooks};
 use crate::cache::layer::CACHE_HEADER;
 use crate::config::RouteConfig;
 use crate::error::ProxyError;
+use crate::http::body::{full, ProxyBody};
+use crate::http::RequestMeta;
 use crate::metrics::{status_class, Metrics};
-use crate::proxy::body::{full, ProxyBody};
-use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::BoxError;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -610,7 +611,7 @@ impl Body for AccountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::RouteService;
+    use crate::service::RouteService;
     use http_body_util::StreamBody;
     use std::sync::Mutex;
 

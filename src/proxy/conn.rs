@@ -14,15 +14,17 @@
 //! client that hangs up cancels its request, and a stuck client gets
 //! `limits.header_read_timeout` to send a head.
 
-use super::body::{empty, ProxyBody};
 use super::entry::Entry;
-use super::{listener, Peer, ProxyResponse};
+use super::listener;
 use crate::error::ProxyError;
+use crate::http::body::{empty, ProxyBody};
+use crate::http::Peer;
 use crate::http1::{
     chunk_size_line, chunked_is_final, fold_content_length, header_line, header_map, header_spans,
     length_line, poll_fill, span_in, BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
+use crate::service::ProxyResponse;
 use crate::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};

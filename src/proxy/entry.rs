@@ -7,16 +7,18 @@ use super::observe::ObserveLayer;
 use super::retry::RetryLayer;
 use super::router::{Route, Router};
 use super::timeout::{TimeoutLayer, Timeouts};
-use super::{headers, Peer, ProxyResponse, RequestMeta, RouteService};
 use crate::cache::layer::CacheLayer;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::http::headers;
+use crate::http::{Peer, RequestMeta};
 use crate::llm::batch::{BatchLayer, InputCache};
 use crate::llm::first_token::FirstTokenLayer;
 use crate::llm::layer::LlmLayer;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
+use crate::service::{ProxyResponse, RouteService};
 use crate::upstream::balance::{Balancer, EndpointMetrics, Outliers};
 use crate::upstream::Upstream;
 use std::collections::HashMap;
@@ -247,10 +249,12 @@ impl Entry {
         }
         let unmatched = ServiceBuilder::new()
             .layer(ObserveLayer::new(NO_ROUTE, "", metrics.clone(), access_log))
-            .service_fn(|req: super::ProxyRequest| -> super::ProxyFuture {
-                let path = req.uri().path().to_string();
-                Box::pin(async move { Err(ProxyError::NoRoute(path)) })
-            });
+            .service_fn(
+                |req: crate::service::ProxyRequest| -> crate::service::ProxyFuture {
+                    let path = req.uri().path().to_string();
+                    Box::pin(async move { Err(ProxyError::NoRoute(path)) })
+                },
+            );
         Ok(Entry {
             router: Arc::new(Router::new(routes, RouteService::new(unmatched))),
         })
@@ -260,7 +264,7 @@ impl Entry {
     /// error has become a response by now.
     pub fn handle(
         &self,
-        mut req: super::ProxyRequest,
+        mut req: crate::service::ProxyRequest,
         listener: usize,
         client: &Peer,
     ) -> Pin<Box<dyn Future<Output = ProxyResponse> + Send>> {
@@ -284,7 +288,7 @@ impl Entry {
             id: id.clone(),
             start: Instant::now(),
             client: client.clone(),
-            upstream_wait: super::UpstreamWait::new(),
+            upstream_wait: crate::http::UpstreamWait::new(),
         });
         // Every layer is always ready (limits answer with errors, not backpressure), so the
         // stack is called without polling readiness first.

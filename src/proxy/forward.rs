@@ -1,9 +1,10 @@
 //! The innermost service: rewrites the request for its upstream and sends it over the pool.
 
-use super::body::BodyObserver;
-use super::headers;
-use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::error::ProxyError;
+use crate::http::body::BodyObserver;
+use crate::http::headers;
+use crate::http::RequestMeta;
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::balance::{backoff_from, InFlight, Outcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
@@ -162,7 +163,7 @@ impl Service<ProxyRequest> for Forward {
                         upstream: upstream.name.clone(),
                     };
                     let mut response =
-                        response.map(|body| crate::proxy::body::Observed::boxed(body, watch));
+                        response.map(|body| crate::http::body::Observed::boxed(body, watch));
                     headers::to_client(response.headers_mut(), &request_id);
                     if let Some(cell) = &wait_cell {
                         cell.set(wait);

@@ -1,8 +1,8 @@
 //! Limits sidelight enforces on itself: requests in flight (503) and request body size (413).
 
-use super::body::{BodyObserver, Observed, ProxyBody};
-use super::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
+use crate::http::body::{BodyObserver, Observed, ProxyBody};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};

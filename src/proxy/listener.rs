@@ -3,7 +3,7 @@
 
 use super::conn::{self, Client, ProtocolErrors};
 use super::entry::Entry;
-use super::Peer;
+use crate::http::Peer;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;

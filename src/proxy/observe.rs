@@ -2,11 +2,12 @@
 //! errors from inner layers into responses (through [`ProxyError::to_response`], the one place
 //! that maps errors to statuses).
 
-use super::body::{BodyObserver, Observed};
-use super::{ProxyFuture, ProxyRequest, RequestMeta, UpstreamWait};
 use crate::error::ProxyError;
+use crate::http::body::{BodyObserver, Observed};
+use crate::http::{RequestMeta, UpstreamWait};
 use crate::llm::LlmFacts;
 use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
+use crate::service::{ProxyFuture, ProxyRequest};
 use crate::BoxError;
 use http::{HeaderValue, Method, StatusCode};
 use http_body::Body as _;
@@ -67,14 +68,14 @@ impl<S> Service<ProxyRequest> for Observe<S>
 where
     S: Service<
             ProxyRequest,
-            Response = super::ProxyResponse,
+            Response = crate::service::ProxyResponse,
             Error = ProxyError,
             Future = ProxyFuture,
         > + Clone
         + Send
         + 'static,
 {
-    type Response = super::ProxyResponse;
+    type Response = crate::service::ProxyResponse;
     type Error = ProxyError;
     type Future = ProxyFuture;
 

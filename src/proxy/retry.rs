@@ -9,11 +9,12 @@
 //! the upstream's budget (a share of recent requests plus a floor per second, tower's
 //! `TpsBudget`, as linkerd and Finagle do), so retries cannot multiply an outage.
 
-use super::body::{full, read_whole};
-use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
+use crate::http::body::{full, read_whole};
+use crate::http::RequestMeta;
 use crate::metrics::Metrics;
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::balance::{requested_wait, Balancer, TriedEndpoints};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -145,7 +146,7 @@ where
                 .map(|m| Instant::from_std(m.start) + policy.total);
             let (parts, body) = req.into_parts();
             // Kept whole so it can be sent again; the body limit layer already bounds it.
-            let body: Bytes = read_whole(body).await?;
+            let body: Bytes = read_whole(body).await.map_err(ProxyError::from_body)?;
             let retryable_method = policy.methods.contains(&parts.method);
             // For the log lines, which only retries reach: no allocation on the common path.
             let request_id = parts

@@ -1,6 +1,6 @@
 //! Picks a route by listener, host and path prefix; longest prefix wins, then file order.
 
-use super::RouteService;
+use crate::service::RouteService;
 
 pub struct Route {
     pub name: String,
@@ -102,9 +102,9 @@ mod tests {
 
     fn svc() -> RouteService {
         RouteService::new(tower::service_fn(
-            |_req: super::super::ProxyRequest| -> super::super::ProxyFuture {
+            |_req: crate::service::ProxyRequest| -> crate::service::ProxyFuture {
                 Box::pin(async {
-                    Err::<super::super::ProxyResponse, _>(ProxyError::Internal("test".into()))
+                    Err::<crate::service::ProxyResponse, _>(ProxyError::Internal("test".into()))
                 })
             },
         ))

@@ -3,9 +3,10 @@
 //! connect timeout lives in the connector. A body cut by a timeout ends with an error, so the
 //! client sees an incomplete response rather than a clean end.
 
-use super::body::ProxyBody;
-use super::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
 use crate::error::ProxyError;
+use crate::http::body::ProxyBody;
+use crate::http::RequestMeta;
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::UpstreamMetrics;
 use crate::BoxError;
 use bytes::Bytes;
@@ -196,7 +197,7 @@ impl Body for TimedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::body::full;
+    use crate::http::body::full;
     use http_body_util::StreamBody;
 
     fn timeouts(first_byte: u64, idle: u64, total: u64) -> Timeouts {

@@ -4,9 +4,9 @@
 
 use crate::config::ConcurrencyConfig;
 use crate::error::ProxyError;
+use crate::http::body::{BodyObserver, Observed};
 use crate::metrics::Metrics;
-use crate::proxy::body::{BodyObserver, Observed};
-use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

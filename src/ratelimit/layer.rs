@@ -9,9 +9,10 @@ use super::tokens::TokenBuckets;
 use super::{retry_after_secs, Buckets, Decision, Rate};
 use crate::config::{RateLimitConfig, RateLimitMode, RateUnit};
 use crate::error::ProxyError;
+use crate::http::body::{full, read_whole};
+use crate::http::RequestMeta;
 use crate::metrics::Metrics;
-use crate::proxy::body::{full, read_whole};
-use crate::proxy::{ProxyFuture, ProxyRequest, ProxyResponse, RequestMeta};
+use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use governor::clock::DefaultClock;
 use http::header::{HeaderMap, HeaderName};
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -309,7 +310,7 @@ where
         Box::pin(async move {
             let (mut req, estimate) = if counts_tokens {
                 let (parts, body) = req.into_parts();
-                let body = read_whole(body).await?;
+                let body = read_whole(body).await.map_err(ProxyError::from_body)?;
                 // Not JSON: nothing to estimate; the usage the upstream reports is charged.
                 let estimate =
                     crate::llm::estimate::estimate_request_tokens(&body).map_or(0, |e| e.total());

@@ -382,7 +382,7 @@ impl Drop for InFlight {
     }
 }
 
-impl crate::proxy::body::BodyObserver for InFlight {}
+impl crate::http::body::BodyObserver for InFlight {}
 
 /// The endpoints a request has already tried (a bit each; endpoints past 64 are not tracked),
 /// shared between the retry layer, which puts it in the request, and the forwarder, which

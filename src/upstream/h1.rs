@@ -12,11 +12,11 @@
 //! own parser, httparse, reads the heads.
 
 use super::connector::Counted;
+use crate::http::body::ProxyBody;
 use crate::http1::{
     chunked_is_final, encode_chunk, header_line, header_map, header_spans, length_line, poll_fill,
     BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
-use crate::proxy::body::ProxyBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};

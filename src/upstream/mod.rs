@@ -10,8 +10,8 @@ pub use connector::{find_connect_failure, ConnectFailure};
 pub use pool::SendError;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};
+use crate::http::body::ProxyBody;
 use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
 use connector::{ConnMetrics, CountingConnector};
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};

@@ -11,7 +11,7 @@
 
 use super::connector::{ConnectFailure, CountingConnector};
 use super::h1::{Conn, H1Error, RequestHead};
-use crate::proxy::body::ProxyBody;
+use crate::http::body::ProxyBody;
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -128,7 +128,7 @@ impl Http1Pool {
                 Err(failed) if failed.retry_elsewhere => {
                     tracing::debug!(error = %failed.error, "pooled upstream connection was closed; sending again");
                     // Only a request without a body is sent again.
-                    body = crate::proxy::body::empty();
+                    body = crate::http::body::empty();
                 }
                 Err(failed) => return Err(failed.error.into()),
             }

@@ -10,7 +10,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use sidelight::proxy::body::{full, ProxyBody};
+use sidelight::http::body::{full, ProxyBody};
 use std::future::Future;
 use std::time::Duration;
 

@@ -10,7 +10,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use sidelight::proxy::body::{full, ProxyBody};
+use sidelight::http::body::{full, ProxyBody};
 use sidelight::BoxError;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};

@@ -23,19 +23,13 @@ pub fn empty() -> ProxyBody {
 }
 
 /// Reads a request body whole (layers that must see it, or send it more than once). The body
-/// limit layer already bounds it; its error, and any other, becomes the client's error.
-pub async fn read_whole(body: ProxyBody) -> Result<Bytes, crate::error::ProxyError> {
+/// limit layer already bounds it; `ProxyError::from_body` turns its error into the client's.
+pub async fn read_whole(body: ProxyBody) -> Result<Bytes, BoxError> {
     if body.is_end_stream() {
         // Most GETs: nothing to collect, and collecting still costs a few hundred instructions.
         return Ok(Bytes::new());
     }
-    match body.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(match e.downcast::<crate::error::ProxyError>() {
-            Ok(err) => *err,
-            Err(e) => crate::error::ProxyError::ClientBody(e.to_string()),
-        }),
-    }
+    Ok(body.collect().await?.to_bytes())
 }
 
 /// Watches a body as it streams: sees every data frame and learns how it ended.

@@ -1,0 +1,78 @@
+//! Facts about one request that the layers share: its id, its start, its client, and how long it
+//! waited on the upstream.
+
+use super::headers;
+use http::HeaderValue;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Facts about a request set once by the entry service, read by the layers.
+#[derive(Clone, Debug)]
+pub struct RequestMeta {
+    pub id: HeaderValue,
+    pub start: Instant,
+    pub client: Peer,
+    /// Set by whichever layer got this request's response headers; read by observe.
+    pub upstream_wait: UpstreamWait,
+}
+
+impl RequestMeta {
+    /// Marks an answer the request did not get from its own upstream call (a cache hit, a
+    /// shared or batched answer): our request id on it, and how long it waited upstream.
+    pub fn stamp(&self, headers: &mut http::HeaderMap, upstream_wait: Duration) {
+        headers.insert(headers::REQUEST_ID, self.id.clone());
+        self.upstream_wait.set(upstream_wait);
+    }
+}
+
+/// The client end of a connection, worked out once per connection rather than per request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The IP as text, for `x-forwarded-for`.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
+/// How long sidelight waited for the upstream's response headers for one request, so the
+/// observe layer can compute sidelight's own overhead. Set by the forwarding service, or by the
+/// cache and batching layers for answers they share (zero for a cache hit); unset for answers
+/// that never waited on an upstream (an error, for instance). A cell shared by the request
+/// meta's clones rather than a response extension: a first extension costs three allocations.
+#[derive(Clone, Debug)]
+pub struct UpstreamWait(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl UpstreamWait {
+    const UNSET: u64 = u64::MAX;
+
+    pub fn new() -> Self {
+        UpstreamWait(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            Self::UNSET,
+        )))
+    }
+
+    pub fn set(&self, wait: Duration) {
+        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(Self::UNSET - 1);
+        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<Duration> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::UNSET => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+impl Default for UpstreamWait {
+    fn default() -> Self {
+        Self::new()
+    }
+}
