@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod telemetry;
 pub mod testing;
 pub mod upstream;

@@ -259,10 +259,12 @@ impl Entry {
             router: Arc::new(Router::new(routes, RouteService::new(unmatched))),
         })
     }
+}
 
+impl crate::http1::server::Handler for Entry {
     /// Handles one request from `client` on listener number `listener`. Never fails: every
     /// error has become a response by now.
-    pub fn handle(
+    fn handle(
         &self,
         mut req: crate::service::ProxyRequest,
         listener: usize,

@@ -1,26 +1,15 @@
 //! Accepts client connections on one listener and serves them (HTTP/1.1 and h2c), until told to
 //! stop; then lets in-flight requests finish, up to the drain deadline.
 
-use super::conn::{self, Client, ProtocolErrors};
 use super::entry::Entry;
 use crate::http::Peer;
+use crate::http1::server::{self as conn, ClientContext, ProtocolErrors};
 use crate::metrics::Metrics;
+use crate::shutdown::stopped;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// Resolves once `stop` says true, or its sender is gone.
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
-}
 
 pub struct ListenerTask {
     pub name: String,
@@ -70,8 +59,8 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         let _ = stream.set_nodelay(true);
         accepted.inc();
         open.inc();
-        let client = Client {
-            entry: entry.clone(),
+        let client = ClientContext {
+            handler: entry.clone(),
             listener: index,
             peer: Peer::new(peer),
             header_read_timeout,

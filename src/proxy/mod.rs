@@ -1,7 +1,7 @@
 //! The HTTP request path.
 //!
-//! A request arrives on a client connection ([`listener`] accepts, [`conn`] serves: HTTP/1.1
-//! by sidelight's own loop, h2c by hyper), goes through [`entry::Entry`] (request id, routing)
+//! A request arrives on a client connection ([`listener`] accepts, [`crate::http1::server`] serves:
+//! HTTP/1.1 by sidelight's own loop, h2c by hyper), goes through [`entry::Entry`] (request id, routing)
 //! and then through its route's stack of tower layers, outermost first, one concern each:
 //!
 //! 1. [`observe`]: metrics, access log, and turning errors into responses (via [`crate::error`]);
@@ -15,7 +15,6 @@
 //! 7. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
 //! 8. [`forward`]: header hygiene, endpoint choice and the pooled upstream call.
 
-pub mod conn;
 pub mod entry;
 pub mod forward;
 pub mod limit;

@@ -3,7 +3,6 @@
 
 pub mod balance;
 mod connector;
-mod h1;
 mod pool;
 
 pub use connector::{find_connect_failure, ConnectFailure};

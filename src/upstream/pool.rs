@@ -10,8 +10,8 @@
 //! this does not replace.
 
 use super::connector::{ConnectFailure, CountingConnector};
-use super::h1::{Conn, H1Error, RequestHead};
 use crate::http::body::ProxyBody;
+use crate::http1::client::{Conn, H1Error, RequestHead};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -145,7 +145,7 @@ impl Http1Pool {
         self: &Arc<Self>,
         endpoint: usize,
         conn: Conn,
-        head: super::h1::ResponseHead,
+        head: crate::http1::client::ResponseHead,
     ) -> Response<ProxyBody> {
         let pool = (self.max_idle > 0).then(|| self.clone());
         head.into_response(conn, move |conn| {

@@ -1,7 +1,9 @@
 //! HTTP/1.1 message framing (RFC 9112) shared by both sides of the proxy: sidelight's own
-//! client connections to upstreams ([`crate::upstream`]) and its client-facing connections
-//! ([`crate::proxy::conn`]). httparse reads heads and chunk-size lines; this module holds what
-//! is left: chunked bodies, `Content-Length`, `Transfer-Encoding` and connection tokens.
+//! connections to upstreams ([`super::client`]) and its client-facing connections
+//! ([`super::server`]). httparse reads heads and chunk-size lines; this module holds what is
+//! left: how a message sidelight writes is framed ([`Framing`]), how a message it reads is
+//! decoded ([`BodyDecoder`], read off a socket by [`BodyDecoder::poll_read`]), `Content-Length`,
+//! `Transfer-Encoding` and connection tokens.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
@@ -146,6 +148,70 @@ impl BodyDecoder {
             BodyDecoder::Done => SizeHint::with_exact(0),
             BodyDecoder::Length(n) => SizeHint::with_exact(n),
             BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
+/// What [`BodyDecoder::poll_read`] got.
+#[derive(Debug)]
+pub enum BodyRead {
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// The framing is invalid (the message says why).
+    Invalid(String),
+    /// The peer closed the connection before the body's end.
+    Closed,
+    Io(io::Error),
+}
+
+impl BodyDecoder {
+    /// Decodes the next data from `buf`, reading more from `io` when it needs to: the one body
+    /// reader behind both request and response bodies. A body delimited by the close ends at
+    /// the close.
+    pub fn poll_read<R: AsyncRead + ?Sized>(
+        &mut self,
+        mut io: Pin<&mut R>,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<BodyRead> {
+        loop {
+            match self.decode(buf) {
+                Ok(Some(data)) => return Poll::Ready(BodyRead::Data(data)),
+                Ok(None) if self.is_done() => return Poll::Ready(BodyRead::End),
+                Ok(None) => {}
+                Err(message) => return Poll::Ready(BodyRead::Invalid(message)),
+            }
+            match std::task::ready!(poll_fill(io.as_mut(), cx, buf)) {
+                Ok(0) if matches!(self, BodyDecoder::UntilClose) => {
+                    *self = BodyDecoder::Done;
+                    return Poll::Ready(BodyRead::End);
+                }
+                Ok(0) => return Poll::Ready(BodyRead::Closed),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(BodyRead::Io(e)),
+            }
+        }
+    }
+}
+
+/// How a message sidelight writes is delimited: the one framing type of both sides.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Framing {
+    /// No body (none was there, or the message may not have one).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until sidelight closes the connection (responses only).
+    UntilClose,
+}
+
+impl Framing {
+    /// The body length the head declared (0 unless `Length`).
+    pub fn declared(self) -> u64 {
+        match self {
+            Framing::Length(n) => n,
+            _ => 0,
         }
     }
 }

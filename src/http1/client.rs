@@ -11,29 +11,28 @@
 //! `Transfer-Encoding: chunked`, then `Content-Length`, else the body runs to the close. hyper's
 //! own parser, httparse, reads the heads.
 
-use super::connector::Counted;
-use crate::http::body::ProxyBody;
-use crate::http1::{
+use super::framing::{
     chunked_is_final, encode_chunk, header_line, header_map, header_spans, length_line, poll_fill,
-    BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
+    BodyDecoder, BodyRead, Chunk, Framing, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
+use crate::http::body::ProxyBody;
 use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper_rustls::MaybeHttpsStream;
-use hyper_util::rt::TokioIo;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
-use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// What the connector hands over, as a tokio stream.
-pub type Io = TokioIo<Counted<MaybeHttpsStream<TokioIo<TcpStream>>>>;
+/// What a connection runs over: whatever the upstream's connector hands over (TCP or TLS,
+/// wrapped to count it), as a tokio stream.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +55,6 @@ pub struct RequestHead {
     head_method: bool,
     /// Safe to send again on another connection if this one turns out to be dead.
     replayable: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
 }
 
 impl RequestHead {
@@ -129,7 +121,7 @@ pub struct ResponseHead {
 pub struct Conn {
     // Boxed: the stream (room for a TLS session) is over a kilobyte, and a connection moves
     // through every future and body that carries it.
-    io: Box<Io>,
+    io: Box<dyn Transport>,
     buf: BytesMut,
     /// Requests answered on it so far: a reused connection may have been closed meanwhile.
     answered: u64,
@@ -142,7 +134,7 @@ pub struct Failed {
 }
 
 impl Conn {
-    pub fn new(io: Io) -> Conn {
+    pub fn new(io: impl Transport) -> Conn {
         Conn {
             io: Box::new(io),
             buf: BytesMut::new(),
@@ -183,10 +175,7 @@ impl Conn {
         let mut out: Vec<u8> = Vec::new();
         let mut written = 0usize;
         let mut body_open = head.framing != Framing::Empty;
-        let mut left = match head.framing {
-            Framing::Length(n) => n,
-            _ => 0,
-        };
+        let mut left = head.framing.declared();
         let mut flushed = false;
         let mut got_bytes = false;
         let parsed = poll_fn(|cx| loop {
@@ -327,7 +316,8 @@ fn encode_data(
             *left -= n;
             out.extend_from_slice(data);
         }
-        Framing::Empty => {}
+        // Request heads are never framed by the close.
+        Framing::Empty | Framing::UntilClose => {}
     }
     Ok(())
 }
@@ -470,38 +460,29 @@ impl<R: FnOnce(Conn) + Send + Unpin + 'static> Body for ResponseBody<R> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.kind.decode(&mut conn.buf) {
-                Ok(Some(data)) => {
-                    if this.kind.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(None) if this.kind.is_done() => {
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = ready!(this
+            .kind
+            .poll_read(Pin::new(&mut *conn.io), &mut conn.buf, cx));
+        match read {
+            BodyRead::Data(data) => {
+                if this.kind.is_done() {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Ok(None) => {}
-                Err(message) => return this.fail(H1Error::Invalid(message)),
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            match ready!(conn.poll_fill(cx)) {
-                Ok(0) => {
-                    if matches!(this.kind, BodyDecoder::UntilClose) {
-                        // The close is the end; such a connection is never released.
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    return this.fail(H1Error::Invalid(
-                        "the upstream closed the connection inside the body".into(),
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => return this.fail(H1Error::Io(e)),
+            // A body delimited by the close ends here too; its connection is never released.
+            BodyRead::End => {
+                this.finish();
+                Poll::Ready(None)
             }
+            BodyRead::Invalid(message) => this.fail(H1Error::Invalid(message)),
+            BodyRead::Closed => this.fail(H1Error::Invalid(
+                "the upstream closed the connection inside the body".into(),
+            )),
+            BodyRead::Io(e) => this.fail(H1Error::Io(e)),
         }
     }
 

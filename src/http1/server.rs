@@ -1,7 +1,7 @@
 //! One client connection, from accept to close.
 //!
 //! HTTP/1.1 is served by sidelight's own loop, for the reason the upstream side has its own
-//! client ([`crate::upstream::h1`]): hyper's server dispatcher costs more per request than the
+//! client ([`super::client`]): hyper's server dispatcher costs more per request than the
 //! rest of a proxied request's user-space work put together. Here one task does everything: the
 //! request head is parsed straight off the connection's buffer, a request body reads the socket
 //! as the route consumes it, and the response goes out from the same task, its head and body in
@@ -14,17 +14,17 @@
 //! client that hangs up cancels its request, and a stuck client gets
 //! `limits.header_read_timeout` to send a head.
 
-use super::entry::Entry;
-use super::listener;
-use crate::error::ProxyError;
-use crate::http::body::{empty, ProxyBody};
-use crate::http::Peer;
-use crate::http1::{
+use super::framing::{
     chunk_size_line, chunked_is_final, fold_content_length, header_line, header_map, header_spans,
     length_line, poll_fill, span_in, BodyDecoder, Chunk, HeadFacts, MAX_HEADERS, MAX_HEAD_BYTES,
 };
+use super::framing::{BodyRead, Framing};
+use crate::error::ProxyError;
+use crate::http::body::{empty, ProxyBody};
+use crate::http::Peer;
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
-use crate::service::ProxyResponse;
+use crate::service::{ProxyRequest, ProxyResponse};
+use crate::shutdown;
 use crate::BoxError;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
@@ -54,9 +54,20 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 const COPY_LIMIT: usize = 16 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What answers the requests a client connection reads: the route stack's entry.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers `request`, which arrived on listener number `listener` from `peer`.
+    fn handle(
+        &self,
+        request: ProxyRequest,
+        listener: usize,
+        peer: &Peer,
+    ) -> Pin<Box<dyn Future<Output = ProxyResponse> + Send>>;
+}
+
 /// What a connection serves and for whom.
-pub struct Client {
-    pub entry: Entry,
+pub struct ClientContext<H: Handler> {
+    pub handler: H,
     /// The listener's index in the config.
     pub listener: usize,
     pub peer: Peer,
@@ -90,11 +101,15 @@ impl ProtocolErrors {
 
 /// Serves `stream` until the client leaves, the connection fails, or `stop` (then in-flight
 /// requests finish first, and their responses say `connection: close`).
-pub async fn serve(stream: TcpStream, client: Client, stop: watch::Receiver<bool>) {
+pub async fn serve<H: Handler>(
+    stream: TcpStream,
+    client: ClientContext<H>,
+    stop: watch::Receiver<bool>,
+) {
     let (read, write) = stream.into_split();
     let stopped = {
         let mut stop = stop.clone();
-        Box::pin(async move { listener::stopped(&mut stop).await })
+        Box::pin(async move { shutdown::stopped(&mut stop).await })
     };
     let conn = H1 {
         reader: Some(Reader {
@@ -125,13 +140,13 @@ impl Reader {
     }
 }
 
-struct H1 {
+struct H1<H: Handler> {
     /// `None` while a request body has it.
     reader: Option<Reader>,
     write: OwnedWriteHalf,
     /// The response being written; kept for its capacity.
     out: Vec<u8>,
-    client: Client,
+    client: ClientContext<H>,
     stop: watch::Receiver<bool>,
     /// Resolves when the listener stops; polled only while idle, then dropped.
     stopped: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -193,7 +208,7 @@ impl Answering {
     }
 }
 
-impl H1 {
+impl<H: Handler> H1<H> {
     async fn run(mut self) {
         let mut first = true;
         loop {
@@ -238,7 +253,9 @@ impl H1 {
                 }
             };
             let client = &self.client;
-            let response = client.entry.handle(request, client.listener, &client.peer);
+            let response = client
+                .handler
+                .handle(request, client.listener, &client.peer);
             let Some(response) = self.until_answered(response, &mut answering).await else {
                 // The client hung up: dropping the response future cancels the request.
                 return;
@@ -362,7 +379,7 @@ impl H1 {
             &mut keep_alive,
         );
 
-        let complete = if matches!(framing, Framing::None) || body.is_end_stream() {
+        let complete = if matches!(framing, Framing::Empty) || body.is_end_stream() {
             // Never polled, as hyper does; the body's own drop accounts for it.
             drop(body);
             self.body_ended(framing, framing.declared())
@@ -476,7 +493,7 @@ impl H1 {
     /// whether the message was complete (one delimited by the close never is).
     fn body_ended(&mut self, framing: Framing, left: u64) -> bool {
         match framing {
-            Framing::None => true,
+            Framing::Empty => true,
             Framing::Chunked => {
                 self.out.extend_from_slice(b"0\r\n\r\n");
                 true
@@ -547,24 +564,6 @@ impl H1 {
             io: stream,
         };
         serve_h2(io, Arc::new(self.client), self.stop).await;
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-impl Framing {
-    /// The body length the head declared (0 unless `Length`).
-    fn declared(self) -> u64 {
-        match self {
-            Framing::Length(n) => n,
-            _ => 0,
-        }
     }
 }
 
@@ -812,44 +811,41 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(reader) = this.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match this.kind.decode(&mut reader.buf) {
-                Ok(Some(data)) => {
-                    // The client sent without waiting for the go-ahead.
-                    this.continue_owed = false;
-                    if this.kind.is_done() {
-                        this.go_home();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(None) if this.kind.is_done() => {
+        let Some(reader) = this.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // A client that waits for the go-ahead has sent nothing yet (one that did not wait
+        // has bytes here, and needs none).
+        if this.continue_owed && reader.buf.is_empty() {
+            if let Err(e) = ready!(this.poll_continue(cx)) {
+                return this.fail(format!("client connection: {e}"));
+            }
+        }
+        let Some(reader) = this.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = ready!(this
+            .kind
+            .poll_read(Pin::new(&mut reader.io), &mut reader.buf, cx));
+        match read {
+            BodyRead::Data(data) => {
+                this.continue_owed = false;
+                if this.kind.is_done() {
                     this.go_home();
-                    return Poll::Ready(None);
                 }
-                Ok(None) => {}
-                Err(message) => {
-                    return this.fail(format!("invalid chunked request body: {message}"))
-                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            if this.continue_owed {
-                if let Err(e) = ready!(this.poll_continue(cx)) {
-                    return this.fail(format!("client connection: {e}"));
-                }
+            BodyRead::End => {
+                this.go_home();
+                Poll::Ready(None)
             }
-            let Some(reader) = this.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match ready!(reader.poll_fill(cx)) {
-                Ok(0) => {
-                    return this
-                        .fail("the client closed the connection inside the request body".into())
-                }
-                Ok(_) => {}
-                Err(e) => return this.fail(format!("client connection: {e}")),
+            BodyRead::Invalid(message) => {
+                this.fail(format!("invalid chunked request body: {message}"))
             }
+            BodyRead::Closed => {
+                this.fail("the client closed the connection inside the request body".into())
+            }
+            BodyRead::Io(e) => this.fail(format!("client connection: {e}")),
         }
     }
 
@@ -899,7 +895,7 @@ fn encode_head(
         .flatten()
         .filter(|_| status != StatusCode::NO_CONTENT && !status.is_informational());
     let framing = if no_body {
-        Framing::None
+        Framing::Empty
     } else if let Some(n) = declared.or(exact_length) {
         Framing::Length(n)
     } else if !answering.http10 {
@@ -1004,11 +1000,15 @@ impl AsyncWrite for Prefixed {
 }
 
 /// Serves an h2c connection with hyper until it ends; at `stop`, lets its streams finish.
-async fn serve_h2(io: Prefixed, client: Arc<Client>, mut stop: watch::Receiver<bool>) {
+async fn serve_h2<H: Handler>(
+    io: Prefixed,
+    client: Arc<ClientContext<H>>,
+    mut stop: watch::Receiver<bool>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
-        let response = client.entry.handle(req, client.listener, &client.peer);
+        let response = client.handler.handle(req, client.listener, &client.peer);
         async move { Ok::<_, std::convert::Infallible>(response.await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -1017,7 +1017,7 @@ async fn serve_h2(io: Prefixed, client: Arc<Client>, mut stop: watch::Receiver<b
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = listener::stopped(&mut stop) => {
+        _ = shutdown::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -1108,7 +1108,7 @@ mod tests {
             None,
             Answering::new(true, false, true),
         );
-        assert!(head.contains("content-length: 9") && matches!(framing, Framing::None));
+        assert!(head.contains("content-length: 9") && matches!(framing, Framing::Empty));
         let (head, _, _) = head_of(
             204,
             &[("content-length", "0")],
