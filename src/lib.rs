@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod stack;
 pub mod telemetry;
 pub mod testing;
 pub mod upstream;

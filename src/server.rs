@@ -8,19 +8,13 @@
 //! which also serves the admin port. Metrics and the in-flight limit are shared.
 
 use crate::admin::{self, AdminState};
-use crate::cache::{
-    self,
-    coalesce::Coalescer,
-    store::{Store, StoreMetrics},
-};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::entry::{Entry, Shared};
+use crate::proxy::entry::Entry;
 use crate::proxy::listener::{self, ListenerTask};
-use crate::ratelimit::concurrency::ConcurrencyLimit;
-use crate::ratelimit::layer::RateLimitLayer;
+use crate::stack::{self, SharedState};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
@@ -131,53 +125,8 @@ impl Sidelight {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let workers = config.runtime.effective_workers();
-        let shared = Shared {
-            // One limit across all workers.
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            cache: cache::layer::Shared {
-                store: Store::new(
-                    config.cache.max_bytes.0,
-                    StoreMetrics {
-                        evictions: metrics.cache_evictions.clone(),
-                        entries: metrics.cache_entries.clone(),
-                        bytes: metrics.cache_bytes.clone(),
-                    },
-                ),
-                coalescer: Arc::new(Coalescer::default()),
-                coalesce_max_buffer: usize::try_from(config.cache.coalesce_max_buffer_bytes.0)
-                    .unwrap_or(usize::MAX),
-            },
-            concurrency: config
-                .upstreams
-                .iter()
-                .filter_map(|u| {
-                    let c = u.concurrency.as_ref()?;
-                    Some((u.name.clone(), ConcurrencyLimit::new(&u.name, c, &metrics)))
-                })
-                .collect(),
-            balancers: config
-                .upstreams
-                .iter()
-                .map(|u| (u.name.clone(), Shared::balancer(u, &metrics)))
-                .collect(),
-            retry_budgets: config
-                .upstreams
-                .iter()
-                .map(|u| (u.name.clone(), crate::proxy::retry::budget(&u.retry_budget)))
-                .collect(),
-            batches: Default::default(),
-            // A limit that cannot be built is reported by Entry::build, which builds its own.
-            rate_limits: config
-                .routes
-                .iter()
-                .filter(|r| !r.rate_limits.is_empty())
-                .filter_map(|r| {
-                    let layer = RateLimitLayer::new(&r.name, &r.rate_limits, &metrics).ok()?;
-                    Some((r.name.clone(), layer))
-                })
-                .collect(),
-        };
-        let entry = Entry::build(&config, &metrics, &shared)?;
+        let shared = SharedState::new(&config, &metrics);
+        let entry = stack::entry(&config, &metrics, &shared)?;
 
         // Bind every socket before serving any, so a taken port fails the start cleanly.
         let mut listeners = Vec::new();
@@ -197,7 +146,7 @@ impl Sidelight {
         let admin_listener = bind("admin.address", config.admin.address)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
         // After every bind: a start that fails leaves no probe running.
-        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers)?;
+        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers())?;
 
         let (stop, stop_rx) = watch::channel(false);
         let mut sockets = sockets.into_iter();
@@ -253,7 +202,12 @@ impl Sidelight {
             balancers: config
                 .upstreams
                 .iter()
-                .filter_map(|u| Some((u.name.clone(), shared.balancers.get(&u.name)?.clone())))
+                .filter_map(|u| {
+                    Some((
+                        u.name.clone(),
+                        shared.upstreams.get(&u.name)?.balancer.clone(),
+                    ))
+                })
                 .collect(),
         });
         let (admin_stop, admin_stop_rx) = watch::channel(());
@@ -281,7 +235,7 @@ fn run_worker(
     metrics: Arc<Metrics>,
     sockets: Vec<std::net::TcpListener>,
     stop: watch::Receiver<bool>,
-    shared: Shared,
+    shared: SharedState,
 ) -> bool {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -295,7 +249,7 @@ fn run_worker(
     };
     runtime.block_on(async move {
         // Worker 0 built the same stacks from the same config already, so this succeeds.
-        let entry = match Entry::build(&config, &metrics, &shared) {
+        let entry = match stack::entry(&config, &metrics, &shared) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(error = %e, "worker cannot build its stacks");

@@ -677,18 +677,30 @@ async fn database_presets_cache_reads_only() {
 
 #[tokio::test]
 async fn invalid_cache_rules_are_reported_by_field_path() {
-    let yaml = "upstreams:\n  - { name: up, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - name: r\n    upstream: up\n    cache: { ttl: 0s, methods: [\"BAD METHOD\"], rules: [{ methods: [DELETE], path: /x }] }\n";
-    let errors = match sidelight::config::Config::from_yaml(yaml, &|_| None) {
-        Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
-        other => panic!("expected errors, got {other:?}"),
+    let errors = |cache: &str| {
+        let yaml = format!("upstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - name: r\n    upstream: up\n    cache: {cache}\n");
+        match sidelight::config::Config::from_yaml(&yaml, &|_| None) {
+            Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected errors, got {other:?}"),
+        }
     };
+    // Checks within a field stop the parse at that field (its value has a type)...
+    let rule = errors("{ ttl: 10s, rules: [{ methods: [GET, DELETE], path: /x }] }");
+    assert_eq!(
+        rule[0].path, "routes[0].cache.rules[0].methods[1]",
+        "{rule:?}"
+    );
+    assert!(rule[0].message.contains("DELETE changes state"), "{rule:?}");
+    let glob = errors("{ ttl: 10s, rules: [{ methods: [GET], path: x/y }] }");
+    assert_eq!(glob[0].path, "routes[0].cache.rules[0].path", "{glob:?}");
+    // ...and the checks that validation runs afterwards are all reported together.
+    let errors =
+        errors("{ ttl: 0s, methods: [\"BAD METHOD\"], rules: [{ methods: [], path: /x }] }");
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     assert!(paths.contains(&"routes[0].cache.ttl"), "{errors:?}");
     assert!(paths.contains(&"routes[0].cache.methods[0]"), "{errors:?}");
     assert!(
-        paths
-            .iter()
-            .any(|p| p.starts_with("routes[0].cache.rules[0]")),
+        paths.contains(&"routes[0].cache.rules[0].methods"),
         "{errors:?}"
     );
 }

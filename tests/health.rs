@@ -467,7 +467,7 @@ fn invalid_health_and_retry_settings_are_reported_by_field_path() {
 upstreams:
   - name: up
     endpoints: ["http://127.0.0.1:1"]
-    health_check: { path: health, interval: 0s, expected_statuses: ["9xx"], healthy_threshold: 0 }
+    health_check: { path: health, interval: 0s, healthy_threshold: 0 }
     retry_budget: { percent: -1 }
 routes:
   - name: r
@@ -480,7 +480,6 @@ routes:
     for want in [
         "upstreams[0].health_check.path",
         "upstreams[0].health_check.interval",
-        "upstreams[0].health_check.expected_statuses[0]",
         "upstreams[0].health_check.healthy_threshold",
         "upstreams[0].retry_budget.percent",
         "routes[0].retries.statuses[0]",
@@ -489,6 +488,15 @@ routes:
     ] {
         assert!(err.contains(want), "missing {want} in:\n{err}");
     }
+    // A value that cannot be read stops the parse at its field.
+    let yaml = "upstreams:\n  - name: up\n    endpoints: [\"http://127.0.0.1:1\"]\n    health_check: { expected_statuses: [200, \"9xx\"] }\n";
+    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("upstreams[0].health_check.expected_statuses[1]: expected a status code"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -314,26 +314,34 @@ async fn header_and_client_ip_keys() {
 
 #[test]
 fn invalid_limits_are_reported_by_field_path() {
-    let yaml = "upstreams:\n  - { name: up, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - name: r\n    upstream: up\n    rate_limits:\n      - { name: a, rate: lots/s }\n      - { name: a, rate: 1/s, key: cookie }\n";
-    let errors = match sidelight::config::Config::from_yaml(yaml, &|_| None) {
-        Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
-        other => panic!("expected errors, got {other:?}"),
+    let errors = |limits: &str| {
+        let yaml = format!("upstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - name: r\n    upstream: up\n    rate_limits:\n{limits}");
+        match sidelight::config::Config::from_yaml(&yaml, &|_| None) {
+            Err(sidelight::config::ConfigError::Invalid(errors)) => {
+                errors.iter().map(ToString::to_string).collect::<Vec<_>>()
+            }
+            other => panic!("expected errors, got {other:?}"),
+        }
     };
-    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let rate = errors("      - { name: a, rate: lots/s }\n");
     assert!(
-        text.iter()
-            .any(|e| e.starts_with("routes[0].rate_limits[0].rate: invalid rate \"lots/s\"")),
-        "{text:?}"
+        rate[0].starts_with("routes[0].rate_limits[0].rate: invalid rate \"lots/s\""),
+        "{rate:?}"
     );
+    let key = errors("      - { name: a, rate: 1/s, key: cookie }\n");
     assert!(
-        text.iter()
-            .any(|e| e.starts_with("routes[0].rate_limits[1].name: duplicate")),
-        "{text:?}"
+        key[0].starts_with("routes[0].rate_limits[0].key: unknown key \"cookie\""),
+        "{key:?}"
     );
+    let burst = errors("      - { name: a, rate: 1/s, burst: 0 }\n");
     assert!(
-        text.iter()
-            .any(|e| e.starts_with("routes[0].rate_limits[1].key: unknown key \"cookie\"")),
-        "{text:?}"
+        burst[0].starts_with("routes[0].rate_limits[0].burst:"),
+        "{burst:?}"
+    );
+    let duplicate = errors("      - { name: a, rate: 1/s }\n      - { name: a, rate: 2/s }\n");
+    assert!(
+        duplicate[0].starts_with("routes[0].rate_limits[1].name: duplicate"),
+        "{duplicate:?}"
     );
 }
 

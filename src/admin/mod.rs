@@ -18,7 +18,7 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Rendered once: the config does not change while running.
     pub config_yaml: String,
-    pub cache: crate::cache::layer::Shared,
+    pub cache: crate::cache::layer::CacheShared,
     pub cache_max_bytes: u64,
     /// Every route's upstream, in config order, for `/readyz`.
     pub routes: Vec<(String, String)>,

@@ -40,7 +40,7 @@ pub const DEDUP_HEADER: &str = "x-sidelight-dedup";
 
 /// Process-wide cache state: the store and the in-flight requests.
 #[derive(Clone)]
-pub struct Shared {
+pub struct CacheShared {
     pub store: Store,
     pub coalescer: Arc<Coalescer>,
     pub coalesce_max_buffer: usize,
@@ -72,7 +72,7 @@ struct Policy {
     credentials: Vec<HeaderName>,
     ignore_fields: Vec<String>,
     max_body: usize,
-    shared: Shared,
+    shared: CacheShared,
     metrics: RouteMetrics,
 }
 
@@ -95,9 +95,9 @@ impl CacheLayer {
         cache: Option<&RouteCacheConfig>,
         dedup: bool,
         dedup_methods: Option<&[String]>,
-        shared: Shared,
+        shared: CacheShared,
         metrics: &Metrics,
-    ) -> Result<CacheLayer, String> {
+    ) -> CacheLayer {
         metrics.init_cache_route(route);
         let m = |result: &str| metrics.cache_lookups.with_label_values(&[route, result]);
         let route_metrics = RouteMetrics {
@@ -132,9 +132,9 @@ impl CacheLayer {
         let rules = if c.presets.is_empty() && c.rules.is_empty() {
             None
         } else {
-            Some(Rules::new(&c.presets, &c.rules)?)
+            Some(Rules::new(&c.presets, &c.rules))
         };
-        Ok(CacheLayer {
+        CacheLayer {
             policy: Arc::new(Policy {
                 route: Arc::from(route),
                 ttl: cache.map(|c| c.ttl),
@@ -154,7 +154,7 @@ impl CacheLayer {
                 metrics: route_metrics,
             }),
             skip: None,
-        })
+        }
     }
 
     /// Requests for which `skip` is true go past this layer untouched (not even counted as a

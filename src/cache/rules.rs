@@ -25,28 +25,8 @@
 //!   are not reads.
 //! - `postgrest`: `GET` and `HEAD`, any path.
 
+use crate::config::{CacheRule, PathSegment, Preset};
 use http::Method;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Preset {
-    Clickhouse,
-    Elasticsearch,
-    Opensearch,
-    Qdrant,
-    Postgrest,
-}
-
-/// A user rule: method(s) + path glob (`*` = one path segment, `**` = any number of segments,
-/// including none, e.g. `/collections/*/points/search`). Methods are case-insensitive; PUT,
-/// PATCH, DELETE and CONNECT are refused. The query string is not matched.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    pub methods: Vec<String>,
-    pub path: String,
-}
 
 /// The compiled presets and rules of one route. The default (no presets, no rules) allows `GET`
 /// and `HEAD` only.
@@ -59,40 +39,22 @@ pub struct Rules {
 #[derive(Debug, Clone)]
 struct CompiledRule {
     methods: Vec<Method>,
-    glob: Vec<Segment>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    One,
-    Any,
+    glob: Vec<PathSegment>,
 }
 
 impl Rules {
-    /// The error names the offending entry relative to the rule list, e.g.
-    /// `rules[1].methods[0]: PUT changes state ...`.
-    pub fn new(presets: &[Preset], rules: &[Rule]) -> Result<Rules, String> {
-        let mut compiled = Vec::with_capacity(rules.len());
-        for (i, rule) in rules.iter().enumerate() {
-            if rule.methods.is_empty() {
-                return Err(format!(
-                    "rules[{i}].methods: at least one method is required"
-                ));
-            }
-            let methods = rule
-                .methods
-                .iter()
-                .enumerate()
-                .map(|(j, m)| parse_method(m).map_err(|e| format!("rules[{i}].methods[{j}]: {e}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            let glob = parse_glob(&rule.path).map_err(|e| format!("rules[{i}].path: {e}"))?;
-            compiled.push(CompiledRule { methods, glob });
-        }
-        Ok(Rules {
+    /// Rules were checked when the config was parsed, so building them cannot fail.
+    pub fn new(presets: &[Preset], rules: &[CacheRule]) -> Rules {
+        Rules {
             presets: presets.to_vec(),
-            rules: compiled,
-        })
+            rules: rules
+                .iter()
+                .map(|rule| CompiledRule {
+                    methods: rule.methods.iter().map(|m| m.0.clone()).collect(),
+                    glob: rule.path.segments().to_vec(),
+                })
+                .collect(),
+        }
     }
 
     /// True if the request is a read that may be cached or shared. `body` is the full request
@@ -113,42 +75,6 @@ impl Rules {
                 .iter()
                 .any(|r| r.methods.contains(method) && glob_matches(&r.glob, &segments))
     }
-}
-
-fn parse_method(text: &str) -> Result<Method, String> {
-    let method = Method::from_bytes(text.to_ascii_uppercase().as_bytes())
-        .map_err(|_| format!("{text:?} is not an HTTP method"))?;
-    let writes = [Method::PUT, Method::DELETE, Method::PATCH, Method::CONNECT];
-    if writes.contains(&method) {
-        return Err(format!(
-            "{method} changes state or opens a tunnel, and is never cached or coalesced"
-        ));
-    }
-    Ok(method)
-}
-
-fn parse_glob(glob: &str) -> Result<Vec<Segment>, String> {
-    let Some(rest) = glob.strip_prefix('/') else {
-        return Err(format!("{glob:?} must start with '/'"));
-    };
-    if glob.contains(['?', '#']) {
-        return Err(format!(
-            "{glob:?}: the query string is not matched, leave it out of the path"
-        ));
-    }
-    rest.split('/')
-        .map(|segment| match segment {
-            "*" => Ok(Segment::One),
-            "**" => Ok(Segment::Any),
-            "." | ".." => Err(format!(
-                "{glob:?}: paths with '.' or '..' segments are never cached"
-            )),
-            s if s.contains('*') => Err(format!(
-                "{glob:?}: '*' and '**' must be whole path segments, not part of {s:?}"
-            )),
-            s => Ok(Segment::Literal(s.to_string())),
-        })
-        .collect()
 }
 
 /// The path's segments (after the leading `/`, raw), or None when the upstream could read the
@@ -175,7 +101,7 @@ fn plain_segments(path: &str) -> Option<Vec<&str>> {
 
 /// `*` matches one non-empty segment, `**` any number; linear in path length whatever the glob
 /// (a set of pattern positions, not backtracking).
-fn glob_matches(glob: &[Segment], segments: &[&str]) -> bool {
+fn glob_matches(glob: &[PathSegment], segments: &[&str]) -> bool {
     let mut states = vec![false; glob.len() + 1];
     states[0] = true;
     close_over_any(glob, &mut states);
@@ -186,9 +112,9 @@ fn glob_matches(glob: &[Segment], segments: &[&str]) -> bool {
                 continue;
             }
             match pattern {
-                Segment::Any => next[i] = true,
-                Segment::One if !segment.is_empty() => next[i + 1] = true,
-                Segment::Literal(l) if l == segment => next[i + 1] = true,
+                PathSegment::Any => next[i] = true,
+                PathSegment::One if !segment.is_empty() => next[i + 1] = true,
+                PathSegment::Literal(l) if l == segment => next[i + 1] = true,
                 _ => {}
             }
         }
@@ -202,9 +128,9 @@ fn glob_matches(glob: &[Segment], segments: &[&str]) -> bool {
 }
 
 /// `**` may match no segment: being before it is also being after it.
-fn close_over_any(glob: &[Segment], states: &mut [bool]) {
+fn close_over_any(glob: &[PathSegment], states: &mut [bool]) {
     for (i, pattern) in glob.iter().enumerate() {
-        if states[i] && *pattern == Segment::Any {
+        if states[i] && *pattern == PathSegment::Any {
             states[i + 1] = true;
         }
     }
@@ -540,7 +466,12 @@ mod tests {
     use super::*;
 
     fn rules(presets: &[Preset]) -> Rules {
-        Rules::new(presets, &[]).expect("presets always compile")
+        Rules::new(presets, &[])
+    }
+
+    fn rule(methods: &[&str], path: &str) -> CacheRule {
+        serde_json::from_value(serde_json::json!({ "methods": methods, "path": path }))
+            .expect("valid rule")
     }
 
     fn allows(r: &Rules, method: &str, target: &str, body: &str) -> bool {
@@ -767,16 +698,10 @@ mod tests {
     #[test]
     fn user_rules_and_globs() {
         let user = [
-            Rule {
-                methods: vec!["post".into()],
-                path: "/collections/*/points/search".into(),
-            },
-            Rule {
-                methods: vec!["POST".into(), "QUERY".into()],
-                path: "/v1/**/embeddings".into(),
-            },
+            rule(&["post"], "/collections/*/points/search"),
+            rule(&["POST", "QUERY"], "/v1/**/embeddings"),
         ];
-        let r = Rules::new(&[], &user).expect("valid rules");
+        let r = Rules::new(&[], &user);
         assert!(allows(&r, "POST", "/collections/a/points/search", ""));
         assert!(!allows(&r, "POST", "/collections//points/search", ""));
         assert!(!allows(&r, "POST", "/collections/a/b/points/search", ""));
@@ -788,16 +713,7 @@ mod tests {
         assert!(!allows(&r, "GET", "/anything", ""));
 
         let any = |glob: &str, path: &str| {
-            let rule = Rule {
-                methods: vec!["GET".into()],
-                path: glob.into(),
-            };
-            allows(
-                &Rules::new(&[], &[rule]).expect("valid glob"),
-                "GET",
-                path,
-                "",
-            )
+            allows(&Rules::new(&[], &[rule(&["GET"], glob)]), "GET", path, "")
         };
         assert!(any("/**", "/"));
         assert!(any("/**", "/a/b/c"));
@@ -812,32 +728,9 @@ mod tests {
         assert!(!any("/**/x/**/x/**/x/**/y", &long));
 
         // Presets and rules add up.
-        let both = Rules::new(&[Preset::Postgrest], &user).expect("valid rules");
+        let both = Rules::new(&[Preset::Postgrest], &user);
         assert!(allows(&both, "GET", "/films", ""));
         assert!(allows(&both, "POST", "/v1/embeddings", ""));
-    }
-
-    #[test]
-    fn invalid_rules() {
-        let bad = |methods: &[&str], path: &str| {
-            let rule = Rule {
-                methods: methods.iter().map(|m| m.to_string()).collect(),
-                path: path.into(),
-            };
-            Rules::new(&[], &[rule]).err().unwrap_or_default()
-        };
-        assert!(bad(&["PUT"], "/x").starts_with("rules[0].methods[0]: PUT"));
-        assert!(bad(&["GET", "delete"], "/x").starts_with("rules[0].methods[1]:"));
-        assert!(bad(&["GE T"], "/x").contains("not an HTTP method"));
-        assert!(bad(&[""], "/x").contains("not an HTTP method"));
-        assert!(bad(&[], "/x").starts_with("rules[0].methods:"));
-        assert!(bad(&["GET"], "x/y").starts_with("rules[0].path:"));
-        assert!(bad(&["GET"], "").starts_with("rules[0].path:"));
-        assert!(bad(&["GET"], "/a*b").contains("whole path segments"));
-        assert!(bad(&["GET"], "/a/***").contains("whole path segments"));
-        assert!(bad(&["GET"], "/a?b=c").contains("query string"));
-        assert!(bad(&["GET"], "/a/../b").contains("'..'"));
-        assert!(bad(&["GET"], "/a/*/b").is_empty());
     }
 
     #[test]
@@ -848,7 +741,7 @@ mod tests {
         .expect("preset names");
         assert_eq!(presets.len(), 5);
         assert!(serde_json::from_str::<Preset>(r#""ClickHouse""#).is_err());
-        let rule: Result<Rule, _> =
+        let rule: Result<CacheRule, _> =
             serde_json::from_str(r#"{"methods":["GET"],"path":"/x","extra":1}"#);
         assert!(rule.is_err());
     }

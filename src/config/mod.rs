@@ -6,6 +6,13 @@
 mod units;
 mod validate;
 
+mod cache_rules;
+mod rate;
+mod status;
+
+pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset, ReadMethod};
+pub use rate::{Rate, RateLimitKey, RatePeriod};
+pub use status::StatusMatch;
 pub use units::{ByteSize, EnvString};
 pub use validate::FieldError;
 
@@ -164,10 +171,10 @@ pub struct RouteCacheConfig {
     pub credential_headers: Vec<String>,
     /// Built-in read-only request rules for HTTP databases.
     #[serde(default)]
-    pub presets: Vec<crate::cache::rules::Preset>,
+    pub presets: Vec<Preset>,
     /// Extra cacheable (methods, path glob) pairs.
     #[serde(default)]
-    pub rules: Vec<crate::cache::rules::Rule>,
+    pub rules: Vec<CacheRule>,
     /// After the TTL, serve the stale entry for up to this long while one background request
     /// refreshes it (never a herd).
     #[serde(default, with = "humantime_serde")]
@@ -250,7 +257,7 @@ pub struct HealthCheckConfig {
     /// an LLM upstream that holds no key of its own (the apps bring theirs) also 401 and 403:
     /// the endpoint answered, which is what the probe asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_statuses: Option<Vec<String>>,
+    pub expected_statuses: Option<Vec<StatusMatch>>,
     /// Passing probes in a row that bring an unhealthy endpoint back.
     #[serde(default = "default_hc_healthy")]
     pub healthy_threshold: u32,
@@ -606,18 +613,18 @@ pub struct RateLimitConfig {
     /// The `limit` metric label and what 429 bodies name.
     pub name: String,
     /// `100/s`, `600/min`, `5000/h`: requests, or tokens with `unit: tokens`.
-    pub rate: String,
+    pub rate: Rate,
     /// What the rate counts: `requests`, or LLM `tokens` (charged the request's estimate up
     /// front, corrected by the usage the upstream reports; `openai`/`anthropic` routes only).
     #[serde(default)]
     pub unit: RateUnit,
     /// Requests allowed at once above the steady rate (default: the rate's count).
     #[serde(default)]
-    pub burst: Option<u32>,
+    pub burst: Option<std::num::NonZeroU32>,
     /// `route` (one bucket), `credential` (per Authorization / x-api-key), `client_ip`, or
     /// `header:<name>`.
     #[serde(default = "default_limit_key")]
-    pub key: String,
+    pub key: RateLimitKey,
     #[serde(default)]
     pub mode: RateLimitMode,
     #[serde(default = "default_max_wait", with = "humantime_serde")]
@@ -632,8 +639,8 @@ pub struct RateLimitConfig {
     pub max_keys: u64,
 }
 
-fn default_limit_key() -> String {
-    "route".into()
+fn default_limit_key() -> RateLimitKey {
+    RateLimitKey::Route
 }
 fn default_max_wait() -> Duration {
     Duration::from_secs(5)

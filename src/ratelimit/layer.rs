@@ -6,15 +6,15 @@
 //! the real usage (through [`crate::llm::UsageHooks`]).
 
 use super::tokens::TokenBuckets;
-use super::{retry_after_secs, Buckets, Decision, Rate};
-use crate::config::{RateLimitConfig, RateLimitMode, RateUnit};
+use super::{quota, retry_after_secs, Buckets, Decision};
+use crate::config::{Rate, RateLimitConfig, RateLimitKey, RateLimitMode, RateUnit};
 use crate::error::ProxyError;
 use crate::http::body::{full, read_whole};
 use crate::http::RequestMeta;
 use crate::metrics::Metrics;
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use governor::clock::DefaultClock;
-use http::header::{HeaderMap, HeaderName};
+use http::header::HeaderMap;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
@@ -24,37 +24,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 
-/// What a limit counts by.
-#[derive(Debug, Clone)]
-pub enum KeyBy {
-    Route,
-    /// A hash of `authorization` / `x-api-key` (never the credential itself).
-    Credential,
-    ClientIp,
-    Header(HeaderName),
+/// The bucket key a request is counted under.
+trait KeyOf {
+    fn key(&self, headers: &HeaderMap, meta: Option<&RequestMeta>) -> String;
 }
 
-impl KeyBy {
-    pub fn parse(text: &str) -> Result<KeyBy, String> {
-        match text {
-            "route" => Ok(KeyBy::Route),
-            "credential" => Ok(KeyBy::Credential),
-            "client_ip" => Ok(KeyBy::ClientIp),
-            other => match other.strip_prefix("header:") {
-                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(KeyBy::Header)
-                    .map_err(|_| format!("invalid header name {name:?}")),
-                None => Err(format!(
-                    "unknown key {other:?}: use route, credential, client_ip or header:<name>"
-                )),
-            },
-        }
-    }
-
+impl KeyOf for RateLimitKey {
     fn key(&self, headers: &HeaderMap, meta: Option<&RequestMeta>) -> String {
         match self {
-            KeyBy::Route => String::new(),
-            KeyBy::Credential => {
+            RateLimitKey::Route => String::new(),
+            RateLimitKey::Credential => {
                 let mut hash = Sha256::new();
                 for name in ["authorization", "x-api-key"] {
                     for v in headers.get_all(name) {
@@ -72,11 +51,11 @@ impl KeyBy {
                     })
             }
             // The connection's IP text, formatted once per connection.
-            KeyBy::ClientIp => meta
+            RateLimitKey::ClientIp => meta
                 .and_then(|m| m.client.ip.to_str().ok())
                 .map(String::from)
                 .unwrap_or_default(),
-            KeyBy::Header(name) => headers
+            RateLimitKey::Header(name) => headers
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                 .unwrap_or_default(),
@@ -102,7 +81,7 @@ enum Counter {
 struct Limit {
     name: String,
     rate: Rate,
-    key_by: KeyBy,
+    key_by: RateLimitKey,
     mode: RateLimitMode,
     max_wait: Duration,
     max_queue: usize,
@@ -121,25 +100,22 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
-    /// Validation has checked every limit; one that still cannot be built is an error here.
-    pub fn new(
-        route: &str,
-        configs: &[RateLimitConfig],
-        metrics: &Metrics,
-    ) -> Result<Self, String> {
+    pub fn new(route: &str, configs: &[RateLimitConfig], metrics: &Metrics) -> Self {
         let mut limits = Vec::new();
         for c in configs {
-            let rate = Rate::parse(&c.rate)?;
+            let rate = c.rate;
             let counter = match c.unit {
-                RateUnit::Requests => {
-                    let quota = rate
-                        .quota(c.burst)
-                        .ok_or_else(|| format!("limit {}: burst must be at least 1", c.name))?;
-                    Counter::Requests(Buckets::new(quota, DefaultClock::default(), c.max_keys))
-                }
-                RateUnit::Tokens => {
-                    Counter::Tokens(TokenBuckets::new(rate.count, rate.per, c.burst, c.max_keys))
-                }
+                RateUnit::Requests => Counter::Requests(Buckets::new(
+                    quota(&rate, c.burst),
+                    DefaultClock::default(),
+                    c.max_keys,
+                )),
+                RateUnit::Tokens => Counter::Tokens(TokenBuckets::new(
+                    rate.count.get(),
+                    rate.period(),
+                    c.burst.map(|b| b.get()),
+                    c.max_keys,
+                )),
             };
             metrics.init_rate_limit(route, &c.name);
             let d = |result: &str| {
@@ -150,7 +126,7 @@ impl RateLimitLayer {
             limits.push(Limit {
                 name: c.name.clone(),
                 rate,
-                key_by: KeyBy::parse(&c.key)?,
+                key_by: c.key.clone(),
                 mode: c.mode,
                 max_wait: c.max_wait,
                 max_queue: c.max_queue,
@@ -171,12 +147,12 @@ impl RateLimitLayer {
                 },
             });
         }
-        Ok(RateLimitLayer {
+        RateLimitLayer {
             counts_tokens: limits
                 .iter()
                 .any(|l| matches!(l.counter, Counter::Tokens(_))),
             limits: Arc::new(limits),
-        })
+        }
     }
 }
 
@@ -214,7 +190,7 @@ impl Limit {
         self.metrics.rejected.inc();
         ProxyError::RateLimited {
             limit: self.name.clone(),
-            rate: self.rate.count,
+            rate: self.rate.count.get(),
             retry_after: retry_after_secs(wait),
         }
     }

@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod layer;
 pub mod tokens;
 
+use crate::config::{Rate, RatePeriod};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -17,39 +18,15 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `100/s`, `600/min`, `5000/h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
-
-impl Rate {
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let bad = || format!("invalid rate {text:?}: expected e.g. 100/s, 600/min or 5000/h");
-        let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
-        let count: u32 = count.trim().parse().map_err(|_| bad())?;
-        if count == 0 {
-            return Err(format!(
-                "invalid rate {text:?}: the count must be at least 1"
-            ));
-        }
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            _ => return Err(bad()),
-        };
-        Ok(Rate { count, per })
-    }
-
-    /// GCRA quota: one cell every `per / count`, with `burst` cells of headroom (default: one
-    /// unit's worth, so `600/min` may come as 600 at once).
-    pub fn quota(&self, burst: Option<u32>) -> Option<Quota> {
-        let interval = self.per / self.count;
-        let burst = NonZeroU32::new(burst.unwrap_or(self.count))?;
-        Some(Quota::with_period(interval)?.allow_burst(burst))
-    }
+/// GCRA quota: one cell every `period / count`, with `burst` cells of headroom (default: one
+/// period's worth, so `600/min` may come as 600 at once).
+pub fn quota(rate: &Rate, burst: Option<NonZeroU32>) -> Quota {
+    let base = match rate.per {
+        RatePeriod::Second => Quota::per_second(rate.count),
+        RatePeriod::Minute => Quota::per_minute(rate.count),
+        RatePeriod::Hour => Quota::per_hour(rate.count),
+    };
+    base.allow_burst(burst.unwrap_or(rate.count))
 }
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
@@ -137,30 +114,12 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
 
-    #[test]
-    fn rates() {
-        assert_eq!(
-            Rate::parse("100/s"),
-            Ok(Rate {
-                count: 100,
-                per: Duration::from_secs(1)
-            })
-        );
-        assert_eq!(
-            Rate::parse("600/min").map(|r| r.per),
-            Ok(Duration::from_secs(60))
-        );
-        assert!(Rate::parse("0/s").is_err());
-        assert!(Rate::parse("ten/s").is_err());
-        assert!(Rate::parse("10/fortnight").is_err());
-    }
-
     /// Over a measured window the limit admits its rate, within 5%, plus the burst.
     #[test]
     fn enforces_the_rate_over_a_window() {
         let clock = FakeRelativeClock::default();
         let rate = Rate::parse("100/s").unwrap();
-        let buckets = Buckets::new(rate.quota(Some(10)).unwrap(), clock.clone(), 100);
+        let buckets = Buckets::new(quota(&rate, NonZeroU32::new(10)), clock.clone(), 100);
         let mut allowed = 0;
         // 10 s of a client trying every millisecond.
         for _ in 0..10_000 {
@@ -180,7 +139,7 @@ mod tests {
     fn keys_are_independent_and_limited_requests_learn_when_to_come_back() {
         let clock = FakeRelativeClock::default();
         let buckets = Buckets::new(
-            Rate::parse("1/s").unwrap().quota(Some(1)).unwrap(),
+            quota(&Rate::parse("1/s").unwrap(), NonZeroU32::new(1)),
             clock.clone(),
             100,
         );
@@ -197,7 +156,7 @@ mod tests {
     #[test]
     fn tracked_keys_are_bounded() {
         let buckets = Buckets::new(
-            Rate::parse("1/s").unwrap().quota(None).unwrap(),
+            quota(&Rate::parse("1/s").unwrap(), None),
             FakeRelativeClock::default(),
             50,
         );
