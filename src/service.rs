@@ -68,3 +68,74 @@ impl tower::Service<ProxyRequest> for RouteService {
         self.call_shared(req)
     }
 }
+
+/// What an [`Around`] layer wraps: any always-ready service of the request path.
+pub trait Inner:
+    tower::Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            ProxyRequest,
+            Response = ProxyResponse,
+            Error = ProxyError,
+            Future = ProxyFuture,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A layer that never pushes back (limits answer with errors, not backpressure): it sees each
+/// request together with the service inside it, as linkerd2-proxy's `stack::Proxy` does. One
+/// generic [`Wrapped`] service and [`AroundLayer`] serve every such layer.
+pub trait Around: Clone + Send + Sync + 'static {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture;
+
+    /// This as a tower layer.
+    fn into_layer(self) -> AroundLayer<Self> {
+        AroundLayer(self)
+    }
+}
+
+/// The tower layer of an [`Around`].
+#[derive(Clone)]
+pub struct AroundLayer<A>(A);
+
+impl<A: Around, S> tower::Layer<S> for AroundLayer<A> {
+    type Service = Wrapped<A, S>;
+    fn layer(&self, inner: S) -> Wrapped<A, S> {
+        Wrapped {
+            around: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// `inner` with an [`Around`] layer on top: always ready.
+#[derive(Clone)]
+pub struct Wrapped<A, S> {
+    around: A,
+    inner: S,
+}
+
+impl<A: Around, S: Inner> tower::Service<ProxyRequest> for Wrapped<A, S> {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = ProxyFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+        self.around.call(&mut self.inner, req)
+    }
+}

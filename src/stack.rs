@@ -1,5 +1,7 @@
 //! Assembles every route's stack from the config, outermost layer first, in the order
-//! [`crate::proxy`] and the README list them. The state that all workers share (limits,
+//! [`crate::proxy`] and the README list them: observe, overload, body limit, rate limits, LLM
+//! accounting, cache and coalescing, embeddings batching, upstream concurrency, retries, LLM
+//! first-token limits, upstream timeouts, forward. The state that all workers share (limits,
 //! caches, balancers) is built once by [`SharedState::new`]; each worker then builds its own
 //! stacks over it with [`entry`].
 
@@ -21,7 +23,7 @@ use crate::proxy::router::{Route, Router};
 use crate::proxy::timeout::{TimeoutLayer, Timeouts};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
-use crate::service::{ProxyFuture, ProxyRequest, RouteService};
+use crate::service::{Around, ProxyFuture, ProxyRequest, RouteService};
 use crate::upstream::balance::{Balancer, EndpointMetrics, Outliers};
 use crate::upstream::{BuildError, Upstream};
 use std::collections::HashMap;
@@ -188,12 +190,7 @@ pub fn entry(
         ));
     }
     let unmatched = ServiceBuilder::new()
-        .layer(ObserveLayer::new(
-            NO_ROUTE,
-            "",
-            metrics.clone(),
-            config.log.access_log,
-        ))
+        .layer(ObserveLayer::new(NO_ROUTE, "", metrics.clone(), config.log.access_log).into_layer())
         .service_fn(|req: ProxyRequest| -> ProxyFuture {
             let path = req.uri().path().to_string();
             Box::pin(async move { Err(ProxyError::NoRoute(path)) })
@@ -219,16 +216,14 @@ fn route_stack(
         .unwrap_or(config.limits.max_request_body_bytes);
     let outer = ServiceBuilder::new()
         // 1. metrics, access log, errors into responses
-        .layer(ObserveLayer::new(
-            &r.name,
-            &r.upstream,
-            metrics.clone(),
-            config.log.access_log,
-        ))
+        .layer(
+            ObserveLayer::new(&r.name, &r.upstream, metrics.clone(), config.log.access_log)
+                .into_layer(),
+        )
         // 2. 503 past limits.max_in_flight_requests
-        .layer(overload.clone())
+        .layer(overload.clone().into_layer())
         // 3. 413 past the request body limit
-        .layer(BodyLimitLayer::new(body_limit.0));
+        .layer(BodyLimitLayer::new(body_limit.0).into_layer());
     let rewrite = PathRewrite {
         prefix: r.matcher.path_prefix.clone(),
         replacement: if r.strip_prefix {
@@ -246,7 +241,7 @@ fn route_stack(
     };
     // 7. upstream deadlines; 8. header hygiene, endpoint choice, the pooled call
     let base = ServiceBuilder::new()
-        .layer(TimeoutLayer::new(timeouts))
+        .layer(TimeoutLayer::new(timeouts).into_layer())
         .service(Forward::new(upstream.clone(), rewrite));
 
     let dedup = r.dedup_enabled();
@@ -310,7 +305,7 @@ fn route_stack(
 
     let layers: [Option<StackLayer>; 7] = [
         // 4. rate limits, after the body limit: an oversized request costs no token
-        rate_limit.map(boxed),
+        rate_limit.map(|l| boxed(l.into_layer())),
         // LLM accounting, outside the cache so hits are accounted for too
         LlmLayer::new(r, metrics).map(boxed),
         // 5. cache and coalescing; then embeddings batching; then the upstream's
@@ -320,7 +315,7 @@ fn route_stack(
         parts
             .concurrency
             .clone()
-            .map(|l| boxed(ConcurrencyLayer::new(l))),
+            .map(|l| boxed(ConcurrencyLayer::new(l).into_layer())),
         // 6. retries on another endpoint
         retries.map(boxed),
         // LLM first-token and token-gap limits, right around the upstream timeouts

@@ -46,7 +46,7 @@ pub struct CacheShared {
     pub coalesce_max_buffer: usize,
 }
 
-struct RouteMetrics {
+struct CacheRouteMetrics {
     hit: IntCounter,
     miss: IntCounter,
     bypass: IntCounter,
@@ -59,7 +59,7 @@ struct RouteMetrics {
 }
 
 /// One route's cache policy, built from its config.
-struct Policy {
+struct CachePolicy {
     route: Arc<str>,
     /// `None`: the route coalesces but does not store.
     ttl: Option<Duration>,
@@ -73,12 +73,12 @@ struct Policy {
     ignore_fields: Vec<String>,
     max_body: usize,
     shared: CacheShared,
-    metrics: RouteMetrics,
+    metrics: CacheRouteMetrics,
 }
 
 #[derive(Clone)]
 pub struct CacheLayer {
-    policy: Arc<Policy>,
+    policy: Arc<CachePolicy>,
     skip: Option<fn(&ProxyRequest) -> bool>,
 }
 
@@ -100,7 +100,7 @@ impl CacheLayer {
     ) -> CacheLayer {
         metrics.init_cache_route(route);
         let m = |result: &str| metrics.cache_lookups.with_label_values(&[route, result]);
-        let route_metrics = RouteMetrics {
+        let route_metrics = CacheRouteMetrics {
             hit: m("hit"),
             miss: m("miss"),
             bypass: m("bypass"),
@@ -135,7 +135,7 @@ impl CacheLayer {
             Some(Rules::new(&c.presets, &c.rules))
         };
         CacheLayer {
-            policy: Arc::new(Policy {
+            policy: Arc::new(CachePolicy {
                 route: Arc::from(route),
                 ttl: cache.map(|c| c.ttl),
                 grace: cache.map_or(Duration::ZERO, |c| c.stale_while_revalidate),
@@ -166,8 +166,7 @@ impl CacheLayer {
 }
 
 impl CacheLayer {
-    /// Also leaves `fields` out of the key (the defaults of LLM routes, see
-    /// [`crate::llm::cache_ignored_fields`]).
+    /// Also leaves `fields` out of the key (the fields an LLM route keeps out by default).
     pub fn ignoring_json_fields(mut self, fields: Vec<String>) -> Self {
         // Called right after `new`, before the policy is shared.
         if let Some(policy) = Arc::get_mut(&mut self.policy) {
@@ -195,7 +194,7 @@ impl<S> Layer<S> for CacheLayer {
 #[derive(Clone)]
 pub struct Cache<S> {
     inner: S,
-    policy: Arc<Policy>,
+    policy: Arc<CachePolicy>,
     skip: Option<fn(&ProxyRequest) -> bool>,
 }
 
@@ -249,7 +248,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
-impl Policy {
+impl CachePolicy {
     fn eligible_method(&self, method: &Method) -> bool {
         match &self.rules {
             // Rules may allow POST reads (search APIs, SQL SELECT); they look at the body.
@@ -403,7 +402,7 @@ where
 
 /// When a flight's response should be kept, and what to do with it once complete.
 fn storing(
-    policy: &Arc<Policy>,
+    policy: &Arc<CachePolicy>,
     key: CacheKey,
     ttl: Option<Duration>,
 ) -> (super::coalesce::KeepFor, super::coalesce::OnComplete) {
@@ -440,7 +439,7 @@ fn sse_reached_its_end(chunks: &[bytes::Bytes]) -> bool {
     text.ends_with("data: [DONE]") || text.contains("event: message_stop")
 }
 
-fn store(policy: &Policy, key: CacheKey, done: Completed, ttl: Duration) {
+fn store(policy: &CachePolicy, key: CacheKey, done: Completed, ttl: Duration) {
     let is_sse = done
         .headers
         .get(header::CONTENT_TYPE)

@@ -84,7 +84,7 @@ fn plain_segments(path: &str) -> Option<Vec<&str>> {
     let segments: Vec<&str> = rest.split('/').collect();
     for segment in &segments {
         let decoded = if segment.contains('%') {
-            percent_decode(segment, false)?
+            percent_decode(segment, Plus::Literal)?
         } else {
             segment.as_bytes().to_vec()
         };
@@ -167,10 +167,10 @@ fn clickhouse_statement(query: Option<&str>, body: &[u8]) -> Option<String> {
     let mut param: Option<Vec<u8>> = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = percent_decode(name, true)?;
+        let name = percent_decode(name, Plus::Space)?;
         if name == b"query" {
             // Which one wins is the server's business; do not guess.
-            if param.replace(percent_decode(value, true)?).is_some() {
+            if param.replace(percent_decode(value, Plus::Space)?).is_some() {
                 return None;
             }
         } else if name == b"decompress" && value != "0" {
@@ -234,12 +234,19 @@ fn has_param(query: Option<&str>, name: &str) -> bool {
     query.unwrap_or("").split('&').any(|pair| {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
         // An undecodable name could be anything: count it as present.
-        percent_decode(key, true).is_none_or(|k| k == name.as_bytes())
+        percent_decode(key, Plus::Space).is_none_or(|k| k == name.as_bytes())
     })
 }
 
 /// `%XX` decoding (and `+` as space in query strings); None for a malformed escape.
-fn percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
+/// What `+` means where it is decoded: a space in form-encoded query strings, itself in paths.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plus {
+    Space,
+    Literal,
+}
+
+fn percent_decode(text: &str, plus: Plus) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.bytes();
     while let Some(b) = bytes.next() {
@@ -249,7 +256,7 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
                 let lo = hex_digit(bytes.next()?)?;
                 out.push((hi << 4) | lo);
             }
-            b'+' if plus_is_space => out.push(b' '),
+            b'+' if plus == Plus::Space => out.push(b' '),
             b => out.push(b),
         }
     }

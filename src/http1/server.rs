@@ -195,12 +195,20 @@ struct Answering {
     continue_gate: Option<Arc<AtomicBool>>,
 }
 
+/// What the answer depends on in the request it answers.
+#[derive(Clone, Copy)]
+struct AnswerTo {
+    head_method: bool,
+    http10: bool,
+    keep_alive: bool,
+}
+
 impl Answering {
-    fn new(head_method: bool, http10: bool, keep_alive: bool) -> Self {
+    fn new(to: AnswerTo) -> Self {
         Answering {
-            head_method,
-            http10,
-            keep_alive,
+            head_method: to.head_method,
+            http10: to.http10,
+            keep_alive: to.keep_alive,
             away: None,
             cut: None,
             continue_gate: None,
@@ -224,7 +232,14 @@ impl<H: Handler> H1<H> {
                     }
                     tracing::debug!(client = %self.client.peer.addr, error = %e, "unusable request head");
                     let _ = self
-                        .respond(e.to_response(None), Answering::new(false, false, false))
+                        .respond(
+                            e.to_response(None),
+                            Answering::new(AnswerTo {
+                                head_method: false,
+                                http10: false,
+                                keep_alive: false,
+                            }),
+                        )
                         .await;
                     self.unread = true;
                     return self.close().await;
@@ -233,7 +248,11 @@ impl<H: Handler> H1<H> {
             first = false;
             let head_method = head.request.method() == Method::HEAD;
             let http10 = head.request.version() == Version::HTTP_10;
-            let mut answering = Answering::new(head_method, http10, head.keep_alive);
+            let mut answering = Answering::new(AnswerTo {
+                head_method,
+                http10,
+                keep_alive: head.keep_alive,
+            });
             let request = match head.body {
                 BodyDecoder::Done => head.request.map(|()| empty()),
                 kind => {
@@ -1096,7 +1115,11 @@ mod tests {
                 ("x-a", "1"),
             ],
             None,
-            Answering::new(false, false, true),
+            Answering::new(AnswerTo {
+                head_method: false,
+                http10: false,
+                keep_alive: true,
+            }),
         );
         assert!(head.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "));
         assert!(head.ends_with(" GMT\r\n\r\n") && !head.contains("chunked"));
@@ -1106,27 +1129,57 @@ mod tests {
             200,
             &[("content-length", "9")],
             None,
-            Answering::new(true, false, true),
+            Answering::new(AnswerTo {
+                head_method: true,
+                http10: false,
+                keep_alive: true,
+            }),
         );
         assert!(head.contains("content-length: 9") && matches!(framing, Framing::Empty));
         let (head, _, _) = head_of(
             204,
             &[("content-length", "0")],
             None,
-            Answering::new(false, false, true),
+            Answering::new(AnswerTo {
+                head_method: false,
+                http10: false,
+                keep_alive: true,
+            }),
         );
         assert!(!head.contains("content-length"));
         // Unknown length: chunked in 1.1, the close in 1.0.
-        let (head, framing, _) = head_of(200, &[], None, Answering::new(false, false, true));
+        let (head, framing, _) = head_of(
+            200,
+            &[],
+            None,
+            Answering::new(AnswerTo {
+                head_method: false,
+                http10: false,
+                keep_alive: true,
+            }),
+        );
         assert!(head.contains("transfer-encoding: chunked") && matches!(framing, Framing::Chunked));
-        let (head, framing, keep) = head_of(200, &[], None, Answering::new(false, true, true));
+        let (head, framing, keep) = head_of(
+            200,
+            &[],
+            None,
+            Answering::new(AnswerTo {
+                head_method: false,
+                http10: true,
+                keep_alive: true,
+            }),
+        );
         assert!(head.contains("connection: close") && matches!(framing, Framing::UntilClose));
         assert!(!keep);
         let (head, framing, _) = head_of(
             200,
             &[("date", "x")],
             Some(3),
-            Answering::new(false, true, true),
+            Answering::new(AnswerTo {
+                head_method: false,
+                http10: true,
+                keep_alive: true,
+            }),
         );
         assert!(head.contains("content-length: 3") && head.contains("connection: keep-alive"));
         assert!(matches!(framing, Framing::Length(3)) && head.matches("date").count() == 1);

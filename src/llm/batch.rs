@@ -198,11 +198,11 @@ struct Member {
     original: Option<Bytes>,
     bytes: usize,
     queued: Instant,
-    tx: tokio::sync::oneshot::Sender<Outcome>,
+    tx: tokio::sync::oneshot::Sender<BatchOutcome>,
 }
 
 /// What a member gets back from its batch.
-enum Outcome {
+enum BatchOutcome {
     /// Sent alone as the client wrote it: the upstream's answer, untouched.
     Response(ProxyResponse),
     /// The upstream's answer to the whole batch (an error), for every member alike.
@@ -453,19 +453,19 @@ impl State {
             .await;
         let waited = started.elapsed();
         match outcome {
-            Outcome::Response(mut response) => {
+            BatchOutcome::Response(mut response) => {
                 if let Some(meta) = &meta {
                     meta.stamp(response.headers_mut(), waited);
                 }
                 Ok(response)
             }
-            Outcome::Failed(e) => Err(e),
-            Outcome::Whole {
+            BatchOutcome::Failed(e) => Err(e),
+            BatchOutcome::Whole {
                 status,
                 headers,
                 body,
             } => Ok(respond(status, headers, body, meta.as_ref(), waited)),
-            Outcome::Embeddings {
+            BatchOutcome::Embeddings {
                 status,
                 mut headers,
                 envelope,
@@ -521,7 +521,7 @@ impl State {
         inputs: Vec<Box<RawValue>>,
         weights: Vec<u64>,
         original: Option<Bytes>,
-    ) -> Outcome {
+    ) -> BatchOutcome {
         let settings = &self.settings;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let id = self.groups.next_id.fetch_add(1, Ordering::Relaxed);
@@ -605,7 +605,7 @@ impl State {
             member: id,
         });
         rx.await.unwrap_or_else(|_| {
-            Outcome::Failed(ProxyError::Internal(
+            BatchOutcome::Failed(ProxyError::Internal(
                 "embeddings batch ended without an answer".into(),
             ))
         })
@@ -682,8 +682,8 @@ impl State {
                     if let Some(original) = member.original {
                         let req = Request::from_parts(member.parts, full(original));
                         let outcome = match self.inner.clone().call(req).await {
-                            Ok(response) => Outcome::Response(response),
-                            Err(e) => Outcome::Failed(e),
+                            Ok(response) => BatchOutcome::Response(response),
+                            Err(e) => BatchOutcome::Failed(e),
                         };
                         let _ = member.tx.send(outcome);
                         return;
@@ -723,7 +723,7 @@ impl State {
                 Err(e) => {
                     tracing::debug!(route = %self.settings.route, requests = members.len(), error = %e, "embeddings batch failed");
                     for m in members {
-                        let _ = m.tx.send(Outcome::Failed(e.clone()));
+                        let _ = m.tx.send(BatchOutcome::Failed(e.clone()));
                     }
                     return;
                 }
@@ -740,7 +740,7 @@ impl State {
                         },
                     };
                     for m in members {
-                        let _ = m.tx.send(Outcome::Failed(e.clone()));
+                        let _ = m.tx.send(BatchOutcome::Failed(e.clone()));
                     }
                     return;
                 }
@@ -766,7 +766,7 @@ impl State {
                 }
                 tracing::debug!(route = %self.settings.route, requests = members.len(), status = status.as_u16(), "embeddings batch answered with an error");
                 for m in members {
-                    let _ = m.tx.send(Outcome::Whole {
+                    let _ = m.tx.send(BatchOutcome::Whole {
                         status,
                         headers: headers.clone(),
                         body: body.clone(),
@@ -777,7 +777,7 @@ impl State {
             let Some(answer) = wire::parse_answer(&body, total) else {
                 if members.len() == 1 {
                     if let Some(m) = members.pop() {
-                        let _ = m.tx.send(Outcome::Whole {
+                        let _ = m.tx.send(BatchOutcome::Whole {
                             status,
                             headers,
                             body,
@@ -816,7 +816,7 @@ impl State {
                     .iter()
                     .filter_map(|u| answer.embeddings.get(*u).cloned())
                     .collect();
-                let _ = m.tx.send(Outcome::Embeddings {
+                let _ = m.tx.send(BatchOutcome::Embeddings {
                     status,
                     headers: headers.clone(),
                     envelope: envelope.clone(),

@@ -8,7 +8,6 @@
 //! they complete, minus the usage chunk (and the `"usage":null` OpenAI adds to every chunk), so
 //! the client receives exactly what the upstream would have sent it.
 
-use super::models::{ModelLabels, UNKNOWN};
 use super::sse::{Event, Piece, Splitter};
 use super::usage::{is_openai_usage_chunk, strip_null_usage, Tally};
 use super::{LlmFacts, Provider, Usage, UsageHooks};
@@ -17,6 +16,7 @@ use crate::config::RouteConfig;
 use crate::error::ProxyError;
 use crate::http::body::{full, ProxyBody};
 use crate::http::RequestMeta;
+use crate::metrics::model_labels::{ModelLabels, UNKNOWN};
 use crate::metrics::{status_class, Metrics};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::BoxError;

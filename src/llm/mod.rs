@@ -6,7 +6,6 @@ pub mod batch;
 pub mod estimate;
 pub mod first_token;
 pub mod layer;
-pub mod models;
 pub mod sse;
 pub mod usage;
 

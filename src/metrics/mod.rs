@@ -4,6 +4,8 @@
 //! every label comes from a closed set (configured route/upstream/listener names, status classes,
 //! a fixed list of methods and error kinds) so cardinality stays bounded.
 
+pub mod model_labels;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -188,7 +190,7 @@ pub struct Metrics {
     /// The bounded `model` label of each LLM route, shared by every worker (so the first N
     /// models are the first N of the process, not of each worker).
     llm_models: std::sync::Mutex<
-        std::collections::HashMap<String, std::sync::Arc<crate::llm::models::ModelLabels>>,
+        std::collections::HashMap<String, std::sync::Arc<model_labels::ModelLabels>>,
     >,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
@@ -379,15 +381,13 @@ impl Metrics {
         route: &str,
         allowed: &[String],
         max: usize,
-    ) -> std::sync::Arc<crate::llm::models::ModelLabels> {
+    ) -> std::sync::Arc<model_labels::ModelLabels> {
         let mut map = self
             .llm_models
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.entry(route.to_string())
-            .or_insert_with(|| {
-                std::sync::Arc::new(crate::llm::models::ModelLabels::new(allowed, max))
-            })
+            .or_insert_with(|| std::sync::Arc::new(model_labels::ModelLabels::new(allowed, max)))
             .clone()
     }
 

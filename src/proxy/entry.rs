@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Routes every request; its stacks are assembled in [`crate::stack`].
+/// Routes every request to its route's stack (assembled by `src/stack.rs`).
 #[derive(Clone)]
 pub struct Entry {
     router: Arc<Router>,

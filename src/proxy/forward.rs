@@ -5,7 +5,7 @@ use crate::http::body::BodyObserver;
 use crate::http::headers;
 use crate::http::RequestMeta;
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
-use crate::upstream::balance::{backoff_from, InFlight, Outcome, TriedEndpoints};
+use crate::upstream::balance::{backoff_from, EndpointInFlight, EndpointOutcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
 use crate::BoxError;
 use http::uri::PathAndQuery;
@@ -146,9 +146,9 @@ impl Service<ProxyRequest> for Forward {
                     upstream.balancer.record(
                         index,
                         if response.status().is_server_error() {
-                            Outcome::ServerError(wait)
+                            EndpointOutcome::ServerError(wait)
                         } else {
-                            Outcome::Success(wait)
+                            EndpointOutcome::Success(wait)
                         },
                     );
                     if response.status() == http::StatusCode::TOO_MANY_REQUESTS {
@@ -171,7 +171,7 @@ impl Service<ProxyRequest> for Forward {
                     Ok(response)
                 }
                 Err(err) => {
-                    upstream.balancer.record(index, Outcome::Failure);
+                    upstream.balancer.record(index, EndpointOutcome::Failure);
                     Err(classify(&upstream, err))
                 }
             }
@@ -182,7 +182,7 @@ impl Service<ProxyRequest> for Forward {
 /// Keeps the endpoint's in-flight count until the response body is done, and names the
 /// upstream in the body's errors.
 struct UpstreamBodyWatch {
-    _in_flight: InFlight,
+    _in_flight: EndpointInFlight,
     body_errors: prometheus::IntCounter,
     upstream: Arc<str>,
 }

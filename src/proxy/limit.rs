@@ -2,7 +2,8 @@
 
 use crate::error::ProxyError;
 use crate::http::body::{BodyObserver, Observed, ProxyBody};
-use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{Around, Inner};
+use crate::service::{ProxyFuture, ProxyRequest};
 use crate::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
 
 /// Refuses new requests with 503 once `limit` are in flight (across all routes and listeners);
 /// a request stays in flight until its response body is done.
@@ -34,56 +34,26 @@ impl OverloadLayer {
     }
 }
 
-impl<S> Layer<S> for OverloadLayer {
-    type Service = Overload<S>;
-    fn layer(&self, inner: S) -> Overload<S> {
-        Overload {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
+struct InFlightSlot(Arc<AtomicUsize>);
 
-#[derive(Clone)]
-pub struct Overload<S> {
-    inner: S,
-    layer: OverloadLayer,
-}
-
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
+impl Drop for InFlightSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-impl BodyObserver for InFlight {}
+impl BodyObserver for InFlightSlot {}
 
-impl<S> Service<ProxyRequest> for Overload<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
-        let limit = self.layer.limit;
-        let guard = InFlight(self.layer.in_flight.clone());
-        if self.layer.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
+impl Around for OverloadLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
+        let limit = self.limit;
+        let guard = InFlightSlot(self.in_flight.clone());
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
             drop(guard);
-            self.layer.refused.inc();
+            self.refused.inc();
             return Box::pin(async move { Err(ProxyError::Overloaded { limit }) });
         }
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
             Ok(response.map(|body| Observed::boxed(body, guard)))
@@ -104,22 +74,6 @@ impl BodyLimitLayer {
     }
 }
 
-impl<S> Layer<S> for BodyLimitLayer {
-    type Service = BodyLimit<S>;
-    fn layer(&self, inner: S) -> BodyLimit<S> {
-        BodyLimit {
-            inner,
-            limit: self.limit,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct BodyLimit<S> {
-    inner: S,
-    limit: u64,
-}
-
 /// Why a request body failed, kept for the answer: the upstream call fails when the body does,
 /// and the client should hear the body's reason, not "upstream reset".
 #[derive(Debug)]
@@ -129,22 +83,8 @@ enum BodyFailure {
     Client(String),
 }
 
-impl<S> Service<ProxyRequest> for BodyLimit<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for BodyLimitLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         let limit = self.limit;
         let declared = req
             .headers()
@@ -155,7 +95,7 @@ where
             return Box::pin(async move { Err(ProxyError::BodyTooLarge { limit }) });
         }
         if req.body().is_end_stream() {
-            return self.inner.call(req);
+            return inner.call(req);
         }
         let failure = Arc::new(OnceLock::new());
         let req = req.map(|body| {
@@ -167,7 +107,7 @@ where
             }
             .boxed_unsync()
         });
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let result = fut.await;
             match failure.get() {

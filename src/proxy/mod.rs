@@ -1,16 +1,16 @@
-//! The HTTP request path.
+//! The HTTP request path's own layers, and where a request enters.
 //!
-//! A request arrives on a client connection ([`listener`] accepts, [`crate::http1::server`] serves:
-//! HTTP/1.1 by sidelight's own loop, h2c by hyper), goes through [`entry::Entry`] (request id, routing)
-//! and then through its route's stack of tower layers, outermost first, one concern each:
+//! A request arrives on a client connection ([`listener`] accepts, the HTTP/1 wing serves it),
+//! goes through [`entry::Entry`] (request id, routing) and then through its route's stack of
+//! tower layers, which `src/stack.rs` assembles, outermost first, one concern each:
 //!
 //! 1. [`observe`]: metrics, access log, and turning errors into responses (via [`crate::error`]);
 //! 2. [`limit::OverloadLayer`]: 503 past `limits.max_in_flight_requests`;
 //! 3. [`limit::BodyLimitLayer`]: 413 past the request body limit;
-//! 4. [`crate::ratelimit::layer`]: rate limits (429 or queue), on routes that set them;
-//! 5. [`crate::cache::layer`]: cache and coalescing, on routes that enable them;
-//!    then [`crate::llm::batch`]: embeddings micro-batching, on routes with `batch:`;
-//!    then [`crate::ratelimit::concurrency`]: the upstream's concurrency limit, when set;
+//! 4. rate limits (429 or queue), on routes that set them (`ratelimit::layer`);
+//! 5. cache and coalescing, on routes that enable them (`cache::layer`); then embeddings
+//!    micro-batching, on routes with `batch:` (`llm::batch`); then the upstream's concurrency
+//!    limit, when set (`ratelimit::concurrency`);
 //! 6. [`retry`]: retries on another endpoint, within the upstream's budget, when set;
 //! 7. [`timeout`]: first-byte and total deadlines, idle gaps in the response body;
 //! 8. [`forward`]: header hygiene, endpoint choice and the pooled upstream call.

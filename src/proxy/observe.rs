@@ -7,15 +7,14 @@ use crate::http::body::{BodyObserver, Observed};
 use crate::http::{RequestMeta, UpstreamWait};
 use crate::llm::LlmFacts;
 use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
+use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
 use crate::BoxError;
 use http::{HeaderValue, Method, StatusCode};
 use http_body::Body as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
-use tower::{Layer, Service};
 
 /// What every request of a route shares.
 struct RouteInfo {
@@ -48,42 +47,8 @@ impl ObserveLayer {
     }
 }
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
-            inner,
-            info: self.info.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Observe<S> {
-    inner: S,
-    info: Arc<RouteInfo>,
-}
-
-impl<S> Service<ProxyRequest> for Observe<S>
-where
-    S: Service<
-            ProxyRequest,
-            Response = crate::service::ProxyResponse,
-            Error = ProxyError,
-            Future = ProxyFuture,
-        > + Clone
-        + Send
-        + 'static,
-{
-    type Response = crate::service::ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for ObserveLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         let info = self.info.clone();
         let (id, start, upstream_wait) = match req.extensions().get::<RequestMeta>() {
             Some(meta) => (meta.id.clone(), meta.start, meta.upstream_wait.clone()),
@@ -107,7 +72,7 @@ where
             error: None,
             request_bytes: request_bytes.clone(),
             response_bytes: 0,
-            outcome: Outcome::Cancelled,
+            outcome: RequestOutcome::Cancelled,
             llm: None,
         };
         info.route_metrics.in_flight.inc();
@@ -123,7 +88,7 @@ where
             }),
             None => req,
         };
-        let mut inner = self.inner.clone();
+        let mut inner = inner.clone();
         Box::pin(async move {
             let result = inner.call(req).await;
             let headers_at = start.elapsed();
@@ -155,7 +120,7 @@ where
             record.status = Some(response.status());
             record.llm = response.extensions().get::<Arc<LlmFacts>>().cloned();
             info.requests.get(&record.method, response.status()).inc();
-            record.outcome = Outcome::Streaming;
+            record.outcome = RequestOutcome::Streaming;
             Ok(response.map(|body| Observed::boxed(body, record)))
         })
     }
@@ -174,7 +139,7 @@ impl BodyObserver for CountBytes {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+enum RequestOutcome {
     /// The client went away before response headers.
     Cancelled,
     /// Headers sent, body not finished (if dropped so, the client went away mid-body).
@@ -195,7 +160,7 @@ struct Record {
     error: Option<&'static str>,
     request_bytes: Option<Arc<AtomicU64>>,
     response_bytes: u64,
-    outcome: Outcome,
+    outcome: RequestOutcome,
     /// Set by the LLM layer on LLM routes: model, usage, time to first token.
     llm: Option<Arc<LlmFacts>>,
 }
@@ -207,9 +172,9 @@ impl BodyObserver for Record {
 
     fn on_end(&mut self, result: Result<(), &BoxError>) {
         match result {
-            Ok(()) => self.outcome = Outcome::Complete,
+            Ok(()) => self.outcome = RequestOutcome::Complete,
             Err(e) => {
-                self.outcome = Outcome::Failed;
+                self.outcome = RequestOutcome::Failed;
                 if let Some(err) = e.downcast_ref::<ProxyError>() {
                     self.error = Some(err.kind());
                 }
@@ -226,7 +191,7 @@ impl Drop for Record {
         m.in_flight.dec();
         m.duration.observe(elapsed.as_secs_f64());
         m.response_bytes.inc_by(self.response_bytes);
-        if self.outcome == Outcome::Cancelled {
+        if self.outcome == RequestOutcome::Cancelled {
             // Counted like nginx's 499 so that abandoned requests are visible in rates.
             info.requests
                 .get(
@@ -239,10 +204,10 @@ impl Drop for Record {
             return;
         }
         let outcome = match self.outcome {
-            Outcome::Cancelled => "client_closed_before_response",
-            Outcome::Streaming => "client_closed_during_response",
-            Outcome::Complete => "complete",
-            Outcome::Failed => "response_failed",
+            RequestOutcome::Cancelled => "client_closed_before_response",
+            RequestOutcome::Streaming => "client_closed_during_response",
+            RequestOutcome::Complete => "complete",
+            RequestOutcome::Failed => "response_failed",
         };
         let status = self.status.map_or(499, |s| s.as_u16());
         let llm = self.llm.as_ref().map(|f| f.summary());

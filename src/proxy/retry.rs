@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service};
 
-struct Policy {
+struct RetryPolicy {
     upstream: Arc<str>,
     max_retries: u32,
     methods: Vec<Method>,
@@ -44,7 +44,7 @@ struct Policy {
 
 #[derive(Clone)]
 pub struct RetryLayer {
-    policy: Arc<Policy>,
+    policy: Arc<RetryPolicy>,
 }
 
 impl RetryLayer {
@@ -67,7 +67,7 @@ impl RetryLayer {
             metrics.retries.with_label_values(&[upstream, &reason]);
         }
         RetryLayer {
-            policy: Arc::new(Policy {
+            policy: Arc::new(RetryPolicy {
                 upstream: Arc::from(upstream),
                 max_retries: config.max_retries,
                 methods: methods
@@ -117,7 +117,7 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
-    policy: Arc<Policy>,
+    policy: Arc<RetryPolicy>,
 }
 
 impl<S> Service<ProxyRequest> for Retry<S>
@@ -215,7 +215,7 @@ where
     }
 }
 
-impl Policy {
+impl RetryPolicy {
     /// Why this result may be retried, as the `reason` label; `None` if it may not.
     fn reason(
         &self,

@@ -6,7 +6,8 @@
 use crate::error::ProxyError;
 use crate::http::body::ProxyBody;
 use crate::http::RequestMeta;
-use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{Around, Inner};
+use crate::service::{ProxyFuture, ProxyRequest};
 use crate::upstream::UpstreamMetrics;
 use crate::BoxError;
 use bytes::Bytes;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
-use tower::{Layer, Service};
 
 #[derive(Clone)]
 pub struct Timeouts {
@@ -42,38 +42,8 @@ impl TimeoutLayer {
     }
 }
 
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            timeouts: self.timeouts.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Timeout<S> {
-    inner: S,
-    timeouts: Arc<Timeouts>,
-}
-
-impl<S> Service<ProxyRequest> for Timeout<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for TimeoutLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         let t = self.timeouts.clone();
         let now = Instant::now();
         // The total budget started when the request arrived, not when it reached this layer.
@@ -83,7 +53,7 @@ where
             .map_or(now, |m| Instant::from_std(m.start));
         let deadline = arrived + t.total;
         let headers_by = (now + t.first_byte).min(deadline);
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(headers_by, fut).await {
                 Ok(Ok(response)) => Ok(response.map(|body| {
@@ -198,7 +168,9 @@ impl Body for TimedBody {
 mod tests {
     use super::*;
     use crate::http::body::full;
+    use crate::service::ProxyResponse;
     use http_body_util::StreamBody;
+    use tower::{Layer, Service};
 
     fn timeouts(first_byte: u64, idle: u64, total: u64) -> Timeouts {
         let metrics = crate::metrics::Metrics::new();
@@ -250,7 +222,7 @@ mod tests {
         t: Timeouts,
         svc: tower::util::BoxCloneSyncService<ProxyRequest, ProxyResponse, ProxyError>,
     ) -> Result<usize, String> {
-        let mut svc = TimeoutLayer::new(t).layer(svc);
+        let mut svc = TimeoutLayer::new(t).into_layer().layer(svc);
         let response = svc
             .call(http::Request::new(full("")))
             .await
@@ -274,7 +246,9 @@ mod tests {
     async fn idle_gaps_count_while_waiting_on_the_upstream_not_while_the_client_reads() {
         // Chunks 40 ms apart under a 50 ms idle limit, read by a client that takes 100 ms over
         // each one: its reading time is not the upstream's idleness.
-        let mut svc = TimeoutLayer::new(timeouts(100, 50, 10_000)).layer(upstream(10, 40, 3));
+        let mut svc = TimeoutLayer::new(timeouts(100, 50, 10_000))
+            .into_layer()
+            .layer(upstream(10, 40, 3));
         let response = svc.call(http::Request::new(full(""))).await.unwrap();
         let mut body = response.into_body();
         let mut n = 0;

@@ -6,14 +6,13 @@ use crate::config::ConcurrencyConfig;
 use crate::error::ProxyError;
 use crate::http::body::{BodyObserver, Observed};
 use crate::metrics::Metrics;
-use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{Around, Inner};
+use crate::service::{ProxyFuture, ProxyRequest};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::{Layer, Service};
 
 /// One upstream's limit, shared by every route and worker that uses the upstream.
 pub struct ConcurrencyLimit {
@@ -128,40 +127,10 @@ impl ConcurrencyLayer {
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLayer {
-    type Service = Concurrency<S>;
-    fn layer(&self, inner: S) -> Concurrency<S> {
-        Concurrency {
-            inner,
-            limit: self.limit.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Concurrency<S> {
-    inner: S,
-    limit: Arc<ConcurrencyLimit>,
-}
-
-impl<S> Service<ProxyRequest> for Concurrency<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for ConcurrencyLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         let limit = self.limit.clone();
-        let mut inner = self.inner.clone();
+        let mut inner = inner.clone();
         Box::pin(async move {
             let slot = limit.acquire().await?;
             let response = inner.call(req).await?;

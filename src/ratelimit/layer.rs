@@ -12,7 +12,8 @@ use crate::error::ProxyError;
 use crate::http::body::{full, read_whole};
 use crate::http::RequestMeta;
 use crate::metrics::Metrics;
-use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{Around, Inner};
+use crate::service::{ProxyFuture, ProxyRequest};
 use governor::clock::DefaultClock;
 use http::header::HeaderMap;
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -20,9 +21,7 @@ use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tower::{Layer, Service};
 
 /// The bucket key a request is counted under.
 trait KeyOf {
@@ -156,24 +155,6 @@ impl RateLimitLayer {
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            limits: self.limits.clone(),
-            counts_tokens: self.counts_tokens,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    limits: Arc<Vec<Limit>>,
-    counts_tokens: bool,
-}
-
 /// A place in a limit's queue, given back however the wait ends (a client that disconnects
 /// drops it).
 struct Place<'a>(&'a Limit);
@@ -257,22 +238,8 @@ impl Limit {
     }
 }
 
-impl<S> Service<ProxyRequest> for RateLimit<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for RateLimitLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         let limits = self.limits.clone();
         let keys: Vec<String> = limits
             .iter()
@@ -281,7 +248,7 @@ where
                     .key(req.headers(), req.extensions().get::<RequestMeta>())
             })
             .collect();
-        let mut inner = self.inner.clone();
+        let mut inner = inner.clone();
         let counts_tokens = self.counts_tokens;
         Box::pin(async move {
             let (mut req, estimate) = if counts_tokens {

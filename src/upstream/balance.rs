@@ -47,7 +47,7 @@ pub struct Outliers {
 
 /// How one request to an endpoint went, for outlier detection and latency weighting.
 #[derive(Clone, Copy, Debug)]
-pub enum Outcome {
+pub enum EndpointOutcome {
     /// Response headers arrived after this long, with a status that is not a 5xx.
     Success(Duration),
     /// A 5xx after this long: counts toward ejection, and its latency is still real.
@@ -129,13 +129,13 @@ impl Balancer {
     }
 
     /// Records how a request to endpoint `i` went; enough failures in a row eject it.
-    pub fn record(&self, i: usize, outcome: Outcome) {
+    pub fn record(&self, i: usize, outcome: EndpointOutcome) {
         let Some(e) = self.endpoints.get(i) else {
             return;
         };
         let latency = match outcome {
-            Outcome::Success(d) | Outcome::ServerError(d) => Some(d),
-            Outcome::Failure => None,
+            EndpointOutcome::Success(d) | EndpointOutcome::ServerError(d) => Some(d),
+            EndpointOutcome::Failure => None,
         };
         if let Some(d) = latency {
             e.metrics.response_time.observe(d.as_secs_f64());
@@ -151,7 +151,7 @@ impl Balancer {
                 e.ewma_us.store(new, Ordering::Relaxed);
             }
         }
-        if let Outcome::Success(_) = outcome {
+        if let EndpointOutcome::Success(_) = outcome {
             // Read first: a store on every request would bounce the line between workers.
             if e.failures.load(Ordering::Relaxed) != 0 {
                 e.failures.store(0, Ordering::Relaxed);
@@ -337,11 +337,11 @@ impl Balancer {
     }
 
     /// Counts a request at endpoint `i` until the returned guard is dropped.
-    pub fn enter(self: &Arc<Self>, i: usize) -> InFlight {
+    pub fn enter(self: &Arc<Self>, i: usize) -> EndpointInFlight {
         let e = &self.endpoints[i];
         e.in_flight.fetch_add(1, Ordering::Relaxed);
         e.metrics.in_flight.inc();
-        InFlight {
+        EndpointInFlight {
             balancer: self.clone(),
             index: i,
         }
@@ -369,12 +369,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// A request in flight at an endpoint.
-pub struct InFlight {
+pub struct EndpointInFlight {
     balancer: Arc<Balancer>,
     index: usize,
 }
 
-impl Drop for InFlight {
+impl Drop for EndpointInFlight {
     fn drop(&mut self) {
         let e = &self.balancer.endpoints[self.index];
         e.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -382,7 +382,7 @@ impl Drop for InFlight {
     }
 }
 
-impl crate::http::body::BodyObserver for InFlight {}
+impl crate::http::body::BodyObserver for EndpointInFlight {}
 
 /// The endpoints a request has already tried (a bit each; endpoints past 64 are not tracked),
 /// shared between the retry layer, which puts it in the request, and the forwarder, which
@@ -493,8 +493,8 @@ mod tests {
         build(n, false)
     }
 
-    const FAIL: Outcome = Outcome::Failure;
-    const OK: Outcome = Outcome::Success(Duration::from_millis(1));
+    const FAIL: EndpointOutcome = EndpointOutcome::Failure;
+    const OK: EndpointOutcome = EndpointOutcome::Success(Duration::from_millis(1));
 
     #[test]
     fn consecutive_failures_eject_within_the_share() {
@@ -605,8 +605,8 @@ mod tests {
     fn latency_weighting_prefers_the_faster_endpoint() {
         let b = build(2, true);
         for _ in 0..20 {
-            b.record(0, Outcome::Success(Duration::from_millis(100)));
-            b.record(1, Outcome::Success(Duration::from_millis(10)));
+            b.record(0, EndpointOutcome::Success(Duration::from_millis(100)));
+            b.record(1, EndpointOutcome::Success(Duration::from_millis(10)));
         }
         // Endpoint 1 is 10x faster: even with 5 requests in flight it is cheaper.
         let _busy: Vec<_> = (0..5).map(|_| b.enter(1)).collect();
