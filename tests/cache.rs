@@ -5,29 +5,24 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{proxy, server, Answer};
+use support::{proxy, server, Answer, Config, Route, Upstream};
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn config(upstream: &str, cache: &str, extra: &str) -> String {
-    format!(
-        r#"
-{extra}
-upstreams:
-  - name: llm
-    endpoints: ["{upstream}"]
-routes:
-  - name: llm
-    upstream: llm
-    cache: {cache}
-"#
-    )
+/// Upstream `llm` and route `llm` with `cache`; add sections with `.set(..)`.
+fn config(upstream: &str, cache: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("llm", &[upstream]))
+        .route(Route::new("llm", "llm").set("cache", cache))
 }
 
-const LLM_CACHE: &str = "{ ttl: 10m, methods: [GET, POST], ignore_json_fields: [user, metadata] }";
+fn llm_cache() -> Value {
+    json!({ "ttl": "10m", "methods": ["GET", "POST"], "ignore_json_fields": ["user", "metadata"] })
+}
 
 /// An upstream that answers with a counter, so a cached answer is recognisable.
 async fn counting_upstream() -> server::Server {
@@ -56,7 +51,7 @@ async fn chat(proxy: &proxy::Proxy, body: &str, headers: &[(&str, &str)]) -> Ans
 #[tokio::test]
 async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
 
     let first = chat(&proxy, body, &[]).await;
@@ -108,7 +103,7 @@ async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
 #[tokio::test]
 async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let a = chat(&proxy, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"user":"alice"}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -138,7 +133,7 @@ async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
 #[tokio::test]
 async fn tenants_never_share_entries() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"secret plans"}]}"#;
     let alice = chat(&proxy, body, &[("authorization", "Bearer sk-alice")]).await;
     proxy
@@ -166,7 +161,7 @@ async fn tenants_never_share_entries() {
 #[tokio::test]
 async fn client_cache_controls() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let body = r#"{"q":1}"#;
     // no-store: answered, not stored.
     let a = chat(&proxy, body, &[("cache-control", "no-store")]).await;
@@ -199,7 +194,9 @@ async fn client_cache_controls() {
 #[tokio::test]
 async fn entries_expire_after_their_ttl_and_clients_can_shorten_it() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 400ms, methods: [POST] }", "")).await;
+    let proxy =
+        proxy::start(&config(&up.url(), json!({ "ttl": "400ms", "methods": ["POST"] })).yaml())
+            .await;
     chat(&proxy, r#"{"a":1}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -240,7 +237,8 @@ async fn errors_and_private_responses_are_not_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [GET] }", "")).await;
+    let proxy =
+        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["GET"] })).yaml()).await;
     for path in ["/v1/fail", "/v1/private"] {
         support::get(&proxy.url(path)).await;
         let again = support::get(&proxy.url(path)).await;
@@ -258,7 +256,7 @@ async fn errors_and_private_responses_are_not_stored() {
 #[tokio::test]
 async fn writes_and_unsafe_methods_bypass_the_cache() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m }", "")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" })).yaml()).await;
     // Default methods are GET and HEAD: a POST passes through, every time.
     for _ in 0..2 {
         let a = chat(&proxy, r#"{"x":1}"#, &[]).await;
@@ -271,7 +269,7 @@ async fn writes_and_unsafe_methods_bypass_the_cache() {
 #[tokio::test]
 async fn invalid_json_is_forwarded_not_cached() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     for _ in 0..2 {
         let a = chat(&proxy, "{not json", &[]).await;
         assert_eq!(a.status, 200, "the upstream decides what to say about it");
@@ -293,11 +291,11 @@ async fn size_bound_evicts() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "{ ttl: 10m }",
-        "cache: { max_bytes: 200KiB }",
-    ))
+    let proxy = proxy::start(
+        &config(&up.url(), json!({ "ttl": "10m" }))
+            .set("cache", json!({ "max_bytes": "200KiB" }))
+            .yaml(),
+    )
     .await;
     for i in 0..20 {
         support::get(&proxy.url(&format!("/item/{i}"))).await;
@@ -321,7 +319,7 @@ async fn size_bound_evicts() {
 #[tokio::test]
 async fn purge_by_route_and_all() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m }", "")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" })).yaml()).await;
     support::get(&proxy.url("/a")).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -408,7 +406,7 @@ async fn read_events(url: &str, body: &str) -> (String, String, Vec<Bytes>) {
 #[tokio::test]
 async fn sse_streams_are_stored_whole_and_replayed_event_by_event() {
     let up = sse_upstream(Duration::from_millis(5), 5).await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let body = r#"{"stream":true,"q":"x"}"#;
     let (label, ct, first) = read_events(&proxy.url(CHAT), body).await;
     assert_eq!((label.as_str(), ct.as_str()), ("MISS", "text/event-stream"));
@@ -431,7 +429,7 @@ async fn broken_streams_are_never_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     for _ in 0..2 {
         let response = support::client()
             .request(Request::post(proxy.url(CHAT)).body(full("{}")).unwrap())
@@ -452,7 +450,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
         .route_with_latency("/", "slow answer", Duration::from_millis(300))
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -486,7 +484,8 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
 #[tokio::test]
 async fn a_hundred_identical_streams_make_one_upstream_call_and_all_get_every_event() {
     let up = sse_upstream(Duration::from_millis(20), 10).await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [POST] }", "")).await;
+    let proxy =
+        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["POST"] })).yaml()).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -521,10 +520,9 @@ async fn dedup_without_cache_and_opting_out() {
         .route_with_latency("/", "shared", Duration::from_millis(300))
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -554,10 +552,10 @@ async fn dedup_without_cache_and_opting_out() {
 #[tokio::test]
 async fn upstream_failure_reaches_every_waiter_once() {
     let up = server::http1().route_hang("/").run().await;
-    let yaml = format!(
-        "upstreams:\n  - name: up\n    endpoints: [\"{}\"]\n    timeouts: {{ first_byte: 300ms }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .upstream_set("timeouts", json!({ "first_byte": "300ms" }))
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -586,7 +584,8 @@ async fn followers_and_leaders_may_leave_without_disturbing_the_rest() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [POST] }", "")).await;
+    let proxy =
+        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["POST"] })).yaml()).await;
     let open = |proxy: &proxy::Proxy| {
         let url = proxy.url(CHAT);
         async move {
@@ -627,11 +626,13 @@ async fn followers_and_leaders_may_leave_without_disturbing_the_rest() {
 #[tokio::test]
 async fn database_presets_cache_reads_only() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "{ ttl: 10m, presets: [clickhouse] }",
-        "",
-    ))
+    let proxy = proxy::start(
+        &config(
+            &up.url(),
+            json!({ "ttl": "10m", "presets": ["clickhouse"] }),
+        )
+        .yaml(),
+    )
     .await;
     let query = |sql: &'static str| {
         let url = proxy.url("/");
@@ -677,8 +678,13 @@ async fn database_presets_cache_reads_only() {
 
 #[tokio::test]
 async fn invalid_cache_rules_are_reported_by_field_path() {
-    let yaml = "upstreams:\n  - { name: up, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - name: r\n    upstream: up\n    cache: { ttl: 0s, methods: [\"BAD METHOD\"], rules: [{ methods: [DELETE], path: /x }] }\n";
-    let errors = match sidelight::config::Config::from_yaml(yaml, &|_| None) {
+    let yaml = Config::one("http://127.0.0.1:9")
+        .route_set(
+            "cache",
+            json!({ "ttl": "0s", "methods": ["BAD METHOD"], "rules": [{ "methods": ["DELETE"], "path": "/x" }] }),
+        )
+        .yaml();
+    let errors = match sidelight::config::Config::from_yaml(&yaml, &|_| None) {
         Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
         other => panic!("expected errors, got {other:?}"),
     };
@@ -714,11 +720,13 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "{ ttl: 300ms, stale_while_revalidate: 1m }",
-        "",
-    ))
+    let proxy = proxy::start(
+        &config(
+            &up.url(),
+            json!({ "ttl": "300ms", "stale_while_revalidate": "1m" }),
+        )
+        .yaml(),
+    )
     .await;
     assert!(support::get(&proxy.url("/doc"))
         .await
@@ -788,10 +796,9 @@ async fn a_late_follower_gets_the_stream_from_its_start_without_a_cache() {
         })
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let open = || {
         let url = proxy.url("/stream");
@@ -837,10 +844,9 @@ async fn dedup_of_llm_posts_without_a_cache() {
         .route_with_latency("/", "one answer", Duration::from_millis(300))
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: {{ methods: [POST] }} }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!({ "methods": ["POST"] }))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -876,7 +882,7 @@ async fn streams_that_stop_before_their_terminal_event_are_not_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
     for _ in 0..2 {
         let (label, _, chunks) = read_events(&proxy.url(CHAT), r#"{"stream":true}"#).await;
         assert_eq!(label, "MISS");
