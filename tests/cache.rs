@@ -51,7 +51,7 @@ async fn chat(proxy: &proxy::Proxy, body: &str, headers: &[(&str, &str)]) -> Ans
 #[tokio::test]
 async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
 
     let first = chat(&proxy, body, &[]).await;
@@ -103,7 +103,7 @@ async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
 #[tokio::test]
 async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let a = chat(&proxy, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"user":"alice"}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -133,7 +133,7 @@ async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
 #[tokio::test]
 async fn tenants_never_share_entries() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"secret plans"}]}"#;
     let alice = chat(&proxy, body, &[("authorization", "Bearer sk-alice")]).await;
     proxy
@@ -161,7 +161,7 @@ async fn tenants_never_share_entries() {
 #[tokio::test]
 async fn client_cache_controls() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"q":1}"#;
     // no-store: answered, not stored.
     let a = chat(&proxy, body, &[("cache-control", "no-store")]).await;
@@ -194,9 +194,11 @@ async fn client_cache_controls() {
 #[tokio::test]
 async fn entries_expire_after_their_ttl_and_clients_can_shorten_it() {
     let up = counting_upstream().await;
-    let proxy =
-        proxy::start(&config(&up.url(), json!({ "ttl": "400ms", "methods": ["POST"] })).yaml())
-            .await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "400ms", "methods": ["POST"] }),
+    ))
+    .await;
     chat(&proxy, r#"{"a":1}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -237,8 +239,11 @@ async fn errors_and_private_responses_are_not_stored() {
         })
         .run()
         .await;
-    let proxy =
-        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["GET"] })).yaml()).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["GET"] }),
+    ))
+    .await;
     for path in ["/v1/fail", "/v1/private"] {
         support::get(&proxy.url(path)).await;
         let again = support::get(&proxy.url(path)).await;
@@ -256,7 +261,7 @@ async fn errors_and_private_responses_are_not_stored() {
 #[tokio::test]
 async fn writes_and_unsafe_methods_bypass_the_cache() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" })).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" }))).await;
     // Default methods are GET and HEAD: a POST passes through, every time.
     for _ in 0..2 {
         let a = chat(&proxy, r#"{"x":1}"#, &[]).await;
@@ -269,7 +274,7 @@ async fn writes_and_unsafe_methods_bypass_the_cache() {
 #[tokio::test]
 async fn invalid_json_is_forwarded_not_cached() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let a = chat(&proxy, "{not json", &[]).await;
         assert_eq!(a.status, 200, "the upstream decides what to say about it");
@@ -292,9 +297,7 @@ async fn size_bound_evicts() {
         .run()
         .await;
     let proxy = proxy::start(
-        &config(&up.url(), json!({ "ttl": "10m" }))
-            .set("cache", json!({ "max_bytes": "200KiB" }))
-            .yaml(),
+        &config(&up.url(), json!({ "ttl": "10m" })).set("cache", json!({ "max_bytes": "200KiB" })),
     )
     .await;
     for i in 0..20 {
@@ -319,7 +322,7 @@ async fn size_bound_evicts() {
 #[tokio::test]
 async fn purge_by_route_and_all() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" })).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" }))).await;
     support::get(&proxy.url("/a")).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -406,7 +409,7 @@ async fn read_events(url: &str, body: &str) -> (String, String, Vec<Bytes>) {
 #[tokio::test]
 async fn sse_streams_are_stored_whole_and_replayed_event_by_event() {
     let up = sse_upstream(Duration::from_millis(5), 5).await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"stream":true,"q":"x"}"#;
     let (label, ct, first) = read_events(&proxy.url(CHAT), body).await;
     assert_eq!((label.as_str(), ct.as_str()), ("MISS", "text/event-stream"));
@@ -429,7 +432,7 @@ async fn broken_streams_are_never_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let response = support::client()
             .request(Request::post(proxy.url(CHAT)).body(full("{}")).unwrap())
@@ -450,7 +453,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
         .route_with_latency("/", "slow answer", Duration::from_millis(300))
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -484,8 +487,11 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
 #[tokio::test]
 async fn a_hundred_identical_streams_make_one_upstream_call_and_all_get_every_event() {
     let up = sse_upstream(Duration::from_millis(20), 10).await;
-    let proxy =
-        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["POST"] })).yaml()).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["POST"] }),
+    ))
+    .await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -584,8 +590,11 @@ async fn followers_and_leaders_may_leave_without_disturbing_the_rest() {
         })
         .run()
         .await;
-    let proxy =
-        proxy::start(&config(&up.url(), json!({ "ttl": "10m", "methods": ["POST"] })).yaml()).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["POST"] }),
+    ))
+    .await;
     let open = |proxy: &proxy::Proxy| {
         let url = proxy.url(CHAT);
         async move {
@@ -626,13 +635,10 @@ async fn followers_and_leaders_may_leave_without_disturbing_the_rest() {
 #[tokio::test]
 async fn database_presets_cache_reads_only() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(
-        &config(
-            &up.url(),
-            json!({ "ttl": "10m", "presets": ["clickhouse"] }),
-        )
-        .yaml(),
-    )
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "presets": ["clickhouse"] }),
+    ))
     .await;
     let query = |sql: &'static str| {
         let url = proxy.url("/");
@@ -720,13 +726,10 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
         })
         .run()
         .await;
-    let proxy = proxy::start(
-        &config(
-            &up.url(),
-            json!({ "ttl": "300ms", "stale_while_revalidate": "1m" }),
-        )
-        .yaml(),
-    )
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "300ms", "stale_while_revalidate": "1m" }),
+    ))
     .await;
     assert!(support::get(&proxy.url("/doc"))
         .await
@@ -882,7 +885,7 @@ async fn streams_that_stop_before_their_terminal_event_are_not_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), llm_cache()).yaml()).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let (label, _, chunks) = read_events(&proxy.url(CHAT), r#"{"stream":true}"#).await;
         assert_eq!(label, "MISS");

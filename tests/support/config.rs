@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Values are plain JSON (`"10m"`, `5`, `true`), so each one has the type YAML would have given
-//! the same scalar. Listeners, admin and runtime default as in [`super::proxy::start`] unless set.
+//! the same scalar. Listeners, admin and runtime default as in [`super::proxy::start`] (which takes a
+//! `&Config` directly) unless set.
 
 use serde_json::{json, Map, Value};
 
@@ -133,5 +134,28 @@ impl Route {
 impl std::fmt::Display for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.yaml())
+    }
+}
+
+/// What [`super::proxy::start`] takes: a [`Config`], or YAML text where the text is the point.
+pub trait ConfigText {
+    fn config_text(&self) -> String;
+}
+
+impl ConfigText for Config {
+    fn config_text(&self) -> String {
+        self.yaml()
+    }
+}
+
+impl ConfigText for str {
+    fn config_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl ConfigText for String {
+    fn config_text(&self) -> String {
+        self.clone()
     }
 }
