@@ -7,6 +7,7 @@ pub mod config;
 pub mod proxy;
 pub mod server;
 
+#[allow(unused_imports)] // not every test file uses all three
 pub use config::{Config, Route, Upstream};
 
 use bytes::Bytes;
