@@ -95,6 +95,15 @@ impl Upstream {
         Self(map)
     }
 
+    /// Every field of the JSON object `fields` (`json!({ "a": 1, "b": 2 })`), as if `set` one by one.
+    pub fn with(mut self, fields: Value) -> Self {
+        let Value::Object(fields) = fields else {
+            panic!("with() takes a JSON object, not {fields}")
+        };
+        self.0.extend(fields);
+        self
+    }
+
     /// Any other field: `headers`, `health_check`, `concurrency`, `timeouts`, `retry`, ...
     pub fn set(mut self, key: &str, value: Value) -> Self {
         self.0.insert(key.to_string(), value);
@@ -122,6 +131,15 @@ impl Route {
     /// `strip_prefix: true`.
     pub fn strip_prefix(self) -> Self {
         self.set("strip_prefix", json!(true))
+    }
+
+    /// Every field of the JSON object `fields` (`json!({ "a": 1, "b": 2 })`), as if `set` one by one.
+    pub fn with(mut self, fields: Value) -> Self {
+        let Value::Object(fields) = fields else {
+            panic!("with() takes a JSON object, not {fields}")
+        };
+        self.0.extend(fields);
+        self
     }
 
     /// Any other field: `kind`, `cache`, `batch`, `rate_limits`, `llm`, `timeouts`, ...
