@@ -65,6 +65,15 @@ impl Config {
         self
     }
 
+    /// Every field of the JSON object `sections` as a top-level section, as if `set` one by one.
+    pub fn with(mut self, sections: Value) -> Self {
+        let Value::Object(sections) = sections else {
+            panic!("with() takes a JSON object, not {sections}")
+        };
+        self.sections.extend(sections);
+        self
+    }
+
     pub fn value(&self) -> Value {
         let mut doc = self.sections.clone();
         if !self.upstreams.is_empty() {
