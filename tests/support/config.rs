@@ -132,6 +132,13 @@ impl Route {
         Self(map)
     }
 
+    /// A route without a `name` (sidelight names it after its position).
+    pub fn unnamed(upstream: &str) -> Self {
+        let mut map = Map::new();
+        map.insert("upstream".into(), json!(upstream));
+        Self(map)
+    }
+
     /// `match: { path_prefix: prefix }`.
     pub fn path_prefix(self, prefix: &str) -> Self {
         self.set("match", json!({ "path_prefix": prefix }))
