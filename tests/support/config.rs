@@ -2,16 +2,18 @@
 //! `serde_json::Value` sections, rendered to YAML with `serde_yaml`.
 //!
 //! ```ignore
-//! Config::one(&up.url())                                        // upstream `up`, route `r` -> up
+//! Config::one(&up.url())                              // upstream `up` -> route `r`, the common case
+//! Config::one(&up.url()).route_set("dedup", json!(true))   // a field on the last route/upstream
 //! Config::new()
-//!     .upstream(Upstream::new("llm", &[&up.url()]).set("timeouts", json!({ "request": "2s" })))
+//!     .upstream(Upstream::new("llm", &[&up.url()]).set("timeouts", json!({ "first_byte": "2s" })))
 //!     .route(Route::new("llm", "llm").path_prefix("/v1").set("cache", json!({ "ttl": "10m" })))
-//!     .set("limits", json!({ "max_request_body": "1KiB" }))     // any top-level section
+//!     .set("limits", json!({ "max_in_flight_requests": 1 }))   // any top-level section
 //! ```
 //!
-//! Values are plain JSON (`"10m"`, `5`, `true`), so each one has the type YAML would have given
-//! the same scalar. Listeners, admin and runtime default as in [`super::proxy::start`] (which takes a
-//! `&Config` directly) unless set.
+//! `with(json!({ .. }))` on `Config`, `Upstream` and `Route` sets several fields at once. Values
+//! are plain JSON (`"10m"`, `5`, `true`), each of the type YAML would give the same scalar.
+//! Listeners, admin and runtime default as in [`super::proxy::start`] (which takes a `&Config`
+//! directly) unless set.
 
 use serde_json::{json, Map, Value};
 
