@@ -9,7 +9,7 @@ use sidelight::http::body::full;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{proxy, server, Answer};
+use support::{proxy, server, Answer, Config, Route, Upstream};
 
 /// An embeddings upstream whose vectors are derived from each input, so a test can tell whose
 /// vectors a client got. It answers `data` in reverse order (clients must see input order),
@@ -143,20 +143,15 @@ async fn embedder(latency: Duration) -> Embedder {
     }
 }
 
-fn config(upstream: &str, batch: &str, cache: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: emb
-    endpoints: ["{upstream}"]
-routes:
-  - name: embed
-    kind: openai
-    upstream: emb
-    batch: {batch}
-    {cache}
-"#
-    )
+/// Upstream `emb` and the OpenAI route `embed` to it, batching with `batch`.
+fn config(upstream: &str, batch: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("emb", &[upstream]))
+        .route(
+            Route::new("embed", "emb")
+                .set("kind", json!("openai"))
+                .set("batch", batch),
+        )
 }
 
 async fn embed(proxy: &proxy::Proxy, tenant: &str, body: &Value) -> Answer {
@@ -215,8 +210,7 @@ async fn concurrent_clients_each_get_their_own_vectors_and_tenants_never_share_a
     let up = embedder(Duration::from_millis(5)).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 64, max_wait: 20ms }",
-        "",
+        json!({ "max_inputs": 64, "max_wait": "20ms" }),
     ))
     .await;
     let proxy = Arc::new(proxy);
@@ -328,8 +322,7 @@ async fn base64_and_token_inputs_are_split_like_strings() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 500ms }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "500ms" }),
     ))
     .await;
     let bodies = [
@@ -380,8 +373,7 @@ async fn a_full_batch_is_sent_without_waiting_and_a_large_request_goes_alone() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 4, max_wait: 10s }",
-        "",
+        json!({ "max_inputs": 4, "max_wait": "10s" }),
     ))
     .await;
     let bodies: Vec<Value> = (0..4)
@@ -422,8 +414,7 @@ async fn an_upstream_error_reaches_every_request_of_the_batch() {
     up.fail_status.store(503, Ordering::SeqCst);
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 500ms }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "500ms" }),
     ))
     .await;
     let bodies: Vec<Value> = (0..5)
@@ -459,8 +450,7 @@ async fn split_mode_isolates_the_request_with_the_bad_input() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 500ms, on_error: split }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "500ms", "on_error": "split" }),
     ))
     .await;
     let bodies: Vec<Value> = (0..8)
@@ -497,8 +487,7 @@ async fn a_client_that_leaves_before_the_batch_is_sent_takes_its_inputs_out() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 2s }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "2s" }),
     ))
     .await;
     let pending = || proxy.metric("sidelight_embeddings_pending_inputs", &[("route", "embed")]);
@@ -548,11 +537,13 @@ async fn a_client_that_leaves_before_the_batch_is_sent_takes_its_inputs_out() {
 #[tokio::test]
 async fn per_input_cache_sends_only_the_missing_inputs() {
     let up = embedder(Duration::ZERO).await;
-    let proxy = proxy::start(&config(
-        &up.server.url(),
-        "{ max_inputs: 100, max_wait: 5ms }",
-        "cache: { ttl: 1m }",
-    ))
+    let proxy = proxy::start(
+        &config(
+            &up.server.url(),
+            json!({ "max_inputs": 100, "max_wait": "5ms" }),
+        )
+        .route_set("cache", json!({ "ttl": "1m" })),
+    )
     .await;
     let first = json!({"model": "m", "input": ["a", "b"]});
     let answer = embed(&proxy, "t", &first).await;
@@ -622,8 +613,7 @@ async fn bodies_it_cannot_batch_pass_through_untouched() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 5ms }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "5ms" }),
     ))
     .await;
     for body in [
@@ -658,9 +648,10 @@ async fn requests_on_different_workers_share_a_batch() {
     let up = embedder(Duration::ZERO).await;
     let yaml = config(
         &up.server.url(),
-        "{ max_inputs: 1000, max_wait: 500ms }",
-        "",
-    ) + "\nruntime: { workers: 2 }\n";
+        json!({ "max_inputs": 1000, "max_wait": "500ms" }),
+    )
+    .set("runtime", json!({ "workers": 2 }))
+    .yaml();
     let proxy = proxy::start(&yaml).await;
     // Each request on its own connection: the kernel spreads them over both workers.
     let bodies: Vec<Value> = (0..40)
@@ -684,8 +675,7 @@ async fn an_input_asked_for_twice_in_one_batch_is_sent_once() {
     let up = embedder(Duration::ZERO).await;
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 500ms }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "500ms" }),
     ))
     .await;
     let bodies = [
@@ -716,8 +706,7 @@ async fn an_answer_that_cannot_be_split_is_never_guessed_at() {
     up.short_answers.store(true, Ordering::SeqCst);
     let proxy = proxy::start(&config(
         &up.server.url(),
-        "{ max_inputs: 100, max_wait: 500ms }",
-        "",
+        json!({ "max_inputs": 100, "max_wait": "500ms" }),
     ))
     .await;
     let bodies: Vec<Value> = (0..3)

@@ -5,29 +5,24 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{proxy, server, Answer};
+use support::{proxy, server, Answer, Config, Route, Upstream};
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn config(upstream: &str, cache: &str, extra: &str) -> String {
-    format!(
-        r#"
-{extra}
-upstreams:
-  - name: llm
-    endpoints: ["{upstream}"]
-routes:
-  - name: llm
-    upstream: llm
-    cache: {cache}
-"#
-    )
+/// Upstream `llm` and route `llm` with `cache`; add sections with `.set(..)`.
+fn config(upstream: &str, cache: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("llm", &[upstream]))
+        .route(Route::new("llm", "llm").set("cache", cache))
 }
 
-const LLM_CACHE: &str = "{ ttl: 10m, methods: [GET, POST], ignore_json_fields: [user, metadata] }";
+fn llm_cache() -> Value {
+    json!({ "ttl": "10m", "methods": ["GET", "POST"], "ignore_json_fields": ["user", "metadata"] })
+}
 
 /// An upstream that answers with a counter, so a cached answer is recognisable.
 async fn counting_upstream() -> server::Server {
@@ -56,7 +51,7 @@ async fn chat(proxy: &proxy::Proxy, body: &str, headers: &[(&str, &str)]) -> Ans
 #[tokio::test]
 async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
 
     let first = chat(&proxy, body, &[]).await;
@@ -108,7 +103,7 @@ async fn repeats_are_answered_from_the_cache_with_headers_that_say_so() {
 #[tokio::test]
 async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let a = chat(&proxy, r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"user":"alice"}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -138,7 +133,7 @@ async fn the_key_ignores_json_layout_and_listed_fields_but_not_parameters() {
 #[tokio::test]
 async fn tenants_never_share_entries() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"secret plans"}]}"#;
     let alice = chat(&proxy, body, &[("authorization", "Bearer sk-alice")]).await;
     proxy
@@ -166,7 +161,7 @@ async fn tenants_never_share_entries() {
 #[tokio::test]
 async fn client_cache_controls() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"q":1}"#;
     // no-store: answered, not stored.
     let a = chat(&proxy, body, &[("cache-control", "no-store")]).await;
@@ -199,7 +194,11 @@ async fn client_cache_controls() {
 #[tokio::test]
 async fn entries_expire_after_their_ttl_and_clients_can_shorten_it() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 400ms, methods: [POST] }", "")).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "400ms", "methods": ["POST"] }),
+    ))
+    .await;
     chat(&proxy, r#"{"a":1}"#, &[]).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -240,7 +239,11 @@ async fn errors_and_private_responses_are_not_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [GET] }", "")).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["GET"] }),
+    ))
+    .await;
     for path in ["/v1/fail", "/v1/private"] {
         support::get(&proxy.url(path)).await;
         let again = support::get(&proxy.url(path)).await;
@@ -258,7 +261,7 @@ async fn errors_and_private_responses_are_not_stored() {
 #[tokio::test]
 async fn writes_and_unsafe_methods_bypass_the_cache() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m }", "")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" }))).await;
     // Default methods are GET and HEAD: a POST passes through, every time.
     for _ in 0..2 {
         let a = chat(&proxy, r#"{"x":1}"#, &[]).await;
@@ -271,7 +274,7 @@ async fn writes_and_unsafe_methods_bypass_the_cache() {
 #[tokio::test]
 async fn invalid_json_is_forwarded_not_cached() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let a = chat(&proxy, "{not json", &[]).await;
         assert_eq!(a.status, 200, "the upstream decides what to say about it");
@@ -293,11 +296,9 @@ async fn size_bound_evicts() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "{ ttl: 10m }",
-        "cache: { max_bytes: 200KiB }",
-    ))
+    let proxy = proxy::start(
+        &config(&up.url(), json!({ "ttl": "10m" })).set("cache", json!({ "max_bytes": "200KiB" })),
+    )
     .await;
     for i in 0..20 {
         support::get(&proxy.url(&format!("/item/{i}"))).await;
@@ -321,7 +322,7 @@ async fn size_bound_evicts() {
 #[tokio::test]
 async fn purge_by_route_and_all() {
     let up = counting_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m }", "")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "ttl": "10m" }))).await;
     support::get(&proxy.url("/a")).await;
     proxy
         .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
@@ -408,7 +409,7 @@ async fn read_events(url: &str, body: &str) -> (String, String, Vec<Bytes>) {
 #[tokio::test]
 async fn sse_streams_are_stored_whole_and_replayed_event_by_event() {
     let up = sse_upstream(Duration::from_millis(5), 5).await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let body = r#"{"stream":true,"q":"x"}"#;
     let (label, ct, first) = read_events(&proxy.url(CHAT), body).await;
     assert_eq!((label.as_str(), ct.as_str()), ("MISS", "text/event-stream"));
@@ -431,7 +432,7 @@ async fn broken_streams_are_never_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let response = support::client()
             .request(Request::post(proxy.url(CHAT)).body(full("{}")).unwrap())
@@ -452,7 +453,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
         .route_with_latency("/", "slow answer", Duration::from_millis(300))
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -486,7 +487,11 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
 #[tokio::test]
 async fn a_hundred_identical_streams_make_one_upstream_call_and_all_get_every_event() {
     let up = sse_upstream(Duration::from_millis(20), 10).await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [POST] }", "")).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["POST"] }),
+    ))
+    .await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let url = proxy.url(CHAT);
@@ -521,10 +526,9 @@ async fn dedup_without_cache_and_opting_out() {
         .route_with_latency("/", "shared", Duration::from_millis(300))
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -554,10 +558,10 @@ async fn dedup_without_cache_and_opting_out() {
 #[tokio::test]
 async fn upstream_failure_reaches_every_waiter_once() {
     let up = server::http1().route_hang("/").run().await;
-    let yaml = format!(
-        "upstreams:\n  - name: up\n    endpoints: [\"{}\"]\n    timeouts: {{ first_byte: 300ms }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .upstream_set("timeouts", json!({ "first_byte": "300ms" }))
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -586,7 +590,11 @@ async fn followers_and_leaders_may_leave_without_disturbing_the_rest() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "{ ttl: 10m, methods: [POST] }", "")).await;
+    let proxy = proxy::start(&config(
+        &up.url(),
+        json!({ "ttl": "10m", "methods": ["POST"] }),
+    ))
+    .await;
     let open = |proxy: &proxy::Proxy| {
         let url = proxy.url(CHAT);
         async move {
@@ -629,8 +637,7 @@ async fn database_presets_cache_reads_only() {
     let up = counting_upstream().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "{ ttl: 10m, presets: [clickhouse] }",
-        "",
+        json!({ "ttl": "10m", "presets": ["clickhouse"] }),
     ))
     .await;
     let query = |sql: &'static str| {
@@ -677,25 +684,29 @@ async fn database_presets_cache_reads_only() {
 
 #[tokio::test]
 async fn invalid_cache_rules_are_reported_by_field_path() {
-    let errors = |cache: &str| {
-        let yaml = format!("upstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - name: r\n    upstream: up\n    cache: {cache}\n");
+    let errors = |cache: serde_json::Value| {
+        let yaml = Config::one("http://127.0.0.1:9")
+            .route_set("cache", cache)
+            .yaml();
         match sidelight::config::Config::from_yaml(&yaml, &|_| None) {
             Err(sidelight::config::ConfigError::Invalid(errors)) => errors,
             other => panic!("expected errors, got {other:?}"),
         }
     };
     // Checks within a field stop the parse at that field (its value has a type)...
-    let rule = errors("{ ttl: 10s, rules: [{ methods: [GET, DELETE], path: /x }] }");
+    let rule =
+        errors(json!({ "ttl": "10s", "rules": [{ "methods": ["GET", "DELETE"], "path": "/x" }] }));
     assert_eq!(
         rule[0].path, "routes[0].cache.rules[0].methods[1]",
         "{rule:?}"
     );
     assert!(rule[0].message.contains("DELETE changes state"), "{rule:?}");
-    let glob = errors("{ ttl: 10s, rules: [{ methods: [GET], path: x/y }] }");
+    let glob = errors(json!({ "ttl": "10s", "rules": [{ "methods": ["GET"], "path": "x/y" }] }));
     assert_eq!(glob[0].path, "routes[0].cache.rules[0].path", "{glob:?}");
     // ...and the checks that validation runs afterwards are all reported together.
-    let errors =
-        errors("{ ttl: 0s, methods: [\"BAD METHOD\"], rules: [{ methods: [], path: /x }] }");
+    let errors = errors(
+        json!({ "ttl": "0s", "methods": ["BAD METHOD"], "rules": [{ "methods": [], "path": "/x" }] }),
+    );
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     assert!(paths.contains(&"routes[0].cache.ttl"), "{errors:?}");
     assert!(paths.contains(&"routes[0].cache.methods[0]"), "{errors:?}");
@@ -728,8 +739,7 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
         .await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "{ ttl: 300ms, stale_while_revalidate: 1m }",
-        "",
+        json!({ "ttl": "300ms", "stale_while_revalidate": "1m" }),
     ))
     .await;
     assert!(support::get(&proxy.url("/doc"))
@@ -800,10 +810,9 @@ async fn a_late_follower_gets_the_stream_from_its_start_without_a_cache() {
         })
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: true }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!(true))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let open = || {
         let url = proxy.url("/stream");
@@ -849,10 +858,9 @@ async fn dedup_of_llm_posts_without_a_cache() {
         .route_with_latency("/", "one answer", Duration::from_millis(300))
         .run()
         .await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, dedup: {{ methods: [POST] }} }}\n",
-        up.url()
-    );
+    let yaml = Config::one(&up.url())
+        .route_set("dedup", json!({ "methods": ["POST"] }))
+        .yaml();
     let proxy = proxy::start(&yaml).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -888,7 +896,7 @@ async fn streams_that_stop_before_their_terminal_event_are_not_stored() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), LLM_CACHE, "")).await;
+    let proxy = proxy::start(&config(&up.url(), llm_cache())).await;
     for _ in 0..2 {
         let (label, _, chunks) = read_events(&proxy.url(CHAT), r#"{"stream":true}"#).await;
         assert_eq!(label, "MISS");

@@ -5,6 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use http::Request;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use support::{server, Answer};
+use support::{server, Answer, Config, Route, Upstream};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sidelight");
@@ -110,24 +111,25 @@ fn capture(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> Jo
 }
 
 impl Sidelight {
-    /// Starts the binary with `yaml` (which must use `{listen}` and `{admin}` for its addresses)
+    /// Starts the binary with `config` (which must use `{listen}` and `{admin}` for its addresses)
     /// and `env`, and waits until `/readyz` answers 200.
-    async fn start(test: &str, yaml: &str, env: &[(&str, &str)]) -> Sidelight {
-        let mut sidelight = Sidelight::spawn(test, yaml, env, free_addr(), free_addr());
+    async fn start(test: &str, config: &Config, env: &[(&str, &str)]) -> Sidelight {
+        let mut sidelight = Sidelight::spawn(test, config, env, free_addr(), free_addr());
         sidelight.wait_ready().await;
         sidelight
     }
 
-    /// Starts the binary without waiting for it; `{listen}` and `{admin}` in `yaml` become
+    /// Starts the binary without waiting for it; `{listen}` and `{admin}` in `config` become
     /// `addr` and `admin`.
     fn spawn(
         test: &str,
-        yaml: &str,
+        config: &Config,
         env: &[(&str, &str)],
         addr: SocketAddr,
         admin: SocketAddr,
     ) -> Sidelight {
-        let yaml = yaml
+        let yaml = config
+            .yaml()
             .replace("{listen}", &addr.to_string())
             .replace("{admin}", &admin.to_string());
         let config = TempConfig::new(test, &yaml);
@@ -251,21 +253,18 @@ async fn connect_refused(addr: SocketAddr) -> bool {
     )
 }
 
-fn one_route(upstream: &str, extra_top: &str, extra_upstream: &str) -> String {
-    format!(
-        r#"
-listeners:
-  - {{ name: main, address: "{{listen}}" }}
-admin: {{ address: "{{admin}}" }}
-{extra_top}
-upstreams:
-  - name: up
-    endpoints: ["{upstream}"]
-{extra_upstream}
-routes:
-  - {{ name: api, upstream: up, match: {{ path_prefix: /api }}, strip_prefix: true }}
-"#
-    )
+/// Listener and admin on `{listen}` and `{admin}`, upstream `up` with `upstream_fields`, route
+/// `api` under `/api` (prefix stripped), and `sections` at the top level (JSON objects, or `{}`).
+fn one_route(upstream: &str, sections: Value, upstream_fields: Value) -> Config {
+    Config::new()
+        .set(
+            "listeners",
+            json!([{ "name": "main", "address": "{listen}" }]),
+        )
+        .set("admin", json!({ "address": "{admin}" }))
+        .with(sections)
+        .upstream(Upstream::new("up", &[upstream]).with(upstream_fields))
+        .route(Route::new("api", "up").path_prefix("/api").strip_prefix())
 }
 
 #[test]
@@ -273,18 +272,14 @@ fn validate_reports_every_problem_by_field_path() {
     const UNSET: &str = "SIDELIGHT_CLI_TEST_NEVER_SET";
     let config = TempConfig::new(
         "validate_reports_every_problem_by_field_path",
-        &format!(
-            r#"
-upstreams:
-  - name: openai
-    endpoints: ["http://127.0.0.1:9"]
-    headers:
-      authorization: "Bearer ${{{UNSET}}}"
-routes:
-  - {{ name: a, upstream: opneai, match: {{ path_prefix: /a }} }}
-  - {{ name: b, upstream: openai, match: {{ path_prefix: nope }} }}
-"#
-        ),
+        &Config::new()
+            .upstream(Upstream::new("openai", &["http://127.0.0.1:9"]).set(
+                "headers",
+                json!({ "authorization": format!("Bearer ${{{UNSET}}}") }),
+            ))
+            .route(Route::new("a", "opneai").path_prefix("/a"))
+            .route(Route::new("b", "openai").path_prefix("nope"))
+            .yaml(),
     );
     let out = validate(config.path(), &[UNSET]);
     assert_eq!(
@@ -318,7 +313,8 @@ routes:
     );
     assert!(!out.stdout.contains("ok"), "stdout: {}", out.stdout);
 
-    // A type error stops parsing, so it is reported alone, still by field path.
+    // A type error stops parsing, so it is reported alone, still by field path. Literal YAML on
+    // purpose: a config no builder would write (`connect: soon`), fed to the parser as text.
     let typed = TempConfig::new(
         "validate_reports_every_problem_by_field_path-type",
         "upstreams:\n  - name: a\n    endpoints: [\"http://127.0.0.1:9\"]\n    timeouts: { connect: soon }\nroutes: [{ upstream: a }]\n",
@@ -370,6 +366,7 @@ routes:
 /// Serde errors (which stop parsing) are reported with their field path once, like the others.
 #[test]
 fn type_errors_name_the_field_once() {
+    // Literal YAML on purpose (not support::Config): the deliberately mistyped text is the test.
     let cases = [
         (
             "upstreams:\n  - name: a\n    endpoints: [\"http://127.0.0.1:9\"]\n    timeouts: { connect: soon }\nroutes: [{ upstream: a }]\n",
@@ -402,7 +399,11 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
         .route_with_latency("/slow", "slow done", Duration::from_millis(1000))
         .run()
         .await;
-    let yaml = one_route(&up.url(), "shutdown: { drain_timeout: 10s }", "");
+    let yaml = one_route(
+        &up.url(),
+        json!({ "shutdown": { "drain_timeout": "10s" } }),
+        json!({}),
+    );
     let mut sl =
         Sidelight::start("sigterm_drains_in_flight_requests_then_exits_0", &yaml, &[]).await;
 
@@ -441,7 +442,11 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_cuts_hung_requests_and_still_exits_0() {
     let up = server::http1().route_hang("/hang").run().await;
-    let yaml = one_route(&up.url(), "shutdown: { drain_timeout: 300ms }", "");
+    let yaml = one_route(
+        &up.url(),
+        json!({ "shutdown": { "drain_timeout": "300ms" } }),
+        json!({}),
+    );
     let mut sl = Sidelight::start(
         "drain_deadline_cuts_hung_requests_and_still_exits_0",
         &yaml,
@@ -494,8 +499,8 @@ async fn access_log_is_json_and_never_contains_secrets() {
     let up = server::http1().route("/", "ok").run().await;
     let yaml = one_route(
         &up.url(),
-        "log: { format: json, level: info }",
-        "    headers:\n      authorization: \"Bearer ${UPSTREAM_SECRET}\"",
+        json!({ "log": { "format": "json", "level": "info" } }),
+        json!({ "headers": { "authorization": "Bearer ${UPSTREAM_SECRET}" } }),
     );
     let mut sl = Sidelight::start(
         "access_log_is_json_and_never_contains_secrets",
@@ -568,8 +573,8 @@ async fn admin_endpoints() {
     let up = server::http1().route("/", "ok").run().await;
     let yaml = one_route(
         &up.url(),
-        "",
-        "    headers:\n      authorization: \"Bearer ${UPSTREAM_SECRET}\"\n      x-api-key: literal-secret-value",
+        json!({}),
+        json!({ "headers": { "authorization": "Bearer ${UPSTREAM_SECRET}", "x-api-key": "literal-secret-value" } }),
     );
     let sl = Sidelight::start(
         "admin_endpoints",
@@ -636,7 +641,7 @@ async fn admin_endpoints() {
 async fn listen_address_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let yaml = one_route("http://127.0.0.1:9", "", "");
+    let yaml = one_route("http://127.0.0.1:9", json!({}), json!({}));
     let mut sl = Sidelight::spawn(
         "listen_address_in_use_is_a_clear_error",
         &yaml,
@@ -665,8 +670,12 @@ async fn access_log_of_an_llm_request_has_model_tokens_and_time_to_first_token()
         })
         .run()
         .await;
-    let yaml = one_route(&up.url(), "log: { format: json, level: info }", "")
-        .replace("{ name: api,", "{ name: api, kind: openai,");
+    let yaml = one_route(
+        &up.url(),
+        json!({ "log": { "format": "json", "level": "info" } }),
+        json!({}),
+    )
+    .route_set("kind", json!("openai"));
     let mut sl = Sidelight::start(
         "access_log_of_an_llm_request_has_model_tokens_and_time_to_first_token",
         &yaml,

@@ -5,28 +5,20 @@
 mod support;
 
 use http::Response;
+use serde_json::json;
 use sidelight::http::body::full;
 use std::time::Duration;
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn config(endpoint: &str) -> String {
-    config_with(endpoint, "")
-}
-
-fn config_with(endpoint: &str, top: &str) -> String {
-    format!(
-        r#"
-{top}
-upstreams:
-  - {{ name: up, endpoints: ["{endpoint}"] }}
-routes:
-  - {{ name: r, upstream: up, match: {{ path_prefix: /r }} }}
-"#
-    )
+/// Upstream `up`, route `r` under `/r`.
+fn config(endpoint: &str) -> Config {
+    Config::new()
+        .upstream(Upstream::new("up", &[endpoint]))
+        .route(Route::new("r", "up").path_prefix("/r"))
 }
 
 /// An upstream that answers with the request's method, path and body.
@@ -316,11 +308,9 @@ async fn a_head_too_large_gets_431_and_the_connection_closes() {
 #[tokio::test]
 async fn a_client_too_slow_with_its_head_is_disconnected() {
     let up = echo().await;
-    let proxy = proxy::start(&config_with(
-        &up.url(),
-        "limits: { header_read_timeout: 300ms }",
-    ))
-    .await;
+    let proxy =
+        proxy::start(&config(&up.url()).set("limits", json!({ "header_read_timeout": "300ms" })))
+            .await;
     // Half a head, then nothing: closed after limits.header_read_timeout.
     let mut slow = Raw::connect(&proxy).await;
     slow.send(b"GET /r HTTP/1.1\r\nhost: x\r\n").await;

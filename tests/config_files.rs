@@ -1,4 +1,5 @@
-//! The shipped config files stay in step with the code.
+//! The shipped config files stay in step with the code. They are read as written (not built with
+//! support::Config, which the other test files use): their text is what is tested.
 
 use sidelight::config::{Config, ConfigError};
 

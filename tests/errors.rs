@@ -7,10 +7,11 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use sidelight::BoxError;
 use std::time::{Duration, Instant};
-use support::{proxy, server, Answer};
+use support::{proxy, server, Answer, Config, Route, Upstream};
 
 fn assert_error(answer: &Answer, status: u16, kind: &str) {
     assert_eq!(answer.status.as_u16(), status, "body: {}", answer.body);
@@ -23,24 +24,19 @@ fn assert_error(answer: &Answer, status: u16, kind: &str) {
     assert!(!json["error"]["message"].as_str().unwrap_or("").is_empty());
 }
 
-fn one_route(endpoint: &str, extra_upstream: &str, extra_top: &str) -> String {
-    format!(
-        r#"
-{extra_top}
-upstreams:
-  - name: up
-    endpoints: ["{endpoint}"]
-{extra_upstream}
-routes:
-  - {{ name: r, upstream: up, match: {{ path_prefix: /r }} }}
-"#
-    )
+/// Upstream `up` with `upstream_fields`, route `r` under `/r`, and `sections` at the top level
+/// (each a JSON object, or `{}`).
+fn one_route(endpoint: &str, upstream_fields: Value, sections: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("up", &[endpoint]).with(upstream_fields))
+        .route(Route::new("r", "up").path_prefix("/r"))
+        .with(sections)
 }
 
 #[tokio::test]
 async fn no_route_is_404() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
+    let proxy = proxy::start(&one_route(&up.url(), json!({}), json!({}))).await;
     assert_error(
         &support::get(&proxy.url("/elsewhere")).await,
         404,
@@ -68,8 +64,8 @@ async fn body_over_the_limit_is_413_declared_or_streamed() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&one_route(
         &up.url(),
-        "",
-        "limits: { max_request_body_bytes: 1KiB }",
+        json!({}),
+        json!({ "limits": { "max_request_body_bytes": "1KiB" } }),
     ))
     .await;
 
@@ -99,7 +95,7 @@ async fn body_over_the_limit_is_413_declared_or_streamed() {
 #[tokio::test]
 async fn connection_refused_is_502() {
     let port = server::closed_port().await;
-    let proxy = proxy::start(&one_route(&format!("http://{port}"), "", "")).await;
+    let proxy = proxy::start(&one_route(&format!("http://{port}"), json!({}), json!({}))).await;
     let answer = support::get(&proxy.url("/r")).await;
     assert_error(&answer, 502, "upstream_connect_failed");
     assert!(
@@ -129,7 +125,7 @@ async fn connection_refused_is_502() {
 #[tokio::test]
 async fn reset_before_headers_is_502() {
     let up = server::http1().route_reset("/").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
+    let proxy = proxy::start(&one_route(&up.url(), json!({}), json!({}))).await;
     assert_error(&support::get(&proxy.url("/r")).await, 502, "upstream_reset");
     proxy
         .assert_metric_eventually(
@@ -145,8 +141,8 @@ async fn connect_timeout_is_504() {
     let (addr, _fillers, _listener) = server::blackhole().await;
     let proxy = proxy::start(&one_route(
         &format!("http://{addr}"),
-        "    timeouts: { connect: 200ms }",
-        "",
+        json!({ "timeouts": { "connect": "200ms" } }),
+        json!({}),
     ))
     .await;
     let started = Instant::now();
@@ -167,8 +163,8 @@ async fn no_headers_in_time_is_504() {
     let up = server::http1().route_hang("/").run().await;
     let proxy = proxy::start(&one_route(
         &up.url(),
-        "    timeouts: { first_byte: 200ms }",
-        "",
+        json!({ "timeouts": { "first_byte": "200ms" } }),
+        json!({}),
     ))
     .await;
     assert_error(
@@ -190,8 +186,8 @@ async fn total_timeout_before_headers_is_504() {
     let up = server::http1().route_hang("/").run().await;
     let proxy = proxy::start(&one_route(
         &up.url(),
-        "    timeouts: { first_byte: 10s, total: 200ms }",
-        "",
+        json!({ "timeouts": { "first_byte": "10s", "total": "200ms" } }),
+        json!({}),
     ))
     .await;
     assert_error(
@@ -239,7 +235,12 @@ async fn read_stream(url: &str) -> (String, bool) {
 #[tokio::test]
 async fn idle_timeout_cuts_the_stream_with_an_error() {
     let up = stalled_stream().await;
-    let proxy = proxy::start(&one_route(&up.url(), "    timeouts: { idle: 200ms }", "")).await;
+    let proxy = proxy::start(&one_route(
+        &up.url(),
+        json!({ "timeouts": { "idle": "200ms" } }),
+        json!({}),
+    ))
+    .await;
     let (seen, failed) = read_stream(&proxy.url("/r")).await;
     assert_eq!(seen, "data: first\n\n");
     assert!(
@@ -271,8 +272,8 @@ async fn total_timeout_cuts_the_stream_with_an_error() {
         .await;
     let proxy = proxy::start(&one_route(
         &up.url(),
-        "    timeouts: { idle: 1s, total: 300ms }",
-        "",
+        json!({ "timeouts": { "idle": "1s", "total": "300ms" } }),
+        json!({}),
     ))
     .await;
     let (seen, failed) = read_stream(&proxy.url("/r")).await;
@@ -290,7 +291,7 @@ async fn total_timeout_cuts_the_stream_with_an_error() {
 #[tokio::test]
 async fn upstream_breaking_mid_stream_reaches_the_client_as_an_error() {
     let (up, break_tx) = server::stream_that_breaks("data: first\n\n").await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
+    let proxy = proxy::start(&one_route(&up.url(), json!({}), json!({}))).await;
     let response = support::client()
         .request(Request::get(proxy.url("/r")).body(full("")).unwrap())
         .await
@@ -330,8 +331,8 @@ async fn overload_is_503_and_recovers() {
         .await;
     let proxy = proxy::start(&one_route(
         &up.url(),
-        "",
-        "limits: { max_in_flight_requests: 1 }",
+        json!({}),
+        json!({ "limits": { "max_in_flight_requests": 1 } }),
     ))
     .await;
 
@@ -362,7 +363,7 @@ async fn upstream_errors_pass_through_untouched() {
         .status("/", 503, r#"{"error":"upstream says no"}"#)
         .run()
         .await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
+    let proxy = proxy::start(&one_route(&up.url(), json!({}), json!({}))).await;
     let answer = support::get(&proxy.url("/r")).await;
     assert_eq!(answer.status, 503);
     assert_eq!(answer.body, r#"{"error":"upstream says no"}"#);
@@ -377,7 +378,7 @@ async fn upstream_errors_pass_through_untouched() {
 async fn malformed_http_gets_400_and_the_proxy_stays_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&one_route(&up.url(), "", "")).await;
+    let proxy = proxy::start(&one_route(&up.url(), json!({}), json!({}))).await;
     for garbage in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET /r HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",

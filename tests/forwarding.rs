@@ -5,34 +5,25 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use serde_json::json;
 use sidelight::http::body::full;
 use std::time::Duration;
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 
-fn config(upstream: &str, extra_route: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: api
-    endpoints: ["{upstream}"]
-    headers:
-      authorization: "Bearer ${{UPSTREAM_KEY}}"
-      x-optional: "${{NOT_SET:-}}"
-routes:
-  - name: api
-    match: {{ path_prefix: /api }}
-    strip_prefix: true
-    upstream: api
-{extra_route}
-"#
-    )
+/// Upstream `api` with auth headers from `${VARS}`, route `api` under `/api` (prefix stripped).
+fn config(upstream: &str) -> Config {
+    Config::new()
+        .upstream(Upstream::new("api", &[upstream]).set(
+            "headers",
+            json!({ "authorization": "Bearer ${UPSTREAM_KEY}", "x-optional": "${NOT_SET:-}" }),
+        ))
+        .route(Route::new("api", "api").path_prefix("/api").strip_prefix())
 }
 
 #[tokio::test]
 async fn forwards_method_path_query_headers_and_body() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy =
-        proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let proxy = proxy::start_with_env(&config(&up.url()), &[("UPSTREAM_KEY", "sk-upstream")]).await;
 
     let req = Request::put(proxy.url("/api/v1/items/7?expand=true&x=%20y"))
         .header("content-type", "application/json")
@@ -98,7 +89,7 @@ async fn keeps_the_clients_request_id_and_the_upstreams() {
         })
         .run()
         .await;
-    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let proxy = proxy::start_with_env(&config(&up.url()), &[("UPSTREAM_KEY", "k")]).await;
     let answer = support::send(
         Request::get(proxy.url("/api/x"))
             .header("x-request-id", "client-chosen-id")
@@ -117,20 +108,17 @@ async fn keeps_the_clients_request_id_and_the_upstreams() {
 #[tokio::test]
 async fn rewrites_prefixes_and_matches_hosts() {
     let up = server::http1().route("/", "ok").run().await;
-    let routes = r#"
-  - name: rewritten
-    match: { path_prefix: /v1-compat }
-    prefix_rewrite: /api/v2
-    upstream: api
-  - name: by-host
-    match: { path_prefix: /, host: db.internal }
-    upstream: api
-"#;
-    let proxy = proxy::start_with_env(
-        &config(&format!("{}/base", up.url()), routes),
-        &[("UPSTREAM_KEY", "k")],
-    )
-    .await;
+    let config = config(&format!("{}/base", up.url()))
+        .route(
+            Route::new("rewritten", "api")
+                .path_prefix("/v1-compat")
+                .set("prefix_rewrite", json!("/api/v2")),
+        )
+        .route(Route::new("by-host", "api").set(
+            "match",
+            json!({ "path_prefix": "/", "host": "db.internal" }),
+        ));
+    let proxy = proxy::start_with_env(&config, &[("UPSTREAM_KEY", "k")]).await;
 
     assert_eq!(
         support::get(&proxy.url("/v1-compat/users?id=1"))
@@ -181,7 +169,7 @@ async fn streams_sse_chunk_by_chunk() {
         })
         .run()
         .await;
-    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let proxy = proxy::start_with_env(&config(&up.url()), &[("UPSTREAM_KEY", "k")]).await;
     let response = support::client()
         .request(
             Request::post(proxy.url("/api/v1/chat/completions"))
@@ -215,7 +203,7 @@ async fn large_bodies_stream_through_both_ways() {
         .route_fn("/echo", |req| http::Response::new(full(req.body)))
         .run()
         .await;
-    let proxy = proxy::start_with_env(&config(&up.url(), ""), &[("UPSTREAM_KEY", "k")]).await;
+    let proxy = proxy::start_with_env(&config(&up.url()), &[("UPSTREAM_KEY", "k")]).await;
     let big: String = "0123456789abcdef".repeat(256 * 1024); // 4 MiB
     let answer = support::post(&proxy.url("/api/echo"), &big).await;
     assert_eq!(answer.status, 200);
@@ -226,17 +214,9 @@ async fn large_bodies_stream_through_both_ways() {
 #[tokio::test]
 async fn serves_http2_clients_and_http2_upstreams() {
     let up = server::http2().route("/", "over h2").run().await;
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: h2
-    endpoints: ["{}"]
-    pool: {{ http2: true }}
-routes:
-  - {{ name: h2, upstream: h2 }}
-"#,
-        up.url()
-    );
+    let yaml = Config::new()
+        .upstream(Upstream::new("h2", &[&up.url()]).set("pool", json!({ "http2": true })))
+        .route(Route::new("h2", "h2"));
     let proxy = proxy::start(&yaml).await;
     let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -270,22 +250,17 @@ async fn https_upstream_with_a_private_ca() {
         .tls(cert_pem, key_pem)
         .run()
         .await;
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: tls
-    endpoints: ["https://localhost:{}"]
-    tls: {{ ca_file: "{}" }}
-  - name: untrusted
-    endpoints: ["https://localhost:{}"]
-routes:
-  - {{ name: tls, upstream: tls, match: {{ path_prefix: /trusted }} }}
-  - {{ name: untrusted, upstream: untrusted, match: {{ path_prefix: /untrusted }} }}
-"#,
-        up.addr.port(),
-        ca_file.display(),
-        up.addr.port()
-    );
+    let yaml = Config::new()
+        .upstream(
+            Upstream::new("tls", &[&format!("https://localhost:{}", up.addr.port())])
+                .set("tls", json!({ "ca_file": ca_file.display().to_string() })),
+        )
+        .upstream(Upstream::new(
+            "untrusted",
+            &[&format!("https://localhost:{}", up.addr.port())],
+        ))
+        .route(Route::new("tls", "tls").path_prefix("/trusted"))
+        .route(Route::new("untrusted", "untrusted").path_prefix("/untrusted"));
     let proxy = proxy::start(&yaml).await;
     let answer = support::get(&proxy.url("/trusted/x")).await;
     assert_eq!(

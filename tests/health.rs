@@ -7,11 +7,12 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 
 /// An upstream whose status can be changed while it runs (200 answers `ok`).
 async fn switchable(path: &str, status: Arc<AtomicU16>) -> server::Server {
@@ -28,35 +29,17 @@ async fn switchable(path: &str, status: Arc<AtomicU16>) -> server::Server {
 }
 
 /// One upstream `up` with one endpoint, one route `r` to it; `upstream_fields` and
-/// `route_fields` are extra flow-style fields (`health_check: { ... }`), or empty.
-fn one_endpoint(url: &str, upstream_fields: &str, route_fields: &str) -> String {
-    let field = |f: &str| {
-        if f.is_empty() {
-            String::new()
-        } else {
-            format!(", {f}")
-        }
-    };
-    format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{url}\"]{} }}\nroutes:\n  - {{ name: r, upstream: up{} }}\n",
-        field(upstream_fields),
-        field(route_fields)
-    )
+/// `route_fields` are JSON objects of extra fields (`{ "health_check": { ... } }`), or `{}`.
+fn one_endpoint(url: &str, upstream_fields: Value, route_fields: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("up", &[url]).with(upstream_fields))
+        .route(Route::new("r", "up").with(route_fields))
 }
 
-fn two_endpoints(a: &str, b: &str, upstream_extra: &str, route_extra: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{a}", "{b}"]
-{upstream_extra}
-routes:
-  - name: r
-    upstream: up
-{route_extra}
-"#
-    )
+fn two_endpoints(a: &str, b: &str, upstream_fields: Value, route_fields: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("up", &[a, b]).with(upstream_fields))
+        .route(Route::new("r", "up").with(route_fields))
 }
 
 async fn retries(proxy: &proxy::Proxy, reason: &str) -> f64 {
@@ -75,8 +58,8 @@ async fn connect_failures_fail_over_to_the_healthy_endpoint() {
     let yaml = two_endpoints(
         &format!("http://{dead}"),
         &alive.url(),
-        "    outlier_detection: { consecutive_failures: 0 }",
-        "    retries: { max_retries: 1, backoff: 1ms }",
+        json!({ "outlier_detection": { "consecutive_failures": 0 } }),
+        json!({ "retries": { "max_retries": 1, "backoff": "1ms" } }),
     );
     let proxy = proxy::start(&yaml).await;
     // POST on a plain route is not retryable, but a connect failure never sent it: safe.
@@ -102,8 +85,8 @@ async fn retryable_statuses_go_to_another_endpoint_only_for_retryable_methods() 
     let yaml = two_endpoints(
         &failing.url(),
         &healthy.url(),
-        "    outlier_detection: { consecutive_failures: 0 }",
-        "    retries: { max_retries: 2, backoff: 1ms }",
+        json!({ "outlier_detection": { "consecutive_failures": 0 } }),
+        json!({ "retries": { "max_retries": 2, "backoff": "1ms" } }),
     );
     let proxy = proxy::start(&yaml).await;
     for _ in 0..20 {
@@ -137,8 +120,8 @@ async fn llm_posts_are_retryable_and_resets_before_headers_are_retried() {
     let yaml = two_endpoints(
         &resetting.url(),
         &healthy.url(),
-        "    outlier_detection: { consecutive_failures: 0 }",
-        "    kind: openai\n    retries: { backoff: 1ms }",
+        json!({ "outlier_detection": { "consecutive_failures": 0 } }),
+        json!({ "kind": "openai", "retries": { "backoff": "1ms" } }),
     );
     let proxy = proxy::start(&yaml).await;
     for _ in 0..10 {
@@ -157,8 +140,8 @@ async fn no_retry_after_response_bytes_were_sent() {
     let (breaking, break_tx) = server::stream_that_breaks("data: first\n\n").await;
     let yaml = one_endpoint(
         &breaking.url(),
-        "",
-        "retries: { max_retries: 3, backoff: 1ms }",
+        json!({}),
+        json!({ "retries": { "max_retries": 3, "backoff": "1ms" } }),
     );
     let proxy = proxy::start(&yaml).await;
     let response = support::client()
@@ -182,20 +165,13 @@ async fn no_retry_after_response_bytes_were_sent() {
 async fn the_retry_budget_caps_retries() {
     let failing = server::http1().status("/", 503, "unavailable").run().await;
     // No share of requests, one retry per second as a floor: 10 retries per 10 s window.
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{}"]
-    outlier_detection: {{ consecutive_failures: 0 }}
-    retry_budget: {{ percent: 0, min_per_second: 1 }}
-routes:
-  - name: r
-    upstream: up
-    retries: {{ max_retries: 1, backoff: 1ms, statuses: [503] }}
-"#,
-        failing.url()
-    );
+    let yaml = Config::one(&failing.url())
+        .upstream_set("outlier_detection", json!({ "consecutive_failures": 0 }))
+        .upstream_set("retry_budget", json!({ "percent": 0, "min_per_second": 1 }))
+        .route_set(
+            "retries",
+            json!({ "max_retries": 1, "backoff": "1ms", "statuses": [503] }),
+        );
     let proxy = proxy::start(&yaml).await;
     for _ in 0..30 {
         assert_eq!(support::get(&proxy.url("/")).await.status, 503);
@@ -239,8 +215,8 @@ async fn retry_after_is_honoured_when_no_other_endpoint_can_take_the_retry() {
         .await;
     let yaml = one_endpoint(
         &limited.url(),
-        "",
-        "retries: { backoff: 1ms, max_retry_after: 2s }",
+        json!({}),
+        json!({ "retries": { "backoff": "1ms", "max_retry_after": "2s" } }),
     );
     let proxy = proxy::start(&yaml).await;
     let started = Instant::now();
@@ -259,13 +235,14 @@ async fn retry_after_is_honoured_when_no_other_endpoint_can_take_the_retry() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-fn health_config(a: &str, b: &str, hc: &str) -> String {
-    two_endpoints(
-        a,
-        b,
-        &format!("    health_check: {{ path: /health, interval: 50ms, timeout: 500ms, {hc} }}"),
-        "",
-    )
+/// Two endpoints probed on `/health`; `hc` adds to (or overrides) the check's fields.
+fn health_config(a: &str, b: &str, hc: Value) -> Config {
+    let mut check = json!({ "path": "/health", "interval": "50ms", "timeout": "500ms" });
+    check
+        .as_object_mut()
+        .unwrap()
+        .extend(hc.as_object().unwrap().clone());
+    two_endpoints(a, b, json!({ "health_check": check }), json!({}))
 }
 
 #[tokio::test]
@@ -276,7 +253,7 @@ async fn failing_health_checks_take_an_endpoint_out_until_it_recovers() {
     let yaml = health_config(
         &sick.url(),
         &other.url(),
-        "unhealthy_threshold: 2, healthy_threshold: 2",
+        json!({ "unhealthy_threshold": 2, "healthy_threshold": 2 }),
     );
     let proxy = proxy::start(&yaml).await;
     let sick_label = sick.addr.to_string();
@@ -342,8 +319,8 @@ async fn readyz_follows_the_health_of_every_route() {
     let only = switchable("/", status.clone()).await;
     let yaml = one_endpoint(
         &only.url(),
-        "health_check: { interval: 50ms, unhealthy_threshold: 1, healthy_threshold: 1 }",
-        "",
+        json!({ "health_check": { "interval": "50ms", "unhealthy_threshold": 1, "healthy_threshold": 1 } }),
+        json!({}),
     );
     let proxy = proxy::start(&yaml).await;
     let readyz = |want: u16| {
@@ -394,8 +371,8 @@ async fn llm_upstreams_are_probed_with_a_model_listing_never_a_completion() {
         .await;
     let yaml = one_endpoint(
         &up.url(),
-        "headers: { authorization: \"Bearer sk-test\" }, health_check: { interval: 50ms }",
-        "kind: openai",
+        json!({ "headers": { "authorization": "Bearer sk-test" }, "health_check": { "interval": "50ms" } }),
+        json!({ "kind": "openai" }),
     );
     let proxy = proxy::start(&yaml).await;
     proxy
@@ -423,8 +400,8 @@ async fn an_ejected_endpoint_returns_after_its_ejection_time() {
     let yaml = two_endpoints(
         &flaky.url(),
         &healthy.url(),
-        "    outlier_detection: { consecutive_failures: 3, base_ejection_time: 300ms }",
-        "",
+        json!({ "outlier_detection": { "consecutive_failures": 3, "base_ejection_time": "300ms" } }),
+        json!({}),
     );
     let proxy = proxy::start(&yaml).await;
     let label = flaky.addr.to_string();
@@ -463,18 +440,17 @@ async fn an_ejected_endpoint_returns_after_its_ejection_time() {
 
 #[test]
 fn invalid_health_and_retry_settings_are_reported_by_field_path() {
-    let yaml = r#"
-upstreams:
-  - name: up
-    endpoints: ["http://127.0.0.1:1"]
-    health_check: { path: health, interval: 0s, healthy_threshold: 0 }
-    retry_budget: { percent: -1 }
-routes:
-  - name: r
-    upstream: up
-    retries: { statuses: [200], methods: ["B AD"], backoff: 2s, max_backoff: 1s }
-"#;
-    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+    let health_check = json!({
+        "path": "health", "interval": "0s", "healthy_threshold": 0
+    });
+    let retries = json!({
+        "statuses": [200], "methods": ["B AD"], "backoff": "2s", "max_backoff": "1s"
+    });
+    let yaml = Config::one("http://127.0.0.1:1")
+        .upstream_set("health_check", health_check)
+        .upstream_set("retry_budget", json!({ "percent": -1 }))
+        .route_set("retries", retries);
+    let err = sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None)
         .unwrap_err()
         .to_string();
     for want in [
@@ -489,8 +465,9 @@ routes:
         assert!(err.contains(want), "missing {want} in:\n{err}");
     }
     // A value that cannot be read stops the parse at its field.
-    let yaml = "upstreams:\n  - name: up\n    endpoints: [\"http://127.0.0.1:1\"]\n    health_check: { expected_statuses: [200, \"9xx\"] }\n";
-    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+    let yaml = Config::one("http://127.0.0.1:1")
+        .upstream_set("health_check", json!({ "expected_statuses": [200, "9xx"] }));
+    let err = sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -521,10 +498,8 @@ async fn a_stream_without_a_first_token_in_time_is_retried_on_another_endpoint()
     let yaml = two_endpoints(
         &stalled.url(),
         &fine.url(),
-        "    outlier_detection: { consecutive_failures: 0 }",
-        "    kind: openai
-    llm: { first_token_timeout: 300ms, include_usage: false }
-    retries: { max_retries: 1, backoff: 1ms }",
+        json!({ "outlier_detection": { "consecutive_failures": 0 } }),
+        json!({ "kind": "openai", "llm": { "first_token_timeout": "300ms", "include_usage": false }, "retries": { "max_retries": 1, "backoff": "1ms" } }),
     );
     let proxy = proxy::start(&yaml).await;
     // Until one request has met the stalled endpoint (P2C may not pick it at first).
@@ -553,8 +528,8 @@ async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
         .await;
     let yaml = one_endpoint(
         &up.url(),
-        "health_check: { interval: 50ms, unhealthy_threshold: 1 }",
-        "kind: anthropic",
+        json!({ "health_check": { "interval": "50ms", "unhealthy_threshold": 1 } }),
+        json!({ "kind": "anthropic" }),
     );
     let proxy = proxy::start(&yaml).await;
     proxy
@@ -575,8 +550,8 @@ async fn an_llm_upstream_without_its_own_key_is_up_when_it_answers_401() {
     // With a key of its own, a 401 means the key is wrong: the endpoint fails its checks.
     let keyed = one_endpoint(
         &up.url(),
-        "headers: { x-api-key: sk-wrong }, health_check: { interval: 50ms, unhealthy_threshold: 1 }",
-        "kind: anthropic",
+        json!({ "headers": { "x-api-key": "sk-wrong" }, "health_check": { "interval": "50ms", "unhealthy_threshold": 1 } }),
+        json!({ "kind": "anthropic" }),
     );
     let proxy = proxy::start(&keyed).await;
     proxy
@@ -595,8 +570,8 @@ async fn latency_weighting_sends_most_requests_to_the_faster_endpoint() {
     let yaml = two_endpoints(
         &slow.url(),
         &fast.url(),
-        "    load_balancing: { latency_weighted: true }",
-        "",
+        json!({ "load_balancing": { "latency_weighted": true } }),
+        json!({}),
     );
     let proxy = proxy::start(&yaml).await;
     // One request at a time: requests in flight are always equal, only latency tells them apart.
@@ -615,8 +590,8 @@ async fn a_probe_without_an_answer_in_time_fails() {
     let hanging = server::http1().route_hang("/health").run().await;
     let yaml = one_endpoint(
         &hanging.url(),
-        "health_check: { path: /health, interval: 50ms, timeout: 100ms, unhealthy_threshold: 2 }",
-        "",
+        json!({ "health_check": { "path": "/health", "interval": "50ms", "timeout": "100ms", "unhealthy_threshold": 2 } }),
+        json!({}),
     );
     let proxy = proxy::start(&yaml).await;
     proxy

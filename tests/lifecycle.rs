@@ -2,20 +2,13 @@
 
 mod support;
 
+use serde_json::json;
 use std::time::Duration;
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 
-fn config(endpoint: &str, drain: &str) -> String {
-    format!(
-        r#"
-shutdown: {{ drain_timeout: {drain} }}
-upstreams:
-  - name: up
-    endpoints: ["{endpoint}"]
-routes:
-  - {{ name: r, upstream: up }}
-"#
-    )
+/// Upstream `up`, route `r`, and a `drain` timeout for shutdown.
+fn config(endpoint: &str, drain: &str) -> Config {
+    Config::one(endpoint).set("shutdown", json!({ "drain_timeout": drain }))
 }
 
 #[tokio::test]
@@ -101,9 +94,15 @@ async fn drain_deadline_cuts_hung_requests() {
 async fn port_in_use_names_the_field() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let yaml = format!(
-        "listeners:\n  - {{ name: main, address: \"{addr}\" }}\nadmin: {{ address: \"127.0.0.1:0\" }}\nupstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - {{ upstream: up }}\n"
-    );
+    let yaml = Config::new()
+        .set(
+            "listeners",
+            json!([{ "name": "main", "address": addr.to_string() }]),
+        )
+        .set("admin", json!({ "address": "127.0.0.1:0" }))
+        .upstream(Upstream::new("up", &["http://127.0.0.1:9"]))
+        .route(Route::unnamed("up"))
+        .yaml();
     let config = sidelight::config::Config::from_yaml(&yaml, &|_| None).unwrap();
     let err = match sidelight::server::Sidelight::start(config).await {
         Ok(_) => panic!("started on a taken port"),
@@ -122,7 +121,7 @@ async fn several_workers_share_the_port_and_drain_together() {
         .route_with_latency("/slow", "slow done", Duration::from_millis(300))
         .run()
         .await;
-    let yaml = format!("runtime: {{ workers: 2 }}\n{}", config(&up.url(), "10s"));
+    let yaml = config(&up.url(), "10s").set("runtime", json!({ "workers": 2 }));
     let mut proxy = proxy::start(&yaml).await;
     // New client connections are spread over both workers' sockets by the kernel; each worker
     // keeps its own upstream pool, so the upstream sees exactly one connection per worker.

@@ -7,11 +7,11 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use sidelight::testing::mock_openai::{MockConfig, MockServer};
 use std::time::Duration;
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 
 async fn mock() -> MockServer {
     let cfg = MockConfig {
@@ -23,16 +23,11 @@ async fn mock() -> MockServer {
         .unwrap()
 }
 
-fn config(upstream: &str, route: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{upstream}"]
-routes:
-  - {{ name: llm, upstream: up, {route} }}
-"#
-    )
+/// Upstream `up`, route `llm` to it with the fields of the JSON object `route`.
+fn config(upstream: &str, route: Value) -> Config {
+    Config::new()
+        .upstream(Upstream::new("up", &[upstream]))
+        .route(Route::new("llm", "up").with(route))
 }
 
 fn tokens(kind: &str, model: &str) -> [(&'static str, String); 3] {
@@ -59,7 +54,11 @@ const CHAT: &str =
 #[tokio::test]
 async fn openai_usage_is_counted_from_whole_and_streamed_responses() {
     let mock = mock().await;
-    let proxy = proxy::start(&config(&format!("http://{}", mock.addr()), "kind: openai")).await;
+    let proxy = proxy::start(&config(
+        &format!("http://{}", mock.addr()),
+        json!({ "kind": "openai" }),
+    ))
+    .await;
     let url = proxy.url("/v1/chat/completions");
 
     let whole = support::post(&url, CHAT).await;
@@ -151,7 +150,7 @@ async fn a_stream_without_usage_is_estimated_and_flagged() {
     let mock = mock().await;
     let proxy = proxy::start(&config(
         &format!("http://{}", mock.addr()),
-        "kind: openai, llm: { include_usage: false }",
+        json!({ "kind": "openai", "llm": { "include_usage": false } }),
     ))
     .await;
     let answer = support::post(
@@ -217,7 +216,7 @@ async fn openai_like_upstream() -> server::Server {
 #[tokio::test]
 async fn include_usage_is_asked_for_and_removed_for_a_client_that_did_not_ask() {
     let up = openai_like_upstream().await;
-    let proxy = proxy::start(&config(&up.url(), "kind: openai")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "kind": "openai" }))).await;
     let url = proxy.url("/v1/chat/completions");
 
     let plain = r#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -266,7 +265,7 @@ async fn cache_hits_count_avoided_tokens_and_each_client_gets_its_own_view() {
     let up = openai_like_upstream().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "kind: openai, cache: { ttl: 1m, methods: [POST] }",
+        json!({ "kind": "openai", "cache": { "ttl": "1m", "methods": ["POST"] } }),
     ))
     .await;
     let url = proxy.url("/v1/chat/completions");
@@ -318,7 +317,7 @@ async fn answers_shared_with_an_identical_request_count_as_avoided_spend() {
         .await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "kind: openai, dedup: { methods: [POST] }",
+        json!({ "kind": "openai", "dedup": { "methods": ["POST"] } }),
     ))
     .await;
     let url = proxy.url("/v1/chat/completions");
@@ -345,7 +344,7 @@ async fn the_model_label_is_bounded() {
     let mock = mock().await;
     let proxy = proxy::start(&config(
         &format!("http://{}", mock.addr()),
-        "kind: openai, llm: { max_models: 2 }",
+        json!({ "kind": "openai", "llm": { "max_models": 2 } }),
     ))
     .await;
     for model in ["m1", "m2", "m3", "m4", "m1"] {
@@ -381,7 +380,7 @@ async fn invalid_json_is_passed_through_with_model_unknown() {
         .route("/v1/chat/completions", r#"{"error":"bad json"}"#)
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "kind: openai")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "kind": "openai" }))).await;
     let answer = support::post(&proxy.url("/v1/chat/completions"), "{not json").await;
     assert_eq!(answer.status, 200);
     assert_eq!(up.last_request().body, "{not json");
@@ -430,7 +429,7 @@ async fn anthropic_usage_is_counted_from_whole_and_streamed_responses() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "kind: anthropic")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "kind": "anthropic" }))).await;
     let body =
         r#"{"model":"claude-test","max_tokens":100,"messages":[{"role":"user","content":"Hi"}]}"#;
 
@@ -470,7 +469,7 @@ async fn no_first_token_in_time_is_a_504_first_token_timeout() {
         .await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "kind: openai, llm: { first_token_timeout: 300ms }",
+        json!({ "kind": "openai", "llm": { "first_token_timeout": "300ms" } }),
     ))
     .await;
     let started = std::time::Instant::now();
@@ -502,10 +501,7 @@ async fn a_gap_between_tokens_ends_the_stream_with_an_error_event_and_a_body_err
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "kind: openai, llm: { first_token_timeout: 5s, max_token_gap: 300ms }",
-    ))
+    let proxy = proxy::start(&config(&up.url(), json!({ "kind": "openai", "llm": { "first_token_timeout": "5s", "max_token_gap": "300ms" } })))
     .await;
     let req = Request::post(proxy.url("/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -550,7 +546,7 @@ async fn plain_http_routes_are_not_parsed_or_changed() {
         })
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "kind: http")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "kind": "http" }))).await;
     let plain = r#"{"model":"gpt-test","stream":true,"messages":[]}"#;
     let answer = support::post(&proxy.url("/v1/chat/completions"), plain).await;
     assert_eq!(answer.body, openai_stream(true));

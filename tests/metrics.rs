@@ -3,28 +3,48 @@
 
 mod support;
 
+use serde_json::json;
 use std::collections::BTreeSet;
-use support::{metric, proxy, server};
+use support::{metric, proxy, server, Config, Route, Upstream};
 
-const CONFIG: &str = r#"
-upstreams:
-  - name: up
-    endpoints: ["UPSTREAM"]
-    concurrency: { max_in_flight: 100 }
-  - name: probed
-    endpoints: ["UPSTREAM"]
-    health_check: { interval: 1s }
-routes:
-  - { name: api, upstream: up, match: { path_prefix: /api }, rate_limits: [{ name: generous, rate: 1000/s }], retries: {} }
-  - { name: cached, upstream: up, match: { path_prefix: /cached }, cache: { ttl: 1m } }
-  - { name: embed, kind: openai, upstream: up, match: { path_prefix: /embed }, cache: { ttl: 1m }, batch: { max_wait: 1ms } }
-  - name: llm
-    kind: openai
-    upstream: llmup
-    match: { path_prefix: /llm }
-    cache: { ttl: 1m, methods: [POST] }
-    llm: { include_usage: false, first_token_timeout: 1m }
-"#;
+/// One of each kind of route, all to `up` but the LLM route (to `llm_up`).
+fn config(up: &str, llm_up: &str) -> Config {
+    Config::new()
+        .upstream(Upstream::new("llmup", &[llm_up]))
+        .upstream(Upstream::new("up", &[up]).set("concurrency", json!({ "max_in_flight": 100 })))
+        .upstream(Upstream::new("probed", &[up]).set("health_check", json!({ "interval": "1s" })))
+        .route(
+            Route::new("api", "up")
+                .path_prefix("/api")
+                .set(
+                    "rate_limits",
+                    json!([{ "name": "generous", "rate": "1000/s" }]),
+                )
+                .set("retries", json!({})),
+        )
+        .route(
+            Route::new("cached", "up")
+                .path_prefix("/cached")
+                .set("cache", json!({ "ttl": "1m" })),
+        )
+        .route(
+            Route::new("embed", "up")
+                .path_prefix("/embed")
+                .set("kind", json!("openai"))
+                .set("cache", json!({ "ttl": "1m" }))
+                .set("batch", json!({ "max_wait": "1ms" })),
+        )
+        .route(
+            Route::new("llm", "llmup")
+                .path_prefix("/llm")
+                .set("kind", json!("openai"))
+                .set("cache", json!({ "ttl": "1m", "methods": ["POST"] }))
+                .set(
+                    "llm",
+                    json!({ "include_usage": false, "first_token_timeout": "1m" }),
+                ),
+        )
+}
 
 /// An OpenAI stream without usage (so it is estimated).
 const LLM_STREAM: &[&str] = &[
@@ -46,13 +66,7 @@ async fn exercised() -> (proxy::Proxy, (server::Server, server::Server)) {
         })
         .run()
         .await;
-    let config = CONFIG.replace("UPSTREAM", &up.url()).replace(
-        "upstreams:\n",
-        &format!(
-            "upstreams:\n  - {{ name: llmup, endpoints: [\"{}\"] }}\n",
-            llm_up.url()
-        ),
-    );
+    let config = config(&up.url(), &llm_up.url());
     let proxy = proxy::start(&config).await;
     assert_eq!(
         support::post(&proxy.url("/api/x"), "12345").await.status,

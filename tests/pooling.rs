@@ -2,26 +2,19 @@
 
 mod support;
 
+use serde_json::{json, Value};
 use std::time::Duration;
-use support::{proxy, server};
+use support::{proxy, server, Config, Route, Upstream};
 
-fn config(endpoint: &str, pool: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{endpoint}"]
-    pool: {pool}
-routes:
-  - {{ name: r, upstream: up }}
-"#
-    )
+/// Upstream `up` with `pool` settings, route `r` to it.
+fn config(endpoint: &str, pool: Value) -> Config {
+    Config::one(endpoint).upstream_set("pool", pool)
 }
 
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&config(&up.url(), "{}")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({}))).await;
     // A client that opens a new connection to sidelight every time: reuse is sidelight's doing.
     for _ in 0..20 {
         assert_eq!(
@@ -61,7 +54,7 @@ async fn sequential_requests_share_one_upstream_connection() {
 #[tokio::test]
 async fn idle_pooled_connections_expire() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&config(&up.url(), "{ idle_timeout: 300ms }")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "idle_timeout": "300ms" }))).await;
     assert_eq!(support::get(&proxy.url("/")).await.status, 200);
     assert_eq!(up.connections(), 1);
     // The pool closes the idle socket itself (no request needed to notice).
@@ -96,7 +89,7 @@ async fn concurrent_requests_open_connections_then_reuse_them() {
         .route_with_latency("/", "ok", Duration::from_millis(50))
         .run()
         .await;
-    let proxy = proxy::start(&config(&up.url(), "{ max_idle_per_endpoint: 8 }")).await;
+    let proxy = proxy::start(&config(&up.url(), json!({ "max_idle_per_endpoint": 8 }))).await;
     for _round in 0..3 {
         let mut tasks = Vec::new();
         for _ in 0..8 {
@@ -119,11 +112,9 @@ async fn concurrent_requests_open_connections_then_reuse_them() {
 async fn idle_endpoints_share_the_traffic() {
     let a = server::http1().route("/", "a").run().await;
     let b = server::http1().route("/", "b").run().await;
-    let yaml = format!(
-        "upstreams:\n  - name: up\n    endpoints: [\"{}\", \"{}\"]\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        a.url(),
-        b.url()
-    );
+    let yaml = Config::new()
+        .upstream(Upstream::new("up", &[&a.url(), &b.url()]))
+        .route(Route::new("r", "up"));
     let proxy = proxy::start(&yaml).await;
     for _ in 0..40 {
         assert_eq!(support::get(&proxy.url("/")).await.status, 200);
@@ -177,7 +168,11 @@ async fn one_shot_upstream() -> (
 async fn connections_closed_by_the_upstream_are_not_reused() {
     use std::sync::atomic::Ordering;
     let (addr, closed) = one_shot_upstream().await;
-    let proxy = proxy::start(&config(&format!("http://{addr}"), "{ idle_timeout: 60s }")).await;
+    let proxy = proxy::start(&config(
+        &format!("http://{addr}"),
+        json!({ "idle_timeout": "60s" }),
+    ))
+    .await;
     for i in 1..=5 {
         let answer = support::get(&proxy.url("/")).await;
         assert_eq!(
@@ -225,11 +220,9 @@ async fn an_endpoint_that_answers_429_is_rested_for_its_retry_after() {
         .run()
         .await;
     let healthy = server::http1().route("/", "ok").run().await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        limited.url(),
-        healthy.url()
-    );
+    let yaml = Config::new()
+        .upstream(Upstream::new("up", &[&limited.url(), &healthy.url()]))
+        .route(Route::new("r", "up"));
     let proxy = proxy::start(&yaml).await;
     let mut statuses = Vec::new();
     for _ in 0..20 {
@@ -258,11 +251,9 @@ async fn an_endpoint_that_answers_429_is_rested_for_its_retry_after() {
 async fn busy_endpoints_get_fewer_new_requests() {
     let stuck = server::http1().route_hang("/").run().await;
     let fast = server::http1().route("/", "ok").run().await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        stuck.url(),
-        fast.url()
-    );
+    let yaml = Config::new()
+        .upstream(Upstream::new("up", &[&stuck.url(), &fast.url()]))
+        .route(Route::new("r", "up"));
     let proxy = proxy::start(&yaml).await;
     // Requests go out (and are left hanging) until one lands on the stuck endpoint.
     let mut hanging = Vec::new();
@@ -296,11 +287,12 @@ async fn busy_endpoints_get_fewer_new_requests() {
 async fn an_endpoint_failing_in_a_row_is_ejected() {
     let broken = server::http1().status("/", 500, "broken").run().await;
     let healthy = server::http1().route("/", "ok").run().await;
-    let yaml = format!(
-        "upstreams:\n  - {{ name: up, endpoints: [\"{}\", \"{}\"], outlier_detection: {{ consecutive_failures: 5, base_ejection_time: 1m }} }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        broken.url(),
-        healthy.url()
-    );
+    let yaml = Config::new()
+        .upstream(Upstream::new("up", &[&broken.url(), &healthy.url()]).set(
+            "outlier_detection",
+            json!({ "consecutive_failures": 5, "base_ejection_time": "1m" }),
+        ))
+        .route(Route::new("r", "up"));
     let proxy = proxy::start(&yaml).await;
     for _ in 0..40 {
         support::get(&proxy.url("/")).await;

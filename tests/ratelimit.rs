@@ -3,22 +3,14 @@
 mod support;
 
 use http::Request;
+use serde_json::{json, Value};
 use sidelight::http::body::full;
 use std::time::{Duration, Instant};
-use support::{proxy, server, Answer};
+use support::{proxy, server, Answer, Config};
 
-fn config(upstream: &str, limits: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{upstream}"]
-routes:
-  - name: r
-    upstream: up
-    rate_limits: {limits}
-"#
-    )
+/// Upstream `up`, route `r` with `limits` as its `rate_limits`.
+fn config(upstream: &str, limits: Value) -> Config {
+    Config::one(upstream).route_set("rate_limits", limits)
 }
 
 /// Waits until `limit` on route `r` has made `n` decisions of kind `result`.
@@ -45,7 +37,7 @@ async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "[{ name: per-route, rate: 5/min, burst: 5 }]",
+        json!([{ "name": "per-route", "rate": "5/min", "burst": 5 }]),
     ))
     .await;
     let mut statuses = Vec::new();
@@ -87,7 +79,7 @@ async fn per_credential_limits_keep_tenants_apart() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "[{ name: per-key, rate: 2/min, burst: 2, key: credential }]",
+        json!([{ "name": "per-key", "rate": "2/min", "burst": 2, "key": "credential" }]),
     ))
     .await;
     for _ in 0..2 {
@@ -109,10 +101,7 @@ async fn per_credential_limits_keep_tenants_apart() {
 #[tokio::test]
 async fn queue_mode_smooths_a_burst() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "[{ name: smooth, rate: 10/s, burst: 1, mode: queue, max_wait: 5s }]",
-    ))
+    let proxy = proxy::start(&config(&up.url(), json!([{ "name": "smooth", "rate": "10/s", "burst": 1, "mode": "queue", "max_wait": "5s" }])))
     .await;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -158,7 +147,7 @@ async fn a_limit_holds_its_rate_over_a_measured_window() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "[{ name: hundred, rate: 100/s, burst: 10 }]",
+        json!([{ "name": "hundred", "rate": "100/s", "burst": 10 }]),
     ))
     .await;
     // Eight clients as fast as they can for two seconds: far above the limit.
@@ -198,10 +187,7 @@ async fn a_limit_holds_its_rate_over_a_measured_window() {
 #[tokio::test]
 async fn a_full_queue_or_a_too_long_wait_rejects() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "[{ name: q, rate: 1/min, burst: 1, mode: queue, max_wait: 1s, max_queue: 5 }]",
-    ))
+    let proxy = proxy::start(&config(&up.url(), json!([{ "name": "q", "rate": "1/min", "burst": 1, "mode": "queue", "max_wait": "1s", "max_queue": 5 }])))
     .await;
     assert_eq!(get_as(&proxy, None).await.status, 200);
     // The next slot is a minute away: more than max_wait, so no point queueing.
@@ -212,10 +198,7 @@ async fn a_full_queue_or_a_too_long_wait_rejects() {
         "rejected at once, not after waiting"
     );
 
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "[{ name: q, rate: 2/s, burst: 1, mode: queue, max_wait: 10s, max_queue: 1 }]",
-    ))
+    let proxy = proxy::start(&config(&up.url(), json!([{ "name": "q", "rate": "2/s", "burst": 1, "mode": "queue", "max_wait": "10s", "max_queue": 1 }])))
     .await;
     assert_eq!(get_as(&proxy, None).await.status, 200);
     let url = proxy.url("/x");
@@ -240,7 +223,7 @@ async fn a_client_that_leaves_leaves_the_queue() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "[{ name: q, rate: 1/min, burst: 1, mode: queue, max_wait: 2m }]",
+        json!([{ "name": "q", "rate": "1/min", "burst": 1, "mode": "queue", "max_wait": "2m" }]),
     ))
     .await;
     assert_eq!(get_as(&proxy, None).await.status, 200);
@@ -269,7 +252,7 @@ async fn shadow_limits_only_count() {
     let up = server::http1().route("/", "ok").run().await;
     let proxy = proxy::start(&config(
         &up.url(),
-        "[{ name: trial, rate: 1/min, burst: 1, shadow: true }]",
+        json!([{ "name": "trial", "rate": "1/min", "burst": 1, "shadow": true }]),
     ))
     .await;
     for _ in 0..5 {
@@ -282,10 +265,7 @@ async fn shadow_limits_only_count() {
 #[tokio::test]
 async fn header_and_client_ip_keys() {
     let up = server::http1().route("/", "ok").run().await;
-    let proxy = proxy::start(&config(
-        &up.url(),
-        "[{ name: by-tenant, rate: 1/min, burst: 1, key: \"header:x-tenant\" }, { name: by-ip, rate: 3/min, burst: 3, key: client_ip }]",
-    ))
+    let proxy = proxy::start(&config(&up.url(), json!([{ "name": "by-tenant", "rate": "1/min", "burst": 1, "key": "header:x-tenant" }, { "name": "by-ip", "rate": "3/min", "burst": 3, "key": "client_ip" }])))
     .await;
     let tenant = |t: &'static str| {
         let url = proxy.url("/x");
@@ -314,31 +294,31 @@ async fn header_and_client_ip_keys() {
 
 #[test]
 fn invalid_limits_are_reported_by_field_path() {
-    let errors = |limits: &str| {
-        let yaml = format!("upstreams:\n  - {{ name: up, endpoints: [\"http://127.0.0.1:9\"] }}\nroutes:\n  - name: r\n    upstream: up\n    rate_limits:\n{limits}");
-        match sidelight::config::Config::from_yaml(&yaml, &|_| None) {
+    let errors = |limits: serde_json::Value| {
+        let yaml = Config::one("http://127.0.0.1:9").route_set("rate_limits", limits);
+        match sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None) {
             Err(sidelight::config::ConfigError::Invalid(errors)) => {
                 errors.iter().map(ToString::to_string).collect::<Vec<_>>()
             }
             other => panic!("expected errors, got {other:?}"),
         }
     };
-    let rate = errors("      - { name: a, rate: lots/s }\n");
+    let rate = errors(json!([{ "name": "a", "rate": "lots/s" }]));
     assert!(
         rate[0].starts_with("routes[0].rate_limits[0].rate: invalid rate \"lots/s\""),
         "{rate:?}"
     );
-    let key = errors("      - { name: a, rate: 1/s, key: cookie }\n");
+    let key = errors(json!([{ "name": "a", "rate": "1/s", "key": "cookie" }]));
     assert!(
         key[0].starts_with("routes[0].rate_limits[0].key: unknown key \"cookie\""),
         "{key:?}"
     );
-    let burst = errors("      - { name: a, rate: 1/s, burst: 0 }\n");
+    let burst = errors(json!([{ "name": "a", "rate": "1/s", "burst": 0 }]));
     assert!(
         burst[0].starts_with("routes[0].rate_limits[0].burst:"),
         "{burst:?}"
     );
-    let duplicate = errors("      - { name: a, rate: 1/s }\n      - { name: a, rate: 2/s }\n");
+    let duplicate = errors(json!([{ "name": "a", "rate": "1/s" }, { "name": "a", "rate": "2/s" }]));
     assert!(
         duplicate[0].starts_with("routes[0].rate_limits[1].name: duplicate"),
         "{duplicate:?}"
@@ -358,16 +338,9 @@ async fn upstream_concurrency_limit_queues_then_rejects() {
         })
         .run()
         .await;
-    let yaml = format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{}"]
-    concurrency: {{ max_in_flight: 1, max_queue: 1, max_wait: 10s }}
-routes:
-  - {{ name: r, upstream: up }}
-"#,
-        up.url()
+    let yaml = Config::one(&up.url()).upstream_set(
+        "concurrency",
+        json!({ "max_in_flight": 1, "max_queue": 1, "max_wait": "10s" }),
     );
     let proxy = proxy::start(&yaml).await;
     let spawn = || {
@@ -430,9 +403,9 @@ routes:
 #[tokio::test]
 async fn upstream_concurrency_wait_is_bounded() {
     let up = server::http1().route_hang("/").run().await;
-    let yaml = format!(
-        "upstreams:\n  - name: up\n    endpoints: [\"{}\"]\n    concurrency: {{ max_in_flight: 1, max_wait: 300ms }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
-        up.url()
+    let yaml = Config::one(&up.url()).upstream_set(
+        "concurrency",
+        json!({ "max_in_flight": 1, "max_wait": "300ms" }),
     );
     let proxy = proxy::start(&yaml).await;
     let url = proxy.url("/x");
@@ -469,19 +442,13 @@ async fn usage_upstream(prompt: u64, completion: u64) -> server::Server {
         .await
 }
 
-fn token_config(upstream: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["{upstream}"]
-routes:
-  - name: r
-    kind: openai
-    upstream: up
-    rate_limits: [{{ name: tpm, rate: 2000/min, unit: tokens }}]
-"#
-    )
+fn token_config(upstream: &str) -> Config {
+    Config::one(upstream)
+        .route_set("kind", json!("openai"))
+        .route_set(
+            "rate_limits",
+            json!([{ "name": "tpm", "rate": "2000/min", "unit": "tokens" }]),
+        )
 }
 
 async fn chat(proxy: &proxy::Proxy, max_tokens: u64) -> Answer {
@@ -521,12 +488,11 @@ async fn token_limits_give_back_what_an_estimate_overcharged() {
 
 #[test]
 fn token_limits_need_an_llm_route() {
-    let yaml = r#"
-upstreams: [{ name: up, endpoints: ["http://127.0.0.1:1"] }]
-routes:
-  - { name: r, upstream: up, rate_limits: [{ name: tpm, rate: 1000/min, unit: tokens }] }
-"#;
-    let err = sidelight::config::Config::from_yaml(yaml, &|_| None)
+    let yaml = Config::one("http://127.0.0.1:1").route_set(
+        "rate_limits",
+        json!([{ "name": "tpm", "rate": "1000/min", "unit": "tokens" }]),
+    );
+    let err = sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("routes[0].rate_limits[0].unit"), "{err}");
@@ -578,8 +544,11 @@ async fn token_limits_are_corrected_from_streamed_usage_too() {
 #[tokio::test]
 async fn a_limit_holds_for_the_whole_process_not_per_worker() {
     let up = server::http1().route("/", "ok").run().await;
-    let yaml = config(&up.url(), "[{ name: shared, rate: 10/min, burst: 10 }]")
-        + "\nruntime: { workers: 2 }\n";
+    let yaml = config(
+        &up.url(),
+        json!([{ "name": "shared", "rate": "10/min", "burst": 10 }]),
+    )
+    .set("runtime", json!({ "workers": 2 }));
     let proxy = proxy::start(&yaml).await;
     // Each new connection lands on one worker's socket by its hash (SO_REUSEPORT): forty of
     // them all on the same worker would be a 1-in-2^39 chance.

@@ -12,6 +12,7 @@ async fn example_config_in_front_of_the_mock() -> (sidelight::server::Running, M
     let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
         .await
         .unwrap();
+    // The shipped file as written, not support::Config: the example config is what is tested.
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sidelight.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let env = [(

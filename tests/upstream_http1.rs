@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, StreamBody};
 use sidelight::http::body::ProxyBody;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use support::proxy;
+use support::{proxy, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the scripted upstream does with one request.
@@ -133,17 +133,7 @@ fn content_length(head: &str) -> usize {
 }
 
 async fn proxy_to(up: &Scripted) -> proxy::Proxy {
-    proxy::start(&format!(
-        r#"
-upstreams:
-  - name: up
-    endpoints: ["http://{}"]
-routes:
-  - {{ name: r, upstream: up }}
-"#,
-        up.addr
-    ))
-    .await
+    proxy::start(&Config::one(&format!("http://{}", up.addr))).await
 }
 
 #[tokio::test]

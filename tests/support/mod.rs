@@ -1,9 +1,14 @@
 //! Shared integration-test harness: in-process upstream servers (`server`), a sidelight started
-//! in-process from YAML (`proxy`), and client helpers. Every wait polls with a deadline.
+//! in-process from YAML (`proxy`), the config builder every test writes its YAML with (`config`),
+//! and client helpers. Every wait polls with a deadline.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod proxy;
 pub mod server;
+
+#[allow(unused_imports)] // not every test file uses all three
+pub use config::{Config, Route, Upstream};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};

@@ -1,5 +1,6 @@
 //! sidelight started in-process from a YAML snippet, on free loopback ports.
 
+use super::config::ConfigText;
 use super::metric;
 use sidelight::config::Config;
 use sidelight::server::{Running, Sidelight};
@@ -11,10 +12,10 @@ pub struct Proxy {
     pub admin: std::net::SocketAddr,
 }
 
-/// Starts sidelight with `yaml`; listeners and admin default to 127.0.0.1:0 unless the YAML sets
-/// them. `env` resolves `${VARS}` in the config.
-pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Proxy {
-    let mut text = yaml.to_string();
+/// Starts sidelight with `config` (a [`super::Config`], or YAML text); listeners and admin default
+/// to 127.0.0.1:0 unless the config sets them. `env` resolves `${VARS}` in the config.
+pub async fn start_with_env(config: &(impl ConfigText + ?Sized), env: &[(&str, &str)]) -> Proxy {
+    let mut text = config.config_text();
     if !text.contains("listeners:") {
         text.push_str("\nlisteners:\n  - { name: main, address: \"127.0.0.1:0\" }\n");
     }
@@ -43,8 +44,8 @@ pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Proxy {
     }
 }
 
-pub async fn start(yaml: &str) -> Proxy {
-    start_with_env(yaml, &[]).await
+pub async fn start(config: &(impl ConfigText + ?Sized)) -> Proxy {
+    start_with_env(config, &[]).await
 }
 
 impl Proxy {
