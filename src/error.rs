@@ -35,7 +35,9 @@ pub enum ProxyError {
     UpstreamBusy { upstream: String, limit: usize },
     #[error("cannot connect to upstream {upstream}: {detail}")]
     UpstreamConnect { upstream: String, detail: String },
-    #[error("upstream {upstream} closed the connection before sending response headers: {detail}")]
+    /// The upstream went away before any of its response reached the client: before response
+    /// headers, or (an LLM stream held for its first token) before that token. Retryable.
+    #[error("upstream {upstream} closed the connection before its response began: {detail}")]
     UpstreamReset { upstream: String, detail: String },
     #[error("connecting to upstream {upstream} took longer than {timeout:?}")]
     ConnectTimeout { upstream: String, timeout: Duration },
@@ -54,6 +56,20 @@ pub enum ProxyError {
     TokenGapTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} response body failed: {detail}")]
     UpstreamBody { upstream: String, detail: String },
+    /// An LLM stream ended without its terminal event (OpenAI `data: [DONE]`, Anthropic
+    /// `message_stop`): ends the body with an error event; never a response.
+    #[error(
+        "upstream {upstream} ended the stream without its final event: the answer is incomplete"
+    )]
+    StreamTruncated { upstream: String },
+    /// An LLM stream sent an event whose JSON does not parse; it is replaced by an error event.
+    #[error(
+        "upstream {upstream} sent a malformed stream event ({detail}): the answer is incomplete"
+    )]
+    StreamMalformed { upstream: String, detail: String },
+    /// An LLM stream's upstream connection broke in the middle of the stream.
+    #[error("upstream {upstream} closed the connection in the middle of the stream ({detail}): the answer is incomplete")]
+    UpstreamClosed { upstream: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -88,6 +104,9 @@ impl ProxyError {
             ProxyError::FirstTokenTimeout { .. } => "first_token_timeout",
             ProxyError::TokenGapTimeout { .. } => "token_gap_timeout",
             ProxyError::UpstreamBody { .. } => "upstream_body_error",
+            ProxyError::StreamTruncated { .. } => "stream_truncated",
+            ProxyError::StreamMalformed { .. } => "stream_malformed",
+            ProxyError::UpstreamClosed { .. } => "upstream_closed",
             ProxyError::Internal(_) => "internal",
         }
     }
@@ -103,7 +122,10 @@ impl ProxyError {
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamReset { .. }
-            | ProxyError::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::UpstreamBody { .. }
+            | ProxyError::StreamTruncated { .. }
+            | ProxyError::StreamMalformed { .. }
+            | ProxyError::UpstreamClosed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. }
             | ProxyError::FirstByteTimeout { .. }
             | ProxyError::TotalTimeout { .. }
@@ -111,6 +133,16 @@ impl ProxyError {
             | ProxyError::FirstTokenTimeout { .. }
             | ProxyError::TokenGapTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `kind` label of `sidelight_llm_stream_errors_total` for an LLM stream fault.
+    pub fn stream_fault(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::StreamTruncated { .. } => Some("truncated"),
+            ProxyError::StreamMalformed { .. } => Some("malformed"),
+            ProxyError::UpstreamClosed { .. } => Some("upstream_closed"),
+            _ => None,
         }
     }
 

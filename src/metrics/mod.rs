@@ -35,6 +35,9 @@ pub const TOKEN_TIME_BUCKETS: &[f64] = &[
 /// LLM timeout kinds: a closed set.
 pub const LLM_TIMEOUT_KINDS: &[&str] = &["first_token", "token_gap"];
 
+/// LLM stream fault kinds: a closed set.
+pub const LLM_STREAM_ERROR_KINDS: &[&str] = &["truncated", "malformed", "upstream_closed"];
+
 /// Batch sizes, in inputs or requests: powers of two up to well past any provider's limit.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -185,6 +188,7 @@ pub struct Metrics {
     pub llm_tokens_avoided: IntCounterVec,
     pub llm_usage_estimated: IntCounterVec,
     pub llm_timeouts: IntCounterVec,
+    pub llm_stream_errors: IntCounterVec,
     /// The bounded `model` label of each LLM route, shared by every worker (so the first N
     /// models are the first N of the process, not of each worker).
     llm_models: std::sync::Mutex<
@@ -304,6 +308,7 @@ impl Metrics {
             llm_tokens_avoided: counter(&r, "sidelight_llm_tokens_avoided_total", "Tokens (prompt + completion) of LLM answers served without an upstream call, by source: cache or dedup: spend avoided.", &["route", "model", "source"]),
             llm_usage_estimated: counter(&r, "sidelight_llm_usage_estimated_total", "LLM responses whose usage the upstream did not report, so sidelight estimated it.", &["route", "model"]),
             llm_timeouts: counter(&r, "sidelight_llm_timeouts_total", "LLM streams cut by a timeout, by kind: first_token (504 before anything was sent) or token_gap (stream ended with an error event).", &["route", "kind"]),
+            llm_stream_errors: counter(&r, "sidelight_llm_stream_errors_total", "LLM streams that broke and were ended with a provider-shaped error event and a cut body (or, while held for the first token, answered 502 and retried), by kind: truncated (ended without its terminal event), malformed (an event whose JSON does not parse), upstream_closed (the upstream connection broke mid-stream).", &["route", "kind"]),
             llm_models: Default::default(),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
@@ -370,6 +375,9 @@ impl Metrics {
     pub fn init_llm_route(&self, route: &str) {
         for kind in LLM_TIMEOUT_KINDS {
             self.llm_timeouts.with_label_values(&[route, kind]);
+        }
+        for kind in LLM_STREAM_ERROR_KINDS {
+            self.llm_stream_errors.with_label_values(&[route, kind]);
         }
     }
 
