@@ -559,3 +559,52 @@ async fn plain_http_routes_are_not_parsed_or_changed() {
     assert!(!text.contains("sidelight_llm_requests_total{"));
     assert!(!text.contains("sidelight_llm_tokens_total{"));
 }
+
+#[tokio::test]
+async fn anthropic_529_overloaded_is_retried_by_default_on_anthropic_routes() {
+    // Every other call is Anthropic's 529 overloaded_error.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let up = server::http1()
+        .route_fn("/v1/messages", move |_| {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+                http::Response::builder()
+                    .status(529)
+                    .body(full(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#))
+                    .unwrap()
+            } else {
+                http::Response::new(full(r#"{"type":"message","content":[]}"#))
+            }
+        })
+        .run()
+        .await;
+    let yaml = |kind: &str| {
+        format!(
+            r#"
+upstreams:
+  - name: up
+    endpoints: ["{}"]
+    outlier_detection: {{ consecutive_failures: 0 }}
+routes:
+  - {{ name: llm, upstream: up, kind: {kind}, retries: {{ max_retries: 1, backoff: 1ms }} }}
+"#,
+            up.url()
+        )
+    };
+    let proxy = proxy::start(&yaml("anthropic")).await;
+    let answer = support::post(&proxy.url("/v1/messages"), CHAT).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(up.request_count(), 2, "the 529 and its retry");
+    proxy
+        .assert_metric_eventually(
+            "sidelight_retries_total",
+            &[("upstream", "up"), ("reason", "529")],
+            1.0,
+        )
+        .await;
+    // Other routes keep the plain default: a 529 is the upstream's answer.
+    let proxy = proxy::start(&yaml("openai")).await;
+    let answer = support::post(&proxy.url("/v1/messages"), CHAT).await;
+    assert_eq!(answer.status, 529);
+    assert_eq!(up.request_count(), 3);
+}

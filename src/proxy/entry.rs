@@ -175,6 +175,7 @@ impl Entry {
                     let layer = RetryLayer::new(
                         retries,
                         &r.retry_methods(),
+                        &r.retry_statuses(),
                         &r.upstream,
                         upstream.timeouts.total,
                         upstream.balancer.clone(),
