@@ -442,11 +442,17 @@ async fn anthropic_usage_is_counted_from_whole_and_streamed_responses() {
     // Anthropic streams are never reshaped.
     assert_eq!(streamed.body, anthropic_stream());
     assert_tokens(&proxy, "claude-test", 12.0 + 25.0, 2.0 + 7.0).await;
-    let cached = tokens("cached", "claude-test");
-    let cached: Vec<(&str, &str)> = cached.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Cached prompt tokens are a part of the prompt tokens: their own metric, so that summing
+    // sidelight_llm_tokens_total over `kind` counts every token once.
     proxy
-        .assert_metric_eventually("sidelight_llm_tokens_total", &cached, 8.0)
+        .assert_metric_eventually(
+            "sidelight_llm_cached_prompt_tokens_total",
+            &[("route", "llm"), ("model", "claude-test")],
+            8.0,
+        )
         .await;
+    let text = proxy.metrics().await;
+    assert!(!text.contains("kind=\"cached\""), "{text}");
     proxy
         .assert_metric_eventually(
             "sidelight_llm_time_to_first_token_seconds_count",

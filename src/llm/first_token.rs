@@ -255,6 +255,11 @@ where
             req.extensions_mut().insert(hold.clone());
             hold
         });
+        let wait_cell = hold.as_ref().and_then(|_| {
+            req.extensions()
+                .get::<crate::http::RequestMeta>()
+                .map(|m| m.upstream_wait.clone())
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
@@ -275,6 +280,9 @@ where
             let mut last_token = None;
             if let (Some(limit), Some(hold)) = (limits.first_token, hold) {
                 let deadline = started + limit;
+                // Holding the response is waiting on the upstream, not sidelight's overhead.
+                let held_since = Instant::now();
+                let _waited = WaitedOnUpstream(wait_cell, held_since);
                 let mut held_bytes = 0;
                 // Nothing has reached the client: every failure here is a status, retryable.
                 let before_first_token = |err: ProxyError| {
@@ -355,6 +363,17 @@ where
             };
             Ok(ProxyResponse::from_parts(parts, body.boxed_unsync()))
         })
+    }
+}
+
+/// Adds the time since `.1` to the request's upstream wait when dropped (however the hold ends).
+struct WaitedOnUpstream(Option<crate::http::UpstreamWait>, Instant);
+
+impl Drop for WaitedOnUpstream {
+    fn drop(&mut self) {
+        if let Some(cell) = &self.0 {
+            cell.add(self.1.elapsed());
+        }
     }
 }
 

@@ -211,6 +211,10 @@ where
                 drop(result);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
+                    // A deliberate wait: not sidelight's overhead.
+                    if let Some(meta) = template.extensions.get::<RequestMeta>() {
+                        meta.upstream_wait.add(wait);
+                    }
                 }
                 attempt += 1;
             }
