@@ -394,3 +394,71 @@ routes:
     let event = read.body.strip_prefix(OPENAI_TOKEN).unwrap();
     assert_eq!(api.error_of(event)["type"], "upstream_idle_timeout");
 }
+
+/// A client that reads a stream to its last event and hangs up (the OpenAI SDK does), or
+/// leaves in the middle: the stream is still read to its end and stored.
+#[tokio::test]
+async fn a_stream_is_cached_even_when_its_client_leaves_before_the_end() {
+    let read_to_done = (format!("{OPENAI_TOKEN}{OPENAI_DONE}"), "");
+    let leave_mid_stream = (OPENAI_TOKEN.to_string(), OPENAI_DONE);
+    for (first, rest) in [read_to_done, leave_mid_stream] {
+        // The upstream sends `first` at once, and `rest` and the body's end only once the test
+        // says so (after the client has left).
+        let (end_tx, end_rx) = tokio::sync::watch::channel(false);
+        let sent = first.clone();
+        let up = server::http1()
+            .route_stream(Api::OpenAi.path(), move |_, tx| {
+                let mut end_rx = end_rx.clone();
+                let sent = sent.clone();
+                async move {
+                    let _ = tx.send(Ok(Bytes::from(sent))).await;
+                    let _ = end_rx.wait_for(|e| *e).await;
+                    if !rest.is_empty() {
+                        let _ = tx.send(Ok(Bytes::from(rest))).await;
+                    }
+                }
+            })
+            .run()
+            .await;
+        let proxy = proxy::start(&config(
+            &format!("\"{}\"", up.url()),
+            "kind: openai, cache: { ttl: 1m, methods: [POST] }",
+        ))
+        .await;
+        let body = r#"{"model":"m","stream":true,"messages":[]}"#;
+        let req = Request::post(proxy.url(Api::OpenAi.path()))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap();
+        let client = support::client_no_pool();
+        let response = client.request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.into_body();
+        let mut received = Vec::new();
+        while received != first.as_bytes() {
+            let frame = stream.frame().await.expect("more").expect("ok");
+            received.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        // Hang up, and wait until sidelight has seen it.
+        drop(stream);
+        drop(client);
+        proxy
+            .assert_metric_eventually("sidelight_requests_in_flight", &[("route", "llm")], 0.0)
+            .await;
+        end_tx.send_replace(true);
+        proxy
+            .assert_metric_eventually("sidelight_cache_stores_total", &[("route", "llm")], 1.0)
+            .await;
+        let whole = format!("{first}{rest}");
+        let url = proxy.url(Api::OpenAi.path());
+        support::eventually("the repeat is a cache hit", Duration::from_secs(5), || {
+            let (url, whole) = (url.clone(), whole.clone());
+            async move {
+                let answer = support::post(&url, body).await;
+                answer.header("x-sidelight-cache") == "HIT" && answer.body == whole
+            }
+        })
+        .await;
+        assert_eq!(up.request_count(), 1);
+    }
+}
