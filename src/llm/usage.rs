@@ -667,4 +667,42 @@ mod tests {
         );
         assert_eq!(strip_null_usage(b"data: {\"usage\":{\"a\":1}}\n\n"), None);
     }
+
+    #[test]
+    fn terminal_and_malformed_events() {
+        let (o, a) = (Provider::OpenAi, Provider::Anthropic);
+        let mut t = Tally::default();
+        let seen = |t: &mut Tally, p, name, data| {
+            let s = t.read_event(p, &ev(name, data));
+            (s.terminal, s.malformed.is_some())
+        };
+        assert_eq!(seen(&mut t, o, None, "[DONE]"), (true, false));
+        assert_eq!(
+            seen(&mut t, o, None, r#"{"choices":[{"delta":{}}]}"#),
+            (false, false)
+        );
+        assert_eq!(seen(&mut t, o, None, r#"{"choices":[{"del"#), (false, true));
+        assert_eq!(
+            seen(&mut t, o, None, r#"{"error":{"message":"x"}}"#),
+            (true, false)
+        );
+        // Responses API: its end events, and an error event shaped unlike our payload.
+        let completed = r#"{"type":"response.completed","response":{"usage":{"input_tokens":1}}}"#;
+        assert_eq!(
+            seen(&mut t, o, Some("response.completed"), completed),
+            (true, false)
+        );
+        let error = r#"{"type":"error","message":"boom","code":"x"}"#;
+        assert_eq!(seen(&mut t, o, Some("error"), error), (true, false));
+        let stop = r#"{"type":"message_stop"}"#;
+        assert_eq!(seen(&mut t, a, Some("message_stop"), stop), (true, false));
+        assert_eq!(
+            seen(&mut t, a, Some("ping"), r#"{"type":"ping"}"#),
+            (false, false)
+        );
+        assert_eq!(
+            seen(&mut t, a, Some("content_block_delta"), "{\"type\""),
+            (false, true)
+        );
+    }
 }
