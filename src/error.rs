@@ -74,7 +74,63 @@ pub enum ProxyError {
     Internal(String),
 }
 
+/// The ways an LLM stream breaks that sidelight reports itself (`sidelight_llm_stream_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFault {
+    /// Ended without its terminal event.
+    Truncated,
+    /// An event whose JSON does not parse.
+    Malformed,
+    /// The upstream connection broke mid-stream.
+    UpstreamClosed,
+}
+
+impl StreamFault {
+    pub const ALL: [StreamFault; 3] = [
+        StreamFault::Truncated,
+        StreamFault::Malformed,
+        StreamFault::UpstreamClosed,
+    ];
+
+    /// The metric's `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamFault::Truncated => "truncated",
+            StreamFault::Malformed => "malformed",
+            StreamFault::UpstreamClosed => "upstream_closed",
+        }
+    }
+
+    /// What went wrong, for the 502 of a stream that broke before its first token.
+    fn before_first_token(self) -> &'static str {
+        match self {
+            StreamFault::Truncated => "the stream ended before its first token",
+            StreamFault::Malformed => "a malformed event came before the first token",
+            StreamFault::UpstreamClosed => "the stream broke before its first token",
+        }
+    }
+}
+
 impl ProxyError {
+    /// A stream fault before the first token of a held stream, as the retryable reset it is
+    /// (nothing reached the client).
+    pub fn reset_before_first_token(self, upstream: &str) -> ProxyError {
+        let Some(fault) = self.stream_fault() else {
+            return self;
+        };
+        let detail = match &self {
+            ProxyError::StreamMalformed { detail, .. }
+            | ProxyError::UpstreamClosed { detail, .. } => {
+                format!("{} ({detail})", fault.before_first_token())
+            }
+            _ => fault.before_first_token().to_string(),
+        };
+        ProxyError::UpstreamReset {
+            upstream: upstream.to_string(),
+            detail,
+        }
+    }
+
     /// A body's error as the client's error: a `ProxyError` raised inside a body layer (the body
     /// limit, say) keeps its kind; anything else is a client body failure.
     pub fn from_body(e: crate::BoxError) -> Self {
@@ -136,12 +192,12 @@ impl ProxyError {
         }
     }
 
-    /// The `kind` label of `sidelight_llm_stream_errors_total` for an LLM stream fault.
-    pub fn stream_fault(&self) -> Option<&'static str> {
+    /// Which LLM stream fault this is, if it is one.
+    pub fn stream_fault(&self) -> Option<StreamFault> {
         match self {
-            ProxyError::StreamTruncated { .. } => Some("truncated"),
-            ProxyError::StreamMalformed { .. } => Some("malformed"),
-            ProxyError::UpstreamClosed { .. } => Some("upstream_closed"),
+            ProxyError::StreamTruncated { .. } => Some(StreamFault::Truncated),
+            ProxyError::StreamMalformed { .. } => Some(StreamFault::Malformed),
+            ProxyError::UpstreamClosed { .. } => Some(StreamFault::UpstreamClosed),
             _ => None,
         }
     }

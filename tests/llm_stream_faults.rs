@@ -325,6 +325,11 @@ async fn a_stream_that_fails_before_its_first_token_with_no_retry_left_is_a_502(
         assert_eq!(answer.status, 502);
         assert_eq!(answer.header("x-sidelight-error"), "upstream_reset");
         assert_eq!(answer.json()["error"]["type"], "upstream_reset");
+        let message = answer.json()["error"]["message"].to_string();
+        assert!(
+            message.contains("upstream up") && message.contains("before its first token"),
+            "{message}"
+        );
         assert_eq!(a.request_count(), 2, "the first attempt and one retry");
     }
 }

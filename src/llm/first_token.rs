@@ -23,7 +23,7 @@ use super::sse::{Event, Piece, Splitter};
 use super::usage::{Seen, Tally};
 use super::Provider;
 use crate::config::RouteConfig;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, StreamFault};
 use crate::http::body::ProxyBody;
 use crate::metrics::Metrics;
 use crate::proxy::timeout::IdleHold;
@@ -63,9 +63,9 @@ impl Limits {
     /// Counts a stream fault in `sidelight_llm_stream_errors_total`.
     fn count(&self, err: &ProxyError) {
         match err.stream_fault() {
-            Some("truncated") => self.truncated.inc(),
-            Some("malformed") => self.malformed.inc(),
-            Some(_) => self.upstream_closed.inc(),
+            Some(StreamFault::Truncated) => self.truncated.inc(),
+            Some(StreamFault::Malformed) => self.malformed.inc(),
+            Some(StreamFault::UpstreamClosed) => self.upstream_closed.inc(),
             None => {}
         }
     }
@@ -112,9 +112,9 @@ impl FirstTokenLayer {
                 max_gap: cfg.max_token_gap,
                 first_token_timeouts: counter("first_token"),
                 gap_timeouts: counter("token_gap"),
-                truncated: fault("truncated"),
-                malformed: fault("malformed"),
-                upstream_closed: fault("upstream_closed"),
+                truncated: fault(StreamFault::Truncated.label()),
+                malformed: fault(StreamFault::Malformed.label()),
+                upstream_closed: fault(StreamFault::UpstreamClosed.label()),
             }),
         })
     }
@@ -287,13 +287,8 @@ where
                 // Nothing has reached the client: every failure here is a status, retryable.
                 let before_first_token = |err: ProxyError| {
                     limits.count(&err);
-                    let err = match err {
-                        e @ (ProxyError::IdleTimeout { .. } | ProxyError::TotalTimeout { .. }) => e,
-                        e => ProxyError::UpstreamReset {
-                            upstream: limits.upstream.to_string(),
-                            detail: format!("before the first token: {e}"),
-                        },
-                    };
+                    // Timeouts keep their 504; a broken stream is a retryable 502 reset.
+                    let err = err.reset_before_first_token(&limits.upstream);
                     tracing::warn!(error = %err, "stream failed before its first token");
                     err
                 };

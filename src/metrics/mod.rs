@@ -35,9 +35,6 @@ pub const TOKEN_TIME_BUCKETS: &[f64] = &[
 /// LLM timeout kinds: a closed set.
 pub const LLM_TIMEOUT_KINDS: &[&str] = &["first_token", "token_gap"];
 
-/// LLM stream fault kinds: a closed set.
-pub const LLM_STREAM_ERROR_KINDS: &[&str] = &["truncated", "malformed", "upstream_closed"];
-
 /// Batch sizes, in inputs or requests: powers of two up to well past any provider's limit.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -378,8 +375,9 @@ impl Metrics {
         for kind in LLM_TIMEOUT_KINDS {
             self.llm_timeouts.with_label_values(&[route, kind]);
         }
-        for kind in LLM_STREAM_ERROR_KINDS {
-            self.llm_stream_errors.with_label_values(&[route, kind]);
+        for fault in crate::error::StreamFault::ALL {
+            self.llm_stream_errors
+                .with_label_values(&[route, fault.label()]);
         }
     }
 
