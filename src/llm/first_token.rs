@@ -336,7 +336,11 @@ where
                                 }
                                 Err(frame) => frame,
                             };
-                            held.push_back(frame);
+                            // Only part of an event so far: nothing to hold (an empty data
+                            // frame is never handed on).
+                            if frame.data_ref().is_none_or(|d| !d.is_empty()) {
+                                held.push_back(frame);
+                            }
                             if last_token.is_some() || held_bytes > MAX_HELD_BYTES {
                                 break;
                             }
