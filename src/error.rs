@@ -35,7 +35,9 @@ pub enum ProxyError {
     UpstreamBusy { upstream: String, limit: usize },
     #[error("cannot connect to upstream {upstream}: {detail}")]
     UpstreamConnect { upstream: String, detail: String },
-    #[error("upstream {upstream} closed the connection before sending response headers: {detail}")]
+    /// The upstream went away before any of its response reached the client: before response
+    /// headers, or (an LLM stream held for its first token) before that token. Retryable.
+    #[error("upstream {upstream} closed the connection before its response began: {detail}")]
     UpstreamReset { upstream: String, detail: String },
     #[error("connecting to upstream {upstream} took longer than {timeout:?}")]
     ConnectTimeout { upstream: String, timeout: Duration },
@@ -54,11 +56,81 @@ pub enum ProxyError {
     TokenGapTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} response body failed: {detail}")]
     UpstreamBody { upstream: String, detail: String },
+    /// An LLM stream ended without its terminal event (OpenAI `data: [DONE]`, Anthropic
+    /// `message_stop`): ends the body with an error event; never a response.
+    #[error(
+        "upstream {upstream} ended the stream without its final event: the answer is incomplete"
+    )]
+    StreamTruncated { upstream: String },
+    /// An LLM stream sent an event whose JSON does not parse; it is replaced by an error event.
+    #[error(
+        "upstream {upstream} sent a malformed stream event ({detail}): the answer is incomplete"
+    )]
+    StreamMalformed { upstream: String, detail: String },
+    /// An LLM stream's upstream connection broke in the middle of the stream.
+    #[error("upstream {upstream} closed the connection in the middle of the stream ({detail}): the answer is incomplete")]
+    UpstreamClosed { upstream: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+/// The ways an LLM stream breaks that sidelight reports itself (`sidelight_llm_stream_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFault {
+    /// Ended without its terminal event.
+    Truncated,
+    /// An event whose JSON does not parse.
+    Malformed,
+    /// The upstream connection broke mid-stream.
+    UpstreamClosed,
+}
+
+impl StreamFault {
+    pub const ALL: [StreamFault; 3] = [
+        StreamFault::Truncated,
+        StreamFault::Malformed,
+        StreamFault::UpstreamClosed,
+    ];
+
+    /// The metric's `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamFault::Truncated => "truncated",
+            StreamFault::Malformed => "malformed",
+            StreamFault::UpstreamClosed => "upstream_closed",
+        }
+    }
+
+    /// What went wrong, for the 502 of a stream that broke before its first token.
+    fn before_first_token(self) -> &'static str {
+        match self {
+            StreamFault::Truncated => "the stream ended before its first token",
+            StreamFault::Malformed => "a malformed event came before the first token",
+            StreamFault::UpstreamClosed => "the stream broke before its first token",
+        }
+    }
+}
+
 impl ProxyError {
+    /// A stream fault before the first token of a held stream, as the retryable reset it is
+    /// (nothing reached the client).
+    pub fn reset_before_first_token(self, upstream: &str) -> ProxyError {
+        let Some(fault) = self.stream_fault() else {
+            return self;
+        };
+        let detail = match &self {
+            ProxyError::StreamMalformed { detail, .. }
+            | ProxyError::UpstreamClosed { detail, .. } => {
+                format!("{} ({detail})", fault.before_first_token())
+            }
+            _ => fault.before_first_token().to_string(),
+        };
+        ProxyError::UpstreamReset {
+            upstream: upstream.to_string(),
+            detail,
+        }
+    }
+
     /// A body's error as the client's error: a `ProxyError` raised inside a body layer (the body
     /// limit, say) keeps its kind; anything else is a client body failure.
     pub fn from_body(e: crate::BoxError) -> Self {
@@ -88,6 +160,9 @@ impl ProxyError {
             ProxyError::FirstTokenTimeout { .. } => "first_token_timeout",
             ProxyError::TokenGapTimeout { .. } => "token_gap_timeout",
             ProxyError::UpstreamBody { .. } => "upstream_body_error",
+            ProxyError::StreamTruncated { .. } => "stream_truncated",
+            ProxyError::StreamMalformed { .. } => "stream_malformed",
+            ProxyError::UpstreamClosed { .. } => "upstream_closed",
             ProxyError::Internal(_) => "internal",
         }
     }
@@ -103,7 +178,10 @@ impl ProxyError {
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamReset { .. }
-            | ProxyError::UpstreamBody { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::UpstreamBody { .. }
+            | ProxyError::StreamTruncated { .. }
+            | ProxyError::StreamMalformed { .. }
+            | ProxyError::UpstreamClosed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectTimeout { .. }
             | ProxyError::FirstByteTimeout { .. }
             | ProxyError::TotalTimeout { .. }
@@ -111,6 +189,16 @@ impl ProxyError {
             | ProxyError::FirstTokenTimeout { .. }
             | ProxyError::TokenGapTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Which LLM stream fault this is, if it is one.
+    pub fn stream_fault(&self) -> Option<StreamFault> {
+        match self {
+            ProxyError::StreamTruncated { .. } => Some(StreamFault::Truncated),
+            ProxyError::StreamMalformed { .. } => Some(StreamFault::Malformed),
+            ProxyError::UpstreamClosed { .. } => Some(StreamFault::UpstreamClosed),
+            _ => None,
         }
     }
 

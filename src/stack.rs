@@ -295,6 +295,7 @@ fn route_stack(
         RetryLayer::new(
             retries,
             &r.retry_methods(),
+            &r.retry_statuses(),
             &r.upstream,
             upstream.timeouts.total,
             upstream.balancer.clone(),

@@ -441,11 +441,17 @@ async fn anthropic_usage_is_counted_from_whole_and_streamed_responses() {
     // Anthropic streams are never reshaped.
     assert_eq!(streamed.body, anthropic_stream());
     assert_tokens(&proxy, "claude-test", 12.0 + 25.0, 2.0 + 7.0).await;
-    let cached = tokens("cached", "claude-test");
-    let cached: Vec<(&str, &str)> = cached.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Cached prompt tokens are a part of the prompt tokens: their own metric, so that summing
+    // sidelight_llm_tokens_total over `kind` counts every token once.
     proxy
-        .assert_metric_eventually("sidelight_llm_tokens_total", &cached, 8.0)
+        .assert_metric_eventually(
+            "sidelight_llm_cached_prompt_tokens_total",
+            &[("route", "llm"), ("model", "claude-test")],
+            8.0,
+        )
         .await;
+    let text = proxy.metrics().await;
+    assert!(!text.contains("kind=\"cached\""), "{text}");
     proxy
         .assert_metric_eventually(
             "sidelight_llm_time_to_first_token_seconds_count",
@@ -554,4 +560,53 @@ async fn plain_http_routes_are_not_parsed_or_changed() {
     let text = proxy.metrics().await;
     assert!(!text.contains("sidelight_llm_requests_total{"));
     assert!(!text.contains("sidelight_llm_tokens_total{"));
+}
+
+#[tokio::test]
+async fn anthropic_529_overloaded_is_retried_by_default_on_anthropic_routes() {
+    // Every other call is Anthropic's 529 overloaded_error.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let up = server::http1()
+        .route_fn("/v1/messages", move |_| {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+                http::Response::builder()
+                    .status(529)
+                    .body(full(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#))
+                    .unwrap()
+            } else {
+                http::Response::new(full(r#"{"type":"message","content":[]}"#))
+            }
+        })
+        .run()
+        .await;
+    let yaml = |kind: &str| {
+        format!(
+            r#"
+upstreams:
+  - name: up
+    endpoints: ["{}"]
+    outlier_detection: {{ consecutive_failures: 0 }}
+routes:
+  - {{ name: llm, upstream: up, kind: {kind}, retries: {{ max_retries: 1, backoff: 1ms }} }}
+"#,
+            up.url()
+        )
+    };
+    let proxy = proxy::start(&yaml("anthropic")).await;
+    let answer = support::post(&proxy.url("/v1/messages"), CHAT).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(up.request_count(), 2, "the 529 and its retry");
+    proxy
+        .assert_metric_eventually(
+            "sidelight_retries_total",
+            &[("upstream", "up"), ("reason", "529")],
+            1.0,
+        )
+        .await;
+    // Other routes keep the plain default: a 529 is the upstream's answer.
+    let proxy = proxy::start(&yaml("openai")).await;
+    let answer = support::post(&proxy.url("/v1/messages"), CHAT).await;
+    assert_eq!(answer.status, 529);
+    assert_eq!(up.request_count(), 3);
 }

@@ -284,3 +284,92 @@ async fn every_metric_a_dashboard_queries_is_exported() {
     }
     assert!(checked >= 10, "only {checked} metric references found");
 }
+
+/// `sidelight_overhead_seconds` of `route`: (count, sum).
+async fn overhead(proxy: &proxy::Proxy, route: &str) -> (f64, f64) {
+    let text = proxy.metrics().await;
+    let labels = [("route", route)];
+    (
+        metric(&text, "sidelight_overhead_seconds_count", &labels).unwrap_or(0.0),
+        metric(&text, "sidelight_overhead_seconds_sum", &labels).unwrap_or(0.0),
+    )
+}
+
+/// Overhead is sidelight's own work only: waiting on the upstream (every attempt, and a stream
+/// held for its first token) and the deliberate waits (rate-limit and concurrency queues, retry
+/// backoff) are not in it, though they come before the response headers.
+#[tokio::test]
+async fn overhead_leaves_out_upstream_and_deliberate_waits() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let up = server::http1()
+        .route_stream("/llm", |_, tx| async move {
+            // The first token 300 ms after the headers.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for chunk in LLM_STREAM {
+                let _ = tx
+                    .send(Ok(bytes::Bytes::from_static(chunk.as_bytes())))
+                    .await;
+            }
+        })
+        .route_fn("/retry", move |_| {
+            // Every other call asks for a 300 ms pause.
+            if seen.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                http::Response::builder()
+                    .status(503)
+                    .header("retry-after-ms", "300")
+                    .body(sidelight::http::body::full("busy"))
+                    .unwrap()
+            } else {
+                http::Response::new(sidelight::http::body::full("ok"))
+            }
+        })
+        .route_with_latency("/slow", "ok", Duration::from_millis(300))
+        .route("/", "ok")
+        .run()
+        .await;
+    let yaml = r#"
+upstreams:
+  - name: up
+    endpoints: ["UPSTREAM"]
+  - name: narrow
+    endpoints: ["UPSTREAM"]
+    concurrency: { max_in_flight: 1, max_queue: 10, max_wait: 5s }
+routes:
+  - { name: llm, kind: openai, upstream: up, match: { path_prefix: /llm }, llm: { include_usage: false, first_token_timeout: 5s } }
+  - { name: retry, upstream: up, match: { path_prefix: /retry }, retries: { max_retries: 1, backoff: 1ms } }
+  - { name: queued, upstream: up, match: { path_prefix: /queued }, prefix_rewrite: /, rate_limits: [{ name: one, rate: 2/s, burst: 1, mode: queue }] }
+  - { name: narrow, upstream: narrow, match: { path_prefix: /slow } }
+"#
+    .replace("UPSTREAM", &up.url());
+    let proxy = proxy::start(&yaml).await;
+    let started = Instant::now();
+    let answer = support::post(&proxy.url("/llm"), r#"{"model":"m","stream":true}"#).await;
+    assert_eq!(answer.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(support::get(&proxy.url("/retry")).await.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Two at once: the second queues for its rate-limit slot (500 ms), or for the upstream's
+    // only concurrency slot (300 ms).
+    for path in ["/queued", "/slow"] {
+        let started = Instant::now();
+        let url = proxy.url(path);
+        let (a, b) = tokio::join!(support::get(&url), support::get(&url));
+        assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+    for (route, requests) in [
+        ("llm", 1.0),
+        ("retry", 1.0),
+        ("queued", 2.0),
+        ("narrow", 2.0),
+    ] {
+        let (count, sum) = overhead(&proxy, route).await;
+        assert_eq!(count, requests, "{route}");
+        assert!(sum < 0.1 * requests, "{route}: overhead {sum} s");
+    }
+}

@@ -336,7 +336,14 @@ async fn fly(
     background: bool,
 ) {
     // A background refresh runs to its end with nobody listening: its result is for the cache.
-    let abandon = |f: &Flight| !background && f.lock().cursors.is_empty();
+    // So does a response being kept for the cache once its head is in: the client that started
+    // it may leave (an SDK closes right after a stream's last event), the answer is still
+    // stored. Bounded by `max_keep` (past it the response is no longer kept) and the route's
+    // upstream timeouts.
+    let abandon = |f: &Flight| {
+        let s = f.lock();
+        !background && !s.keep && s.cursors.is_empty()
+    };
     let deserted = flight.deserted.notified();
     tokio::pin!(deserted);
     deserted.as_mut().enable();
@@ -372,7 +379,15 @@ async fn fly(
         }
         let frame = tokio::select! {
             f = body.frame() => f,
-            _ = &mut deserted, if !background => return,
+            _ = &mut deserted, if !background => {
+                if abandon(&flight) {
+                    return;
+                }
+                // Kept for the cache: read on with nobody listening.
+                deserted.set(flight.deserted.notified());
+                deserted.as_mut().enable();
+                continue;
+            }
         };
         match frame {
             None => break,

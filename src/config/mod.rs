@@ -327,9 +327,10 @@ pub struct RetryConfig {
     /// request never left.
     #[serde(default)]
     pub methods: Option<Vec<String>>,
-    /// Upstream statuses that are retried.
-    #[serde(default = "default_retry_statuses")]
-    pub statuses: Vec<u16>,
+    /// Upstream statuses that are retried. Default: 429, 502, 503, 504, plus 529 (Anthropic's
+    /// `overloaded_error`) on `anthropic` routes.
+    #[serde(default)]
+    pub statuses: Option<Vec<u16>>,
     /// First retry waits up to this long (full jitter), doubling each retry.
     #[serde(default = "default_retry_backoff", with = "humantime_serde")]
     pub backoff: Duration,
@@ -343,9 +344,6 @@ pub struct RetryConfig {
 
 fn default_max_retries() -> u32 {
     2
-}
-fn default_retry_statuses() -> Vec<u16> {
-    vec![429, 502, 503, 504]
 }
 fn default_retry_backoff() -> Duration {
     Duration::from_millis(25)
@@ -678,6 +676,21 @@ impl RouteConfig {
                     m.push("POST".into());
                 }
                 m
+            }
+        }
+    }
+
+    /// Upstream statuses retried (see [`RetryConfig::statuses`]).
+    pub fn retry_statuses(&self) -> Vec<u16> {
+        match self.retries.as_ref().and_then(|r| r.statuses.clone()) {
+            Some(statuses) => statuses,
+            None => {
+                let mut s = vec![429, 502, 503, 504];
+                // Anthropic answers 529 overloaded_error where others answer 503.
+                if self.kind == RouteKind::Anthropic {
+                    s.push(529);
+                }
+                s
             }
         }
     }

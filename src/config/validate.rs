@@ -372,7 +372,7 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
                     );
                 }
             }
-            for (i, s) in retries.statuses.iter().enumerate() {
+            for (i, s) in retries.statuses.iter().flatten().enumerate() {
                 if !(400..=599).contains(s) {
                     errs.add(
                         format!("{at}.statuses[{i}]"),

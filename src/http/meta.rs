@@ -12,7 +12,8 @@ pub struct RequestMeta {
     pub id: HeaderValue,
     pub start: Instant,
     pub client: Peer,
-    /// Set by whichever layer got this request's response headers; read by observe.
+    /// Added to by the layers that waited on something other than sidelight's own work; read by
+    /// observe (see [`UpstreamWait`]).
     pub upstream_wait: UpstreamWait,
 }
 
@@ -21,7 +22,7 @@ impl RequestMeta {
     /// shared or batched answer): our request id on it, and how long it waited upstream.
     pub fn stamp(&self, headers: &mut http::HeaderMap, upstream_wait: Duration) {
         headers.insert(headers::REQUEST_ID, self.id.clone());
-        self.upstream_wait.set(upstream_wait);
+        self.upstream_wait.add(upstream_wait);
     }
 }
 
@@ -41,11 +42,14 @@ impl Peer {
     }
 }
 
-/// How long sidelight waited for the upstream's response headers for one request, so the
-/// observe layer can compute sidelight's own overhead. Set by the forwarding service, or by the
-/// cache and batching layers for answers they share (zero for a cache hit); unset for answers
-/// that never waited on an upstream (an error, for instance). A cell shared by the request
-/// meta's clones rather than a response extension: a first extension costs three allocations.
+/// How long one request waited, before its response headers, on something other than
+/// sidelight's own work, so the observe layer can compute sidelight's overhead (time to headers
+/// minus this). Added to by the forwarding service (every attempt's wait for the upstream's
+/// headers), the LLM stream guard (a stream held for its first token), the cache and batching
+/// layers for answers they share (zero for a cache hit), and the deliberate waits: the rate-limit
+/// and concurrency queues and retry backoff. Unset for answers that never waited on an
+/// upstream (an error, for instance). A cell shared by the request meta's clones rather than a
+/// response extension: a first extension costs three allocations.
 #[derive(Clone, Debug)]
 pub struct UpstreamWait(std::sync::Arc<std::sync::atomic::AtomicU64>);
 
@@ -58,9 +62,19 @@ impl UpstreamWait {
         )))
     }
 
-    pub fn set(&self, wait: Duration) {
+    /// Adds `wait` (an unset cell becomes `wait`).
+    pub fn add(&self, wait: Duration) {
         let nanos = u64::try_from(wait.as_nanos()).unwrap_or(Self::UNSET - 1);
-        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |old| {
+                Some(match old {
+                    Self::UNSET => nanos,
+                    old => old.saturating_add(nanos).min(Self::UNSET - 1),
+                })
+            },
+        );
     }
 
     pub fn get(&self) -> Option<Duration> {

@@ -448,8 +448,8 @@ impl Accounting {
                 m.llm_tokens
                     .with_label_values(&labels("completion"))
                     .inc_by(usage.completion_tokens);
-                m.llm_tokens
-                    .with_label_values(&labels("cached"))
+                m.llm_cached_prompt_tokens
+                    .with_label_values(&[&s.route, &self.model])
                     .inc_by(usage.cached_tokens);
                 if usage.estimated {
                     m.llm_usage_estimated

@@ -47,6 +47,12 @@ impl Splitter {
         !self.buf.is_empty() || self.oversized
     }
 
+    /// True inside an oversized event, whose bytes are handed out as they stream (so part of
+    /// it has been passed on).
+    pub fn in_oversized_event(&self) -> bool {
+        self.oversized
+    }
+
     /// The bytes of an unfinished event held at the end of the stream.
     pub fn take_rest(&mut self) -> Vec<u8> {
         self.line_start = 0;

@@ -53,6 +53,8 @@ struct Payload {
     content: Option<Value>,
     /// OpenAI Responses API `response.completed`.
     response: Option<AnthropicMessage>,
+    /// An error event (OpenAI chat: `{"error": {...}}`).
+    error: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +98,39 @@ fn text_chars(v: &Value) -> u64 {
                     .map_or(0, text_chars)
         }
         _ => 0,
+    }
+}
+
+/// What one stream event was, for the stream guard.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// It carried generated content.
+    pub token: bool,
+    /// It ends the stream: OpenAI `data: [DONE]`, a Responses API `response.completed` /
+    /// `response.failed` / `response.incomplete`, Anthropic `message_stop`, or the upstream's
+    /// own error event.
+    pub terminal: bool,
+    /// Its data is not JSON (the parser's message).
+    pub malformed: Option<String>,
+}
+
+/// Whether an event of this name, with this JSON `type` and an `error` member or not, ends
+/// the stream (`[DONE]` is handled before).
+fn is_terminal(provider: Provider, name: Option<&str>, json: Option<(Option<&str>, bool)>) -> bool {
+    let (kind, has_error) = json.unwrap_or((None, false));
+    match provider {
+        Provider::OpenAi => {
+            has_error
+                || matches!(
+                    kind,
+                    Some(
+                        "response.completed" | "response.failed" | "response.incomplete" | "error"
+                    )
+                )
+        }
+        Provider::Anthropic => {
+            matches!(name.or(kind), Some("message_stop" | "error"))
+        }
     }
 }
 
@@ -159,13 +194,58 @@ impl Tally {
 
     /// Reads one stream event; true when it carried generated content (a token).
     pub fn on_event(&mut self, provider: Provider, event: &Event) -> bool {
+        self.read_event(provider, event).token
+    }
+
+    /// Reads one stream event and says what it was (see [`Seen`]).
+    pub fn read_event(&mut self, provider: Provider, event: &Event) -> Seen {
         let data = event.data.trim();
-        if data.is_empty() || data == "[DONE]" || !data.starts_with('{') {
-            return false;
+        let name = event.name.as_deref();
+        if data.is_empty() {
+            return Seen {
+                terminal: is_terminal(provider, name, None),
+                ..Seen::default()
+            };
         }
-        let Ok(p) = serde_json::from_str::<Payload>(data) else {
-            return false;
+        if data == "[DONE]" {
+            return Seen {
+                terminal: true,
+                ..Seen::default()
+            };
+        }
+        let p = match serde_json::from_str::<Payload>(data) {
+            Ok(p) => p,
+            Err(_) => {
+                // Valid JSON of another shape (not ours to read) is not an error; broken JSON is.
+                return match serde_json::from_str::<Value>(data) {
+                    Ok(v) => Seen {
+                        terminal: is_terminal(
+                            provider,
+                            name,
+                            Some((
+                                v.get("type").and_then(Value::as_str),
+                                v.get("error").is_some(),
+                            )),
+                        ),
+                        ..Seen::default()
+                    },
+                    Err(e) => Seen {
+                        malformed: Some(e.to_string()),
+                        ..Seen::default()
+                    },
+                };
+            }
         };
+        let terminal = is_terminal(provider, name, Some((p.kind.as_deref(), p.error.is_some())));
+        let token = self.on_payload(provider, event, p);
+        Seen {
+            token,
+            terminal,
+            malformed: None,
+        }
+    }
+
+    fn on_payload(&mut self, provider: Provider, event: &Event, p: Payload) -> bool {
         self.model_from(&p.model);
         let chars = match provider {
             Provider::OpenAi if p.kind.is_some() => {
@@ -586,5 +666,43 @@ mod tests {
             None
         );
         assert_eq!(strip_null_usage(b"data: {\"usage\":{\"a\":1}}\n\n"), None);
+    }
+
+    #[test]
+    fn terminal_and_malformed_events() {
+        let (o, a) = (Provider::OpenAi, Provider::Anthropic);
+        let mut t = Tally::default();
+        let seen = |t: &mut Tally, p, name, data| {
+            let s = t.read_event(p, &ev(name, data));
+            (s.terminal, s.malformed.is_some())
+        };
+        assert_eq!(seen(&mut t, o, None, "[DONE]"), (true, false));
+        assert_eq!(
+            seen(&mut t, o, None, r#"{"choices":[{"delta":{}}]}"#),
+            (false, false)
+        );
+        assert_eq!(seen(&mut t, o, None, r#"{"choices":[{"del"#), (false, true));
+        assert_eq!(
+            seen(&mut t, o, None, r#"{"error":{"message":"x"}}"#),
+            (true, false)
+        );
+        // Responses API: its end events, and an error event shaped unlike our payload.
+        let completed = r#"{"type":"response.completed","response":{"usage":{"input_tokens":1}}}"#;
+        assert_eq!(
+            seen(&mut t, o, Some("response.completed"), completed),
+            (true, false)
+        );
+        let error = r#"{"type":"error","message":"boom","code":"x"}"#;
+        assert_eq!(seen(&mut t, o, Some("error"), error), (true, false));
+        let stop = r#"{"type":"message_stop"}"#;
+        assert_eq!(seen(&mut t, a, Some("message_stop"), stop), (true, false));
+        assert_eq!(
+            seen(&mut t, a, Some("ping"), r#"{"type":"ping"}"#),
+            (false, false)
+        );
+        assert_eq!(
+            seen(&mut t, a, Some("content_block_delta"), "{\"type\""),
+            (false, true)
+        );
     }
 }

@@ -185,8 +185,10 @@ pub struct Metrics {
     pub llm_time_per_output_token: HistogramVec,
     pub llm_stream_duration: HistogramVec,
     pub llm_tokens_avoided: IntCounterVec,
+    pub llm_cached_prompt_tokens: IntCounterVec,
     pub llm_usage_estimated: IntCounterVec,
     pub llm_timeouts: IntCounterVec,
+    pub llm_stream_errors: IntCounterVec,
     /// The bounded `model` label of each LLM route, shared by every worker (so the first N
     /// models are the first N of the process, not of each worker).
     llm_models: std::sync::Mutex<
@@ -240,7 +242,7 @@ impl Metrics {
         let m = Metrics {
             requests: counter(&r, "sidelight_requests_total", "Requests answered, by route, upstream, method and status class.", &["route", "upstream", "method", "status_class"]),
             request_duration: histogram(&r, "sidelight_request_duration_seconds", "Time from request arrival to the last response byte.", &["route"], LATENCY_BUCKETS),
-            overhead: histogram(&r, "sidelight_overhead_seconds", "Time sidelight adds before response headers: time to headers minus time waiting on the upstream.", &["route"], OVERHEAD_BUCKETS),
+            overhead: histogram(&r, "sidelight_overhead_seconds", "Time sidelight's own work adds before response headers: time to headers minus every wait on something else (the upstream's headers on every attempt, an LLM stream held for its first token, rate-limit and concurrency queues, retry backoff; those have their own histograms).", &["route"], OVERHEAD_BUCKETS),
             in_flight: gauge(&r, "sidelight_requests_in_flight", "Requests currently being handled.", &["route"]),
             request_bytes: counter(&r, "sidelight_request_bytes_total", "Request body bytes received from clients.", &["route"]),
             response_bytes: counter(&r, "sidelight_response_bytes_total", "Response body bytes sent to clients.", &["route"]),
@@ -298,7 +300,8 @@ impl Metrics {
             embeddings_batch_wait: histogram(&r, "sidelight_embeddings_batch_wait_seconds", "Time an embeddings request waited for its batch to be sent.", &["route"], BATCH_WAIT_BUCKETS),
             embeddings_pending_inputs: gauge(&r, "sidelight_embeddings_pending_inputs", "Embedding inputs waiting in batches not sent yet.", &["route"]),
             embeddings_cached_inputs: counter(&r, "sidelight_embeddings_cached_inputs_total", "Embedding inputs answered from the per-input cache (not sent upstream).", &["route"]),
-            llm_tokens: counter(&r, "sidelight_llm_tokens_total", "Tokens of LLM requests sent upstream, as the upstream reported them (or estimated), by kind: prompt, completion, cached (prompt tokens the provider served from its prompt cache).", &["route", "model", "kind"]),
+            llm_tokens: counter(&r, "sidelight_llm_tokens_total", "Tokens of LLM requests sent upstream, as the upstream reported them (or estimated), by kind: prompt (cached prompt tokens included) or completion; summing over kind counts every token once.", &["route", "model", "kind"]),
+            llm_cached_prompt_tokens: counter(&r, "sidelight_llm_cached_prompt_tokens_total", "Prompt tokens the provider served from its own prompt cache (billed cheaper): a part of sidelight_llm_tokens_total{kind=\"prompt\"}, not in addition to it.", &["route", "model"]),
             llm_requests: counter(&r, "sidelight_llm_requests_total", "LLM requests, by model and status class (cache hits included).", &["route", "model", "status_class"]),
             llm_time_to_first_token: histogram(&r, "sidelight_llm_time_to_first_token_seconds", "Time from request arrival to the first generated token of an LLM stream (from upstream).", &["route", "model"], TTFT_BUCKETS),
             llm_time_per_output_token: histogram(&r, "sidelight_llm_time_per_output_token_seconds", "Time between output tokens of an LLM stream after the first (1 / output tokens per second).", &["route", "model"], TOKEN_TIME_BUCKETS),
@@ -306,6 +309,7 @@ impl Metrics {
             llm_tokens_avoided: counter(&r, "sidelight_llm_tokens_avoided_total", "Tokens (prompt + completion) of LLM answers served without an upstream call, by source: cache or dedup: spend avoided.", &["route", "model", "source"]),
             llm_usage_estimated: counter(&r, "sidelight_llm_usage_estimated_total", "LLM responses whose usage the upstream did not report, so sidelight estimated it.", &["route", "model"]),
             llm_timeouts: counter(&r, "sidelight_llm_timeouts_total", "LLM streams cut by a timeout, by kind: first_token (504 before anything was sent) or token_gap (stream ended with an error event).", &["route", "kind"]),
+            llm_stream_errors: counter(&r, "sidelight_llm_stream_errors_total", "LLM streams that broke and were ended with a provider-shaped error event and a cut body (or, while held for the first token, answered 502 and retried), by kind: truncated (ended without its terminal event), malformed (an event whose JSON does not parse), upstream_closed (the upstream connection broke mid-stream).", &["route", "kind"]),
             llm_models: Default::default(),
             build_info: gauge(&r, "sidelight_build_info", "Always 1; labels carry the build version.", &["version"]),
             ready: {
@@ -372,6 +376,10 @@ impl Metrics {
     pub fn init_llm_route(&self, route: &str) {
         for kind in LLM_TIMEOUT_KINDS {
             self.llm_timeouts.with_label_values(&[route, kind]);
+        }
+        for fault in crate::error::StreamFault::ALL {
+            self.llm_stream_errors
+                .with_label_values(&[route, fault.label()]);
         }
     }
 

@@ -166,12 +166,16 @@ impl Service<ProxyRequest> for Forward {
                         response.map(|body| crate::http::body::Observed::boxed(body, watch));
                     headers::to_client(response.headers_mut(), &request_id);
                     if let Some(cell) = &wait_cell {
-                        cell.set(wait);
+                        cell.add(wait);
                     }
                     Ok(response)
                 }
                 Err(err) => {
                     upstream.balancer.record(index, EndpointOutcome::Failure);
+                    // A failed attempt that is retried waited on the upstream too.
+                    if let Some(cell) = &wait_cell {
+                        cell.add(wait);
+                    }
                     Err(classify(&upstream, err))
                 }
             }

@@ -1,7 +1,10 @@
 //! Retries, only where they are safe, on another endpoint when there is one:
 //! - a connect failure, for every method (the request never left);
-//! - for retryable methods only: a reset before response headers, a first-token timeout, and
-//!   the configured upstream statuses (429, 502, 503, 504 by default).
+//! - for retryable methods only: a reset before any of the response reached the client (before
+//!   response headers, or an LLM stream that broke while held for its first token), a
+//!   first-token timeout, and
+//!   the configured upstream statuses (429, 502, 503, 504 by default, plus Anthropic's 529
+//!   `overloaded_error` on `anthropic` routes).
 //!
 //! The layer answers nothing until it has a response to give, so a retry can never follow
 //! bytes already sent to the client. Backoff is jittered and doubles; an upstream's
@@ -52,6 +55,7 @@ impl RetryLayer {
     pub fn new(
         config: &RetryConfig,
         methods: &[String],
+        statuses: &[u16],
         upstream: &str,
         total: Duration,
         balancer: Arc<Balancer>,
@@ -62,7 +66,7 @@ impl RetryLayer {
         let reasons = ["connect_failure", "reset"]
             .map(String::from)
             .into_iter()
-            .chain(config.statuses.iter().map(u16::to_string));
+            .chain(statuses.iter().map(u16::to_string));
         for reason in reasons {
             metrics.retries.with_label_values(&[upstream, &reason]);
         }
@@ -74,8 +78,7 @@ impl RetryLayer {
                     .iter()
                     .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
                     .collect(),
-                statuses: config
-                    .statuses
+                statuses: statuses
                     .iter()
                     .filter_map(|s| StatusCode::from_u16(*s).ok())
                     .collect(),
@@ -208,6 +211,10 @@ where
                 drop(result);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
+                    // A deliberate wait: not sidelight's overhead.
+                    if let Some(meta) = template.extensions.get::<RequestMeta>() {
+                        meta.upstream_wait.add(wait);
+                    }
                 }
                 attempt += 1;
             }
@@ -227,7 +234,7 @@ impl RetryPolicy {
                 Some("connect_failure".into())
             }
             Err(ProxyError::UpstreamReset { .. }) if retryable_method => Some("reset".into()),
-            Err(e) if retryable_method && e.kind() == "first_token_timeout" => {
+            Err(ProxyError::FirstTokenTimeout { .. }) if retryable_method => {
                 Some("first_token_timeout".into())
             }
             Ok(response) if retryable_method && self.statuses.contains(&response.status()) => {

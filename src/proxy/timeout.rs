@@ -2,6 +2,9 @@
 //! body chunks (`idle`), and for the whole request (`total`, counted from its arrival). The
 //! connect timeout lives in the connector. A body cut by a timeout ends with an error, so the
 //! client sees an incomplete response rather than a clean end.
+//!
+//! While an LLM route holds a stream for its first token ([`IdleHold`] in the request's
+//! extensions), the wait belongs to `llm.first_token_timeout`: `idle` starts after it.
 
 use crate::error::ProxyError;
 use crate::http::body::ProxyBody;
@@ -15,10 +18,26 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
+
+/// Set by the LLM stream guard while it holds a response for its first token: the idle timeout
+/// does not apply meanwhile (only `total` does).
+#[derive(Clone, Debug, Default)]
+pub struct IdleHold(Arc<AtomicBool>);
+
+impl IdleHold {
+    pub fn set(&self, holding: bool) {
+        self.0.store(holding, Ordering::Relaxed);
+    }
+
+    pub fn holding(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Clone)]
 pub struct Timeouts {
@@ -53,6 +72,7 @@ impl Around for TimeoutLayer {
             .map_or(now, |m| Instant::from_std(m.start));
         let deadline = arrived + t.total;
         let headers_by = (now + t.first_byte).min(deadline);
+        let hold = req.extensions().get::<IdleHold>().cloned();
         let fut = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(headers_by, fut).await {
@@ -62,6 +82,7 @@ impl Around for TimeoutLayer {
                         sleep: None,
                         expires: None,
                         deadline,
+                        hold,
                         timeouts: t.clone(),
                     }
                     .boxed_unsync()
@@ -100,6 +121,7 @@ pin_project_lite::pin_project! {
         // chunk: time the client takes to read the chunk is not the upstream's idleness.
         expires: Option<Instant>,
         deadline: Instant,
+        hold: Option<IdleHold>,
         timeouts: Arc<Timeouts>,
     }
 }
@@ -120,9 +142,14 @@ impl Body for TimedBody {
             }
             Poll::Pending => {
                 let (idle, deadline) = (this.timeouts.idle, *this.deadline);
-                let expires = *this
-                    .expires
-                    .get_or_insert_with(|| (Instant::now() + idle).min(deadline));
+                let held = this.hold.as_ref().is_some_and(IdleHold::holding);
+                let expires = *this.expires.get_or_insert_with(|| {
+                    if held {
+                        deadline
+                    } else {
+                        (Instant::now() + idle).min(deadline)
+                    }
+                });
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(expires)));

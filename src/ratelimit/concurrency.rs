@@ -62,10 +62,11 @@ impl ConcurrencyLimit {
         }
     }
 
-    async fn acquire(&self) -> Result<Slot, ProxyError> {
+    /// A slot, and how long the request queued for it.
+    async fn acquire(&self) -> Result<(Slot, Duration), ProxyError> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             self.allowed.inc();
-            return Ok(self.slot(permit));
+            return Ok((self.slot(permit), Duration::ZERO));
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -85,8 +86,9 @@ impl ConcurrencyLimit {
         let started = Instant::now();
         match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => {
-                self.queue_wait.observe(started.elapsed().as_secs_f64());
-                Ok(self.slot(permit))
+                let waited = started.elapsed();
+                self.queue_wait.observe(waited.as_secs_f64());
+                Ok((self.slot(permit), waited))
             }
             // Timed out (or the semaphore closed, which it never is).
             _ => Err(self.busy()),
@@ -132,7 +134,13 @@ impl Around for ConcurrencyLayer {
         let limit = self.limit.clone();
         let mut inner = inner.clone();
         Box::pin(async move {
-            let slot = limit.acquire().await?;
+            let (slot, queued) = limit.acquire().await?;
+            if !queued.is_zero() {
+                // A deliberate wait, with its own histogram: not sidelight's overhead.
+                if let Some(meta) = req.extensions().get::<crate::http::RequestMeta>() {
+                    meta.upstream_wait.add(queued);
+                }
+            }
             let response = inner.call(req).await?;
             Ok(response.map(|body| Observed::boxed(body, slot)))
         })

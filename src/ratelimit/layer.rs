@@ -193,27 +193,31 @@ impl Limit {
     }
 
     /// Admits the request under this limit, waiting in queue mode; `Err` is the 429.
-    /// `tokens` is what a token limit charges (request limits count one).
-    async fn admit(&self, key: &str, tokens: u64) -> Result<(), ProxyError> {
+    /// `tokens` is what a token limit charges (request limits count one). `Ok`: how long the
+    /// request waited in the queue (zero when it was not queued).
+    async fn admit(&self, key: &str, tokens: u64) -> Result<Duration, ProxyError> {
         let mut place: Option<(Place<'_>, Instant)> = None;
         loop {
             let wait = match self.check(key, tokens) {
                 Decision::Allowed { .. } => {
-                    match &place {
-                        Some((_, since)) => self
-                            .metrics
-                            .queue_wait
-                            .observe(since.elapsed().as_secs_f64()),
-                        None => self.metrics.allowed.inc(),
-                    }
-                    return Ok(());
+                    return Ok(match &place {
+                        Some((_, since)) => {
+                            let waited = since.elapsed();
+                            self.metrics.queue_wait.observe(waited.as_secs_f64());
+                            waited
+                        }
+                        None => {
+                            self.metrics.allowed.inc();
+                            Duration::ZERO
+                        }
+                    });
                 }
                 Decision::Limited { wait } => wait,
             };
             if self.shadow {
                 self.metrics.shadow_rejected.inc();
                 tracing::info!(limit = %self.name, wait_ms = wait.as_millis() as u64, "shadow rate limit would have rejected a request");
-                return Ok(());
+                return Ok(Duration::ZERO);
             }
             if self.mode != RateLimitMode::Queue {
                 return Err(self.rejected(wait));
@@ -262,7 +266,13 @@ impl Around for RateLimitLayer {
                 (req, 0)
             };
             for (limit, key) in limits.iter().zip(&keys) {
-                limit.admit(key, estimate).await?;
+                let queued = limit.admit(key, estimate).await?;
+                if !queued.is_zero() {
+                    // A deliberate wait, with its own histogram: not sidelight's overhead.
+                    if let Some(meta) = req.extensions().get::<RequestMeta>() {
+                        meta.upstream_wait.add(queued);
+                    }
+                }
                 if let Counter::Tokens(buckets) = &limit.counter {
                     let bucket = buckets.bucket(key);
                     let charged = i64::try_from(estimate).unwrap_or(i64::MAX);
