@@ -90,3 +90,41 @@ impl Default for UpstreamWait {
         Self::new()
     }
 }
+
+/// What the LLM layer learned about one request, for the access log (the observe layer reads
+/// it from the response's extensions when the response body ends).
+#[derive(Debug, Default)]
+pub struct LlmFacts(std::sync::Mutex<LlmSummary>);
+
+#[derive(Clone, Debug, Default)]
+pub struct LlmSummary {
+    pub model: Option<std::sync::Arc<str>>,
+    pub usage: Option<LoggedUsage>,
+    /// Time from request arrival to the first generated token (streams).
+    pub time_to_first_token: Option<Duration>,
+}
+
+/// The token counts an access log line shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoggedUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// True when sidelight estimated the counts (the upstream reported none).
+    pub estimated: bool,
+}
+
+impl LlmFacts {
+    pub fn summary(&self) -> LlmSummary {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut LlmSummary)) {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}

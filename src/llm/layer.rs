@@ -10,7 +10,7 @@
 
 use super::sse::{Event, Piece, Splitter};
 use super::usage::{is_openai_usage_chunk, strip_null_usage, Tally};
-use super::{LlmFacts, Provider, Usage, UsageHooks};
+use super::{LlmFacts, LoggedUsage, Provider, Usage, UsageHooks};
 use crate::cache::layer::CACHE_HEADER;
 use crate::config::RouteConfig;
 use crate::error::ProxyError;
@@ -436,7 +436,13 @@ impl Accounting {
             return;
         }
         let usage = self.tally.usage(self.prompt_estimate);
-        self.facts.update(|f| f.usage = Some(usage));
+        self.facts.update(|f| {
+            f.usage = Some(LoggedUsage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                estimated: usage.estimated,
+            })
+        });
         let s = &self.state;
         let m = &s.metrics;
         let labels = |extra: &'static str| [&*s.route, &*self.model, extra];

@@ -12,8 +12,7 @@ pub mod usage;
 pub use estimate::{estimate_request_tokens, RequestEstimate};
 
 use crate::config::{RouteConfig, RouteKind};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// The wire format an LLM route speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,34 +47,7 @@ pub fn cache_ignored_fields(route: &RouteConfig) -> Vec<String> {
     fields
 }
 
-/// What the LLM layer learned about one request, for the access log (the observe layer reads
-/// it from the response's extensions when the response body ends).
-#[derive(Debug, Default)]
-pub struct LlmFacts(Mutex<LlmSummary>);
-
-#[derive(Clone, Debug, Default)]
-pub struct LlmSummary {
-    pub model: Option<Arc<str>>,
-    pub usage: Option<Usage>,
-    /// Time from request arrival to the first generated token (streams).
-    pub time_to_first_token: Option<Duration>,
-}
-
-impl LlmFacts {
-    pub fn summary(&self) -> LlmSummary {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    pub fn update(&self, f: impl FnOnce(&mut LlmSummary)) {
-        f(&mut self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner));
-    }
-}
+pub use crate::http::meta::{LlmFacts, LlmSummary, LoggedUsage};
 
 /// Tokens one LLM request used, as the upstream reported them (or as estimated when it did
 /// not: `estimated` is then true).

@@ -4,8 +4,8 @@
 
 use crate::error::ProxyError;
 use crate::http::body::{BodyObserver, Observed};
+use crate::http::meta::LlmFacts;
 use crate::http::{RequestMeta, UpstreamWait};
-use crate::llm::LlmFacts;
 use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
