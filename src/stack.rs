@@ -8,7 +8,7 @@
 use crate::cache::coalesce::Coalescer;
 use crate::cache::layer::{CacheLayer, CacheShared};
 use crate::cache::store::{Store, StoreMetrics};
-use crate::config::{Config, RouteConfig, RouteKind, UpstreamConfig};
+use crate::config::{Config, RouteConfig, RouteKind};
 use crate::error::ProxyError;
 use crate::llm::batch::{BatchLayer, Batches, InputCache};
 use crate::llm::first_token::FirstTokenLayer;
@@ -24,7 +24,7 @@ use crate::proxy::timeout::{TimeoutLayer, Timeouts};
 use crate::ratelimit::concurrency::{ConcurrencyLayer, ConcurrencyLimit};
 use crate::ratelimit::layer::RateLimitLayer;
 use crate::service::{Around, ProxyFuture, ProxyRequest, RouteService};
-use crate::upstream::balance::{Balancer, EndpointMetrics, Outliers};
+use crate::upstream::balance::Balancer;
 use crate::upstream::{BuildError, Upstream};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -77,7 +77,7 @@ impl SharedState {
                 .iter()
                 .map(|u| {
                     let shared = UpstreamShared {
-                        balancer: balancer(u, metrics),
+                        balancer: Balancer::for_upstream(u, metrics),
                         retry_budget: retry::budget(&u.retry_budget),
                         concurrency: u
                             .concurrency
@@ -107,37 +107,6 @@ impl SharedState {
             .map(|(name, u)| (name.clone(), u.balancer.clone()))
             .collect()
     }
-}
-
-/// The balancer of one upstream, with its per-endpoint gauges.
-fn balancer(u: &UpstreamConfig, metrics: &Metrics) -> Arc<Balancer> {
-    let endpoints = u
-        .endpoints
-        .iter()
-        .map(|e| {
-            let endpoint = Upstream::endpoint_label(&e.value);
-            let labels = [u.name.as_str(), endpoint.as_str()];
-            let m = EndpointMetrics {
-                in_flight: metrics.endpoint_in_flight.with_label_values(&labels),
-                ejected: metrics.endpoint_ejected.with_label_values(&labels),
-                healthy: metrics.endpoint_healthy.with_label_values(&labels),
-                response_time: metrics.endpoint_response.with_label_values(&labels),
-            };
-            (endpoint, m)
-        })
-        .collect();
-    let o = &u.outlier_detection;
-    Balancer::new(
-        endpoints,
-        metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
-        Outliers {
-            consecutive_failures: o.consecutive_failures,
-            base_ejection: o.base_ejection_time,
-            max_ejected_percent: o.max_ejected_percent,
-        },
-        metrics.endpoint_ejections.with_label_values(&[&u.name]),
-        u.load_balancing.latency_weighted,
-    )
 }
 
 /// One layer of a route's stack, boxed so optional layers compose in a list.

@@ -2,6 +2,8 @@
 //! endpoints that told us to back off (an upstream 429 with `Retry-After`). The state is shared
 //! by every worker, so all of them see the same load and the same back-off.
 
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -85,6 +87,37 @@ pub struct Balancer {
 
 impl Balancer {
     /// `endpoints`: label and metrics of each endpoint, in endpoint order.
+    /// The balancer of one upstream, with its per-endpoint series resolved here.
+    pub fn for_upstream(u: &UpstreamConfig, metrics: &Metrics) -> Arc<Balancer> {
+        let endpoints = u
+            .endpoints
+            .iter()
+            .map(|e| {
+                let endpoint = super::Upstream::endpoint_label(&e.value);
+                let labels = [u.name.as_str(), endpoint.as_str()];
+                let m = EndpointMetrics {
+                    in_flight: metrics.endpoint_in_flight.with_label_values(&labels),
+                    ejected: metrics.endpoint_ejected.with_label_values(&labels),
+                    healthy: metrics.endpoint_healthy.with_label_values(&labels),
+                    response_time: metrics.endpoint_response.with_label_values(&labels),
+                };
+                (endpoint, m)
+            })
+            .collect();
+        let o = &u.outlier_detection;
+        Self::new(
+            endpoints,
+            metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
+            Outliers {
+                consecutive_failures: o.consecutive_failures,
+                base_ejection: o.base_ejection_time,
+                max_ejected_percent: o.max_ejected_percent,
+            },
+            metrics.endpoint_ejections.with_label_values(&[&u.name]),
+            u.load_balancing.latency_weighted,
+        )
+    }
+
     pub fn new(
         endpoints: Vec<(String, EndpointMetrics)>,
         cooldowns: IntCounter,
