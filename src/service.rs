@@ -100,6 +100,14 @@ pub trait Around: Clone + Send + Sync + 'static {
     fn into_layer(self) -> AroundLayer<Self> {
         AroundLayer(self)
     }
+
+    /// `inner` with this layer on top.
+    fn wrap<S>(&self, inner: S) -> Wrapped<Self, S> {
+        Wrapped {
+            around: self.clone(),
+            inner,
+        }
+    }
 }
 
 /// The tower layer of an [`Around`].
@@ -109,10 +117,7 @@ pub struct AroundLayer<A>(A);
 impl<A: Around, S> tower::Layer<S> for AroundLayer<A> {
     type Service = Wrapped<A, S>;
     fn layer(&self, inner: S) -> Wrapped<A, S> {
-        Wrapped {
-            around: self.0.clone(),
-            inner,
-        }
+        self.0.wrap(inner)
     }
 }
 

@@ -112,12 +112,8 @@ impl SharedState {
 /// One layer of a route's stack, boxed so optional layers compose in a list.
 type StackLayer = Box<dyn FnOnce(RouteService) -> RouteService>;
 
-fn boxed<L>(layer: L) -> StackLayer
-where
-    L: Layer<RouteService> + 'static,
-    L::Service: crate::service::ProxyService,
-{
-    Box::new(move |inner| RouteService::new(layer.layer(inner)))
+fn boxed(layer: impl Around) -> StackLayer {
+    Box::new(move |inner| RouteService::new(layer.into_layer().layer(inner)))
 }
 
 /// Builds one worker's stacks. Upstreams (and their connection pools) are the worker's own;
@@ -275,17 +271,19 @@ fn route_stack(
 
     let layers: [Option<StackLayer>; 7] = [
         // 4. rate limits, after the body limit: an oversized request costs no token
-        rate_limit.map(|l| boxed(l.into_layer())),
+        rate_limit.map(boxed),
         // LLM accounting, outside the cache so hits are accounted for too
         LlmLayer::new(r, metrics).map(boxed),
         // 5. cache and coalescing; then embeddings batching; then the upstream's
         //    concurrency limit (inside the cache: hits never take a slot, a merged call one)
         cache.map(boxed),
-        batch.map(boxed),
+        batch.map(|batch| -> StackLayer {
+            Box::new(move |inner| RouteService::new(batch.layer(inner)))
+        }),
         parts
             .concurrency
             .clone()
-            .map(|l| boxed(ConcurrencyLayer::new(l).into_layer())),
+            .map(|l| boxed(ConcurrencyLayer::new(l))),
         // 6. retries on another endpoint
         retries.map(boxed),
         // LLM first-token and token-gap limits, right around the upstream timeouts

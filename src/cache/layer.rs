@@ -22,6 +22,7 @@ use crate::http::body::{full, ProxyBody};
 use crate::http::headers;
 use crate::http::RequestMeta;
 use crate::metrics::Metrics;
+use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
@@ -29,9 +30,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use prometheus::IntCounter;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tower::{Layer, Service};
 
 pub const CACHE_HEADER: &str = "x-sidelight-cache";
 pub const CACHE_KEY_HEADER: &str = "x-sidelight-cache-key";
@@ -180,24 +179,6 @@ impl CacheLayer {
     }
 }
 
-impl<S> Layer<S> for CacheLayer {
-    type Service = Cache<S>;
-    fn layer(&self, inner: S) -> Cache<S> {
-        Cache {
-            inner,
-            policy: self.policy.clone(),
-            skip: self.skip,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Cache<S> {
-    inner: S,
-    policy: Arc<CachePolicy>,
-    skip: Option<fn(&ProxyRequest) -> bool>,
-}
-
 /// What the client asked for through its request headers.
 struct Controls {
     no_cache: bool,
@@ -273,24 +254,10 @@ impl CachePolicy {
     }
 }
 
-impl<S> Service<ProxyRequest> for Cache<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for CacheLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         if self.skip.is_some_and(|skip| skip(&req)) {
-            return self.inner.call(req);
+            return inner.call(req);
         }
         let policy = self.policy.clone();
         // A compressed body cannot be canonicalised or read as SQL: never guess.
@@ -299,9 +266,9 @@ where
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
         if encoded || !policy.eligible_method(req.method()) {
-            return policy.bypass(self.inner.call(req));
+            return policy.bypass(inner.call(req));
         }
-        let mut inner = self.inner.clone();
+        let mut inner = inner.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // The key needs the whole body; the body-limit layer outside bounds it.

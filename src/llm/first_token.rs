@@ -27,6 +27,7 @@ use crate::error::{ProxyError, StreamFault};
 use crate::http::body::ProxyBody;
 use crate::metrics::Metrics;
 use crate::proxy::timeout::IdleHold;
+use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::BoxError;
 use bytes::Bytes;
@@ -41,7 +42,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
-use tower::{Layer, Service};
 
 /// Past this much held before the first token, the response is released anyway (memory bound).
 const MAX_HELD_BYTES: usize = 1 << 20;
@@ -118,22 +118,6 @@ impl FirstTokenLayer {
             }),
         })
     }
-}
-
-impl<S> Layer<S> for FirstTokenLayer {
-    type Service = FirstToken<S>;
-    fn layer(&self, inner: S) -> FirstToken<S> {
-        FirstToken {
-            inner,
-            limits: self.limits.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct FirstToken<S> {
-    inner: S,
-    limits: Arc<Limits>,
 }
 
 /// Reads a stream's events as they pass.
@@ -231,22 +215,8 @@ impl Watch {
     }
 }
 
-impl<S> Service<ProxyRequest> for FirstToken<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: ProxyRequest) -> ProxyFuture {
+impl Around for FirstTokenLayer {
+    fn call<S: Inner>(&self, inner: &mut S, mut req: ProxyRequest) -> ProxyFuture {
         let limits = self.limits.clone();
         let started = Instant::now();
         let hold = limits.first_token.map(|_| {
@@ -260,7 +230,7 @@ where
                 .get::<crate::http::RequestMeta>()
                 .map(|m| m.upstream_wait.clone())
         });
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
             let sse = response
@@ -552,6 +522,7 @@ mod tests {
     use crate::service::RouteService;
     use http_body_util::StreamBody;
     use tokio::sync::mpsc;
+    use tower::Service;
 
     type Tx = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
@@ -604,7 +575,7 @@ mod tests {
         let layer =
             FirstTokenLayer::new(&route("{first_token_timeout: 5s}", "openai"), &metrics).unwrap();
         let (svc, mut txs) = upstream();
-        let mut svc = layer.layer(svc);
+        let mut svc = layer.wrap(svc);
         let call = tokio::spawn(svc.call(request()));
         let tx = txs.recv().await.unwrap();
         // Headers and a role-only chunk (no token) do not count.
@@ -630,7 +601,7 @@ mod tests {
         let layer =
             FirstTokenLayer::new(&route("{first_token_timeout: 5s}", "openai"), &metrics).unwrap();
         let (svc, mut txs) = upstream();
-        let mut svc = layer.layer(svc);
+        let mut svc = layer.wrap(svc);
         let call = tokio::spawn(svc.call(request()));
         let tx = txs.recv().await.unwrap();
         tx.send(data(ROLE)).await.unwrap();
@@ -649,7 +620,7 @@ mod tests {
         let layer =
             FirstTokenLayer::new(&route("{max_token_gap: 2s}", "anthropic"), &metrics).unwrap();
         let (svc, mut txs) = upstream();
-        let mut svc = layer.layer(svc);
+        let mut svc = layer.wrap(svc);
         let call = tokio::spawn(svc.call(request()));
         let tx = txs.recv().await.unwrap();
         let response = call.await.unwrap().unwrap();
@@ -704,7 +675,7 @@ mod tests {
         let metrics = Metrics::new();
         let layer = FirstTokenLayer::new(&route(llm, kind), &metrics).unwrap();
         let (svc, mut txs) = upstream();
-        let mut svc = layer.layer(svc);
+        let mut svc = layer.wrap(svc);
         let call = tokio::spawn(svc.call(request()));
         let tx = txs.recv().await.unwrap();
         for c in chunks {

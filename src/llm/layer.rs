@@ -18,7 +18,8 @@ use crate::http::body::{full, ProxyBody};
 use crate::http::RequestMeta;
 use crate::metrics::model_labels::{ModelLabels, UNKNOWN};
 use crate::metrics::{status_class, Metrics};
-use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
+use crate::service::{Around, Inner};
+use crate::service::{ProxyFuture, ProxyRequest};
 use crate::BoxError;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
@@ -30,7 +31,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
-use tower::{Layer, Service};
 
 /// The largest single stream event parsed; larger ones pass unparsed (usage events are small).
 const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -67,22 +67,6 @@ impl LlmLayer {
             }),
         })
     }
-}
-
-impl<S> Layer<S> for LlmLayer {
-    type Service = Llm<S>;
-    fn layer(&self, inner: S) -> Llm<S> {
-        Llm {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Llm<S> {
-    inner: S,
-    state: Arc<RouteState>,
 }
 
 /// What a request body says.
@@ -165,28 +149,14 @@ impl Source {
     }
 }
 
-impl<S> Service<ProxyRequest> for Llm<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
+impl Around for LlmLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
         // Model listings, file downloads...: nothing to account for.
         if req.method() != Method::POST {
-            return self.inner.call(req);
+            return inner.call(req);
         }
         let state = self.state.clone();
-        let mut inner = self.inner.clone();
+        let mut inner = inner.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             // The body-limit layer outside bounds what is buffered here.
@@ -620,6 +590,7 @@ mod tests {
     use crate::service::RouteService;
     use http_body_util::StreamBody;
     use std::sync::Mutex;
+    use tower::Service;
 
     fn route(kind: &str) -> RouteConfig {
         serde_yaml::from_str(&format!("{{name: r, upstream: u, kind: {kind}}}")).unwrap()
@@ -642,7 +613,7 @@ mod tests {
                         frames.push(Err("cut".into()));
                     }
                     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
-                    let mut response = ProxyResponse::new(body);
+                    let mut response = crate::service::ProxyResponse::new(body);
                     for (k, v) in headers {
                         response
                             .headers_mut()
@@ -657,7 +628,7 @@ mod tests {
     /// Sends `body` through the layer; returns what the client read and what the hooks got.
     async fn run(kind: &str, svc: RouteService, body: &'static str) -> (String, Vec<Usage>) {
         let metrics = Arc::new(Metrics::new());
-        let mut svc = LlmLayer::new(&route(kind), &metrics).unwrap().layer(svc);
+        let mut svc = LlmLayer::new(&route(kind), &metrics).unwrap().wrap(svc);
         let got = Arc::new(Mutex::new(Vec::new()));
         let mut req = http::Request::post("/v1/chat/completions")
             .body(full(body))

@@ -17,17 +17,16 @@ use crate::error::ProxyError;
 use crate::http::body::{full, read_whole};
 use crate::http::RequestMeta;
 use crate::metrics::Metrics;
+use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::balance::{requested_wait, Balancer, TriedEndpoints};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use prometheus::{IntCounter, IntCounterVec};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::{Layer, Service};
 
 struct RetryPolicy {
     upstream: Arc<str>,
@@ -107,39 +106,9 @@ pub fn budget(config: &crate::config::RetryBudgetConfig) -> Arc<TpsBudget> {
     ))
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Retry<S> {
-    inner: S,
-    policy: Arc<RetryPolicy>,
-}
-
-impl<S> Service<ProxyRequest> for Retry<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = ProxyError, Future = ProxyFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = ProxyFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: ProxyRequest) -> ProxyFuture {
-        let mut inner = self.inner.clone();
+impl Around for RetryLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
+        let mut inner = inner.clone();
         let policy = self.policy.clone();
         Box::pin(async move {
             policy.budget.deposit();
