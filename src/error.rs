@@ -20,6 +20,9 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A request sidelight cannot forward faithfully (a transfer coding other than chunked).
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
     #[error("request head larger than {limit} bytes or with more than {headers} header fields")]
     HeadersTooLarge { limit: usize, headers: usize },
     #[error("sidelight is overloaded ({limit} requests in flight)")]
@@ -147,6 +150,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::HeadersTooLarge { .. } => "request_headers_too_large",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
@@ -172,6 +176,7 @@ impl ProxyError {
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -210,6 +215,7 @@ impl ProxyError {
                 | ProxyError::BodyTooLarge { .. }
                 | ProxyError::ClientBody(_)
                 | ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::HeadersTooLarge { .. }
                 | ProxyError::Overloaded { .. }
                 | ProxyError::RateLimited { .. }

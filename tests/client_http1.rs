@@ -357,6 +357,46 @@ async fn request_smuggling_shapes_are_refused() {
 }
 
 #[tokio::test]
+async fn hosts_codings_and_chunk_lines_that_could_desync_are_refused() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let cases: [(&str, u16, &str); 5] = [
+        // RFC 9112 §3.2: HTTP/1.1 needs exactly one Host.
+        ("GET /r HTTP/1.1\r\n\r\n", 400, "bad_request"),
+        ("GET /r HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400, "bad_request"),
+        // A coding before chunked would be lost upstream: 501, as nginx answers.
+        (
+            "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "not_implemented",
+        ),
+        (
+            "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "not_implemented",
+        ),
+        // A bare LF inside a chunk extension.
+        (
+            "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n",
+            400,
+            "client_body_error",
+        ),
+    ];
+    for (request, status, kind) in cases {
+        let mut raw = Raw::connect(&proxy).await;
+        raw.send(request.as_bytes()).await;
+        let reply = raw.response(false).await;
+        assert_eq!(reply.status, status, "{request:?}: {reply:?}");
+        assert_eq!(reply.header("x-sidelight-error"), Some(kind), "{request:?}");
+    }
+    assert_eq!(up.request_count(), 0, "nothing reached the upstream");
+    // HTTP/1.0 may leave Host out.
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"GET /r HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw.response(false).await.status, 200);
+}
+
+#[tokio::test]
 async fn large_and_streamed_bodies_arrive_whole_and_the_connection_carries_on() {
     use http_body_util::{BodyExt, StreamBody};
     let big = "0123456789abcdef".repeat(64 * 1024);

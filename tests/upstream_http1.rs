@@ -173,6 +173,26 @@ async fn chunked_bodies_with_extensions_and_trailers_keep_the_connection() {
 }
 
 #[tokio::test]
+async fn chunked_wins_over_a_length_and_the_length_is_not_passed_on() {
+    // RFC 9112 §6.3: with both, the transfer coding frames the body.
+    let up = scripted(|_, _, _| {
+        Act::ReplyAndClose(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n",
+        )
+    })
+    .await;
+    let proxy = proxy_to(&up).await;
+    let answer = support::get(&proxy.url("/")).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.body.as_str()),
+        (200, "helloworld")
+    );
+    let length = answer.headers.get("content-length");
+    assert!(length.is_none_or(|l| l == "10"), "{length:?}");
+}
+
+#[tokio::test]
 async fn head_and_no_content_answers_have_no_body_whatever_their_length_says() {
     let up = scripted(|_, n, head| match n {
         _ if head.starts_with("HEAD") => {

@@ -360,8 +360,13 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<ResponseHe
         let spans = header_spans(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
         // Room for what the proxy adds on the way back (request ids, `date`).
-        let (headers, facts) = header_map(&head, &spans, 2).map_err(H1Error::Invalid)?;
+        let (mut headers, facts) = header_map(&head, &spans, 2).map_err(H1Error::Invalid)?;
         let (body, framing_closes) = body_kind(status, &headers, &facts, head_method)?;
+        if facts.transfer_encoding && facts.has_length() {
+            // RFC 9112 §6.3: a transfer coding overrides the length, which must not be passed
+            // on (the client would stop reading there).
+            headers.remove(CONTENT_LENGTH);
+        }
         let keep_alive = !framing_closes && facts.keep_alive(&headers, version);
         let mut response = Response::new(());
         *response.status_mut() = status;

@@ -229,6 +229,12 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String
     match *state {
         Chunk::Size => match httparse::parse_chunk_size(buf) {
             Ok(httparse::Status::Complete((used, size))) => {
+                // httparse ends a chunk line at a bare LF; a front proxy that reads the same
+                // bytes differently would desync (`5;a\nb\r\n`): only CRLF ends a line.
+                let line = &buf[..used];
+                if !line.ends_with(b"\r\n") || line[..used - 2].contains(&b'\n') {
+                    return Err("bare LF in a chunk size line".into());
+                }
                 buf.advance(used);
                 *state = if size == 0 {
                     Chunk::Trailers

@@ -27,7 +27,7 @@ use crate::service::{ProxyRequest, ProxyResponse};
 use crate::shutdown;
 use crate::BoxError;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -702,6 +702,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
     // Room for the forwarding headers and the request id added on the way upstream.
     let (headers, facts) = header_map(&head, &spans, 4).map_err(ProxyError::BadRequest)?;
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+    match (headers.get_all(HOST).iter().count(), version) {
+        (0, Version::HTTP_11) => return Err(ProxyError::BadRequest("missing Host header".into())),
+        (0 | 1, _) => {}
+        _ => return Err(ProxyError::BadRequest("more than one Host header".into())),
+    }
     let body = request_body_kind(&headers, &facts, version)?;
     let keep_alive = facts.keep_alive(&headers, version);
     let expect_continue = facts.expect
@@ -744,6 +750,19 @@ fn request_body_kind(
         if !chunked_is_final(headers) {
             return Err(ProxyError::BadRequest(
                 "transfer-encoding must end with chunked".into(),
+            ));
+        }
+        // Another coding before chunked (`gzip, chunked`) would be lost on the way upstream,
+        // which sidelight frames as plain chunked: refuse it, as nginx does.
+        let codings = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter(|c| !c.trim_ascii().is_empty())
+            .count();
+        if codings > 1 {
+            return Err(ProxyError::NotImplemented(
+                "transfer codings other than chunked are not forwarded".into(),
             ));
         }
         return Ok(BodyDecoder::Chunked(Chunk::Size));
@@ -1067,7 +1086,7 @@ mod tests {
             .unwrap();
         assert!(!h.keep_alive && matches!(h.body, BodyDecoder::Length(3)));
         let h =
-            head("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
+            head("POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
                 .unwrap()
                 .unwrap();
         assert!(h.expect_continue && matches!(h.body, BodyDecoder::Chunked(_)));
@@ -1076,7 +1095,8 @@ mod tests {
             head("GARBAGE\r\n\r\n"),
             Err(ProxyError::BadRequest(_))
         ));
-        let smuggled = "POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
+        let smuggled =
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
         assert!(matches!(head(smuggled), Err(ProxyError::BadRequest(_))));
         let big = format!(
             "GET / HTTP/1.1\r\nx: {}\r\n\r\n",
