@@ -3,9 +3,13 @@
 //! Every field is documented in `config/reference.yaml`. The rest of the crate only ever sees a
 //! [`Config`] that passed [`Config::from_yaml`] (which runs validation and expands `${VARS}`).
 
+mod postgres;
 mod units;
 mod validate;
 
+pub use postgres::{
+    AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
+};
 pub use units::{ByteSize, EnvString};
 pub use validate::FieldError;
 
@@ -49,6 +53,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The PostgreSQL pooler (off without listeners).
+    #[serde(default)]
+    pub postgres: PostgresConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -758,6 +765,10 @@ impl Config {
         }
     }
 
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.address).collect()
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
@@ -766,6 +777,7 @@ impl Config {
     /// and literal values of secret headers replaced.
     pub fn redacted_yaml(&self) -> String {
         let mut shown = self.clone();
+        shown.postgres.redact();
         for upstream in &mut shown.upstreams {
             for (name, value) in upstream.headers.iter_mut() {
                 if !value.uses_env() && self.is_secret_header(name) {

@@ -4,6 +4,8 @@
 //! every label comes from a closed set (configured route/upstream/listener names, status classes,
 //! a fixed list of methods and error kinds) so cardinality stays bounded.
 
+pub mod postgres;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -192,6 +194,8 @@ pub struct Metrics {
     >,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
+    /// The PostgreSQL pooler's family.
+    pub pg: postgres::PgMetrics,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -312,6 +316,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
                 g
             },
+            pg: postgres::PgMetrics::new(&r),
             registry: r,
         };
         m.build_info

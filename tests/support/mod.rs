@@ -2,6 +2,7 @@
 //! in-process from YAML (`proxy`), and client helpers. Every wait polls with a deadline.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod proxy;
 pub mod server;
 
