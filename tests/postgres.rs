@@ -539,18 +539,17 @@ async fn a_killed_server_backend_is_detected_and_replaced() {
         .get(0);
     pg().psql("postgres", &format!("select pg_terminate_backend({pid})"));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match b.query_one("select 9", &[]).await {
-            Ok(r) => {
-                assert_eq!(r.get::<_, i32>(0), 9);
-                break;
-            }
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "not recovered: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+    let gone = format!("select count(*) from pg_stat_activity where pid = {pid}");
+    while pg().psql("postgres", &gone) != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} still running"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The same client goes on: the dead idle connection is noticed at checkout and replaced.
+    let r = b.query_one("select 9", &[]).await.expect("recovered");
+    assert_eq!(r.get::<_, i32>(0), 9);
     let m = p.metrics().await;
     assert!(
         support::metric(
@@ -637,5 +636,63 @@ async fn psql_end_to_end() {
     assert!(
         !config.contains("alice-pw") && !config.contains("scram-pw") && !config.contains("bob-pw"),
         "{config}"
+    );
+}
+
+/// The dashboards' contract for the PostgreSQL family: every `sidelight_pg_*` name a dashboard
+/// queries is exported by a sidelight with a pool, and the names follow the conventions.
+#[tokio::test]
+async fn every_postgres_metric_a_dashboard_queries_is_exported() {
+    pg().create_db("t_dash", "app_scram");
+    let p = pooler(&pool("dash", "t_dash", "")).await;
+    let c = connect(&p, "dash").await;
+    c.simple_query("select 1").await.expect("q");
+    c.simple_query("select 1/0")
+        .await
+        .expect_err("an error, counted by class");
+    let text = p.metrics().await;
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (name, kind) = (parts.next()?, parts.next()?);
+            if name.starts_with("sidelight_pg_") {
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "{name}");
+                }
+                if kind == "histogram" {
+                    assert!(name.ends_with("_seconds"), "{name}");
+                }
+            }
+            Some(name.to_string())
+        })
+        .collect();
+    let re = regex::Regex::new(r"sidelight_pg_[a-z0-9_]+").expect("regex");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("dashboards") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        for m in re.find_iter(&text) {
+            let name = m.as_str();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| exported.contains(*b)))
+                .unwrap_or(name);
+            assert!(
+                exported.contains(family),
+                "{} queries {name}, not exported",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 14,
+        "only {checked} PostgreSQL metric references found"
     );
 }
