@@ -309,6 +309,12 @@ impl<'a> Session<'a> {
                 if self.client_done && self.s_ready == 0 {
                     return End::ClientLeft;
                 }
+                // Most writes succeed at once: no trip through the select for them.
+                if self.c_ready > 0 {
+                    if let Err(end) = self.write_server() {
+                        return end;
+                    }
+                }
             }
 
             let deadline = self.deadline();
@@ -331,15 +337,7 @@ impl<'a> Session<'a> {
                 }
                 r = self.client.writable(), if self.s_ready > 0 => {
                     if r.is_err() { return End::ClientLeft; }
-                    match self.client.try_write(&self.sbuf[..self.s_ready]) {
-                        Ok(n) => {
-                            self.sbuf.advance(n);
-                            self.s_ready -= n;
-                            self.pool.metrics.bytes_out.inc_by(n as u64);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return End::ClientLeft,
-                    }
+                    if let Err(end) = self.write_client() { return end; }
                 }
                 r = readable(server), if want_server_read => {
                     if r.is_err() { return self.server_lost(); }
@@ -347,22 +345,21 @@ impl<'a> Session<'a> {
                     self.sbuf.reserve(16 * 1024);
                     match lease.conn.stream.try_read_buf(&mut self.sbuf) {
                         Ok(0) => return self.server_lost(),
-                        Ok(_) => self.scan_server(),
+                        Ok(_) => {
+                            self.scan_server();
+                            if self.s_ready > 0 {
+                                if let Err(end) = self.write_client() {
+                                    return end;
+                                }
+                            }
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => return self.server_lost(),
                     }
                 }
                 r = writable(server), if server.is_some() && self.c_ready > 0 => {
                     if r.is_err() { return self.server_lost(); }
-                    let Some(lease) = self.server.as_ref() else { continue };
-                    match lease.conn.stream.try_write(&self.cbuf[..self.c_ready]) {
-                        Ok(n) => {
-                            self.cbuf.advance(n);
-                            self.c_ready -= n;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return self.server_lost(),
-                    }
+                    if let Err(end) = self.write_server() { return end; }
                 }
                 _ = sleep_until(deadline) => {
                     if let Some(end) = self.timed_out() { return end; }
@@ -371,6 +368,36 @@ impl<'a> Session<'a> {
                     self.draining = true;
                 }
             }
+        }
+    }
+
+    /// Writes what the client is owed, as far as the socket takes it now.
+    fn write_client(&mut self) -> Result<(), End> {
+        match self.client.try_write(&self.sbuf[..self.s_ready]) {
+            Ok(n) => {
+                self.sbuf.advance(n);
+                self.s_ready -= n;
+                self.pool.metrics.bytes_out.inc_by(n as u64);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(End::ClientLeft),
+        }
+    }
+
+    /// Writes scanned client messages to the server, as far as the socket takes them now.
+    fn write_server(&mut self) -> Result<(), End> {
+        let Some(lease) = self.server.as_ref() else {
+            return Ok(());
+        };
+        match lease.conn.stream.try_write(&self.cbuf[..self.c_ready]) {
+            Ok(n) => {
+                self.cbuf.advance(n);
+                self.c_ready -= n;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(self.server_lost()),
         }
     }
 
