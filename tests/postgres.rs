@@ -5,6 +5,7 @@ mod support;
 use std::time::Duration;
 use support::pg::pg;
 use support::proxy::{self, Proxy};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 /// sidelight with one pool `name` over server database `db`, as server user `server_user`.
@@ -694,5 +695,56 @@ async fn every_postgres_metric_a_dashboard_queries_is_exported() {
     assert!(
         checked >= 14,
         "only {checked} PostgreSQL metric references found"
+    );
+}
+
+/// Two workers: clients accepted on either share one process-wide pool; server connections
+/// opened on one worker's runtime serve clients of the other.
+#[tokio::test]
+async fn two_workers_share_one_pool() {
+    pg().create_db("t_workers", "app_scram");
+    let yaml = format!(
+        "runtime: {{ workers: 2 }}\npostgres:\n  listeners: [{{ address: \"127.0.0.1:0\" }}]\n  users: [{{ name: alice, password: alice-pw }}]\n  pools:\n{}",
+        pool("workers", "t_workers", ", pool_size: 2")
+    );
+    let p = proxy::start(&yaml).await;
+    let clients = futures_util::future::join_all((0..12).map(|_| connect(&p, "workers"))).await;
+    let work = clients.iter().enumerate().map(|(n, c)| async move {
+        for i in 0..20i32 {
+            // Unnamed statements (Parse/Bind/Execute/Sync at once): named ones are issue 16.
+            let row = c
+                .query_typed(
+                    "select $1::int + $2::int",
+                    &[(&i, Type::INT4), (&(n as i32), Type::INT4)],
+                )
+                .await
+                .expect("query")
+                .pop()
+                .expect("one row");
+            assert_eq!(row.get::<_, i32>(0), i + n as i32);
+        }
+    });
+    futures_util::future::join_all(work).await;
+    let m = p.metrics().await;
+    let open: f64 = ["active", "idle", "connecting"]
+        .iter()
+        .map(|s| {
+            support::metric(
+                &m,
+                "sidelight_pg_server_connections",
+                &[("pool", "workers"), ("state", s)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(open <= 2.0, "pool_size is process-wide: {open}");
+    assert!(
+        support::metric(
+            &m,
+            "sidelight_pg_server_connects_total",
+            &[("pool", "workers"), ("result", "ok")]
+        )
+        .unwrap_or(0.0)
+            <= 2.0
     );
 }
