@@ -748,3 +748,95 @@ async fn two_workers_share_one_pool() {
             <= 2.0
     );
 }
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads until `tag` arrives as a message type; returns all bytes read.
+async fn read_until_tag(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // Walk whole messages read so far.
+        let mut at = 0;
+        while out.len() >= at + 5 {
+            let len =
+                i32::from_be_bytes([out[at + 1], out[at + 2], out[at + 3], out[at + 4]]) as usize;
+            if out.len() < at + 1 + len {
+                break;
+            }
+            if out[at] == tag {
+                return out;
+            }
+            at += 1 + len;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(n > 0, "closed while waiting for {:?}", tag as char);
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Extended protocol with Flush and no Sync yet: the client is waiting for answers inside an
+/// unfinished request, so the server connection stays attached (PgBouncer #52/#759, pgcat
+/// #137 released it here); only the Sync's ReadyForQuery gives it back.
+#[tokio::test]
+async fn flush_without_sync_keeps_the_server_connection() {
+    use tokio::io::AsyncWriteExt;
+    pg().create_db("t_flush", "app_scram");
+    let p = pooler(&pool(
+        "flush",
+        "t_flush",
+        ", pool_size: 1, auth_type: trust",
+    ))
+    .await;
+    let mut s = raw_client(&p, "flush").await;
+    let mut batch = Vec::new();
+    batch.extend(msg(b'P', b"\0select 1\0\0\0")); // unnamed statement, no parameter types
+    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0")); // unnamed portal, no formats/params/results
+    batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(msg(b'H', b""));
+    s.write_all(&batch).await.expect("write");
+    let got = read_until_tag(&mut s, b'C').await; // CommandComplete, before any Sync
+    assert!(!got.contains(&b'Z'), "no ReadyForQuery before Sync");
+    // Still attached: another client has to wait.
+    let other = connect(&p, "flush").await;
+    let waiting =
+        tokio::spawn(async move { other.simple_query("select 2").await.map(|r| r.len()) });
+    p.assert_metric_eventually(
+        "sidelight_pg_client_connections",
+        &[("pool", "flush"), ("state", "waiting")],
+        1.0,
+    )
+    .await;
+    p.assert_metric_eventually(
+        "sidelight_pg_client_connections",
+        &[("pool", "flush"), ("state", "active")],
+        1.0,
+    )
+    .await;
+    // Another statement in the same unfinished request, then the Sync.
+    let mut more = Vec::new();
+    more.extend(msg(b'P', b"\0select 3\0\0\0"));
+    more.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    more.extend(msg(b'E', b"\0\0\0\0\0"));
+    more.extend(msg(b'S', b""));
+    s.write_all(&more).await.expect("write");
+    let got = read_until_tag(&mut s, b'Z').await;
+    assert!(
+        got.windows(1).any(|w| w == b"3"),
+        "second statement answered"
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("other client served")
+        .expect("join");
+    assert!(answered.is_ok(), "{answered:?}");
+}

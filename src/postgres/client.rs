@@ -258,6 +258,9 @@ impl<'a> Session<'a> {
             && !self.unsynced
             && self.c_ready == 0
             && self.c_rest == 0
+            // Nothing of a server message half read: the next server's bytes start afresh.
+            && self.s_rest == 0
+            && self.sbuf.len() == self.s_ready
     }
 
     async fn run(&mut self) -> End {
@@ -636,7 +639,8 @@ impl<'a> Session<'a> {
             && !self.unsynced
             && self.c_ready == 0
             && self.c_rest == 0
-            && self.s_rest == 0;
+            && self.s_rest == 0
+            && self.sbuf.len() == self.s_ready;
         if timed_out || !idle_clean {
             // A request is still running (or half sent): the connection cannot be reused.
             self.pool.discard(lease, reason);
