@@ -61,8 +61,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-as_user() {  # PostgreSQL and PgBouncer refuse root
-    if [[ $(id -u) -eq 0 ]]; then setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; else "$@"; fi
+as_user() {  # PostgreSQL and PgBouncer refuse root. exec: started with &, $! is the server's pid
+    if [[ $(id -u) -eq 0 ]]; then exec setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; else exec "$@"; fi
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {  # wait_port PORT NAME
@@ -76,7 +76,7 @@ wait_port() {  # wait_port PORT NAME
 
 PG_PORT=$(free_port); SL_PORT=$(free_port); SL_ADMIN=$(free_port); PB_PORT=$(free_port)
 log "PostgreSQL on $PG_PORT"
-as_user "$PGBIN/initdb" -D "$TMP/data" -U postgres --auth=trust --no-sync >"$TMP/initdb.log" 2>&1
+(as_user "$PGBIN/initdb" -D "$TMP/data" -U postgres --auth=trust --no-sync) >"$TMP/initdb.log" 2>&1
 as_user "$PGBIN/postgres" -D "$TMP/data" -p "$PG_PORT" -k "$TMP" -c listen_addresses=127.0.0.1 \
     -c max_connections=$((CLIENTS + 50)) -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off \
     >"$TMP/postgres.log" 2>&1 &
