@@ -114,7 +114,13 @@ impl Pool {
         loop {
             let next = {
                 let mut idle = lock(&self.idle);
-                let c = idle.pop_back();
+                // Most recently used first, preferring one this worker's runtime watches.
+                let me = std::thread::current().id();
+                let at = idle
+                    .iter()
+                    .rposition(|c| c.home == me)
+                    .or_else(|| idle.len().checked_sub(1));
+                let c = at.and_then(|i| idle.remove(i));
                 self.metrics.servers[1].set(idle.len() as i64);
                 c
             };

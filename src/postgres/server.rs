@@ -42,6 +42,9 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     pub backend_pid: i32,
     pub backend_key: i32,
+    /// The worker thread whose runtime watches this socket: clients on that worker get it
+    /// first, so its wake-ups stay on one thread.
+    pub home: std::thread::ThreadId,
 }
 
 /// Server messages in the startup phase and in our own exchanges are small.
@@ -162,6 +165,7 @@ impl ServerConn {
                         params,
                         backend_pid: pid,
                         backend_key: key,
+                        home: std::thread::current().id(),
                     });
                 }
                 other => return Err(ServerError::Unexpected(char::from(other))),
