@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Packages the integration tests start servers from (the PostgreSQL pooler and the Redis
-# shared tier will add `postgresql` and `redis-server` here).
-packages=()
+# Packages the integration tests start servers from: `postgresql` (initdb, postgres, psql) for
+# tests/postgres.rs (the Redis shared tier will add `redis-server` here).
+packages=(postgresql)
 missing=()
 for pkg in "${packages[@]+"${packages[@]}"}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

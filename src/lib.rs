@@ -12,6 +12,7 @@ pub mod http;
 pub mod http1;
 pub mod llm;
 pub mod metrics;
+pub mod postgres;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;

@@ -10,6 +10,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::postgres::PgShared;
 use crate::proxy::entry::Entry;
 use crate::proxy::listener::{self, ListenerTask};
 use crate::stack::{self, SharedState};
@@ -40,6 +41,8 @@ pub struct Sidelight;
 pub struct Running {
     /// Bound addresses, in the config's listener order (useful when the config says port 0).
     pub listeners: Vec<SocketAddr>,
+    /// Bound PostgreSQL listener addresses, in `postgres.listeners` order.
+    pub pg_listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub metrics: Arc<Metrics>,
     /// How many worker threads serve the listeners.
@@ -96,8 +99,19 @@ async fn serve_worker(
     sockets: Vec<TcpListener>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    pg: (Arc<PgShared>, Vec<TcpListener>),
 ) -> bool {
     let mut tasks = Vec::new();
+    let (pg_shared, pg_sockets) = pg;
+    for (l, socket) in config.postgres.listeners.iter().zip(pg_sockets) {
+        tasks.push(tokio::spawn(crate::postgres::listener::serve(
+            l.name.as_str().into(),
+            socket,
+            pg_shared.clone(),
+            stop.clone(),
+            config.shutdown.drain_timeout,
+        )));
+    }
     for (index, (l, listener)) in config.listeners.iter().zip(sockets).enumerate() {
         let task = ListenerTask {
             name: l.name.clone(),
@@ -143,22 +157,44 @@ impl Sidelight {
             listeners.push(addr);
             metrics.init_listener(&l.name);
         }
+        let mut pg_listeners = Vec::new();
+        let mut pg_sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+        for (i, l) in config.postgres.listeners.iter().enumerate() {
+            let field = format!("postgres.listeners[{i}].address");
+            let first = bind(&field, l.address)?;
+            let addr = local_addr(&field, &first, l.address)?;
+            pg_sockets[0].push(first);
+            for worker in pg_sockets.iter_mut().skip(1) {
+                worker.push(bind(&field, addr)?);
+            }
+            pg_listeners.push(addr);
+        }
+        let pg_shared = PgShared::new(&config.postgres, &metrics);
         let admin_listener = bind("admin.address", config.admin.address)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
         // After every bind: a start that fails leaves no probe running.
-        let health_tasks = crate::health::start(&config, &metrics, &shared.balancers())?;
+        let mut health_tasks = crate::health::start(&config, &metrics, &shared.balancers())?;
+        health_tasks.extend(pg_shared.start_maintenance());
 
         let (stop, stop_rx) = watch::channel(false);
         let mut sockets = sockets.into_iter();
         let own = sockets.next().unwrap_or_default();
+        let mut pg_sockets = pg_sockets.into_iter();
+        let pg_own = pg_sockets.next().unwrap_or_default();
         let mut worker_done = Vec::new();
-        for (n, worker_sockets) in sockets.enumerate() {
+        for (n, (worker_sockets, worker_pg)) in sockets.zip(pg_sockets).enumerate() {
             // Sockets must be registered with the runtime that polls them: hand them over as std.
             let std_sockets = worker_sockets
                 .into_iter()
                 .map(|s| s.into_std())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(StartError::Worker)?;
+            let std_pg = worker_pg
+                .into_iter()
+                .map(|s| s.into_std())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StartError::Worker)?;
+            let pg_shared = pg_shared.clone();
             let (done_tx, done_rx) = oneshot::channel();
             let (config, metrics, stop_rx, shared) = (
                 config.clone(),
@@ -169,7 +205,14 @@ impl Sidelight {
             std::thread::Builder::new()
                 .name(format!("sidelight-worker-{}", n + 1))
                 .spawn(move || {
-                    let clean = run_worker(config, metrics, std_sockets, stop_rx, shared);
+                    let clean = run_worker(
+                        config,
+                        metrics,
+                        (std_sockets, std_pg),
+                        stop_rx,
+                        shared,
+                        pg_shared,
+                    );
                     let _ = done_tx.send(clean);
                 })
                 .map_err(StartError::Worker)?;
@@ -181,7 +224,11 @@ impl Sidelight {
             own,
             metrics.clone(),
             stop_rx,
+            (pg_shared.clone(), pg_own),
         ))];
+        for (l, addr) in config.postgres.listeners.iter().zip(&pg_listeners) {
+            tracing::info!(listener = %l.name, address = %addr, workers, "postgres listening");
+        }
         for (l, addr) in config.listeners.iter().zip(&listeners) {
             tracing::info!(listener = %l.name, address = %addr, workers, "listening");
         }
@@ -209,12 +256,21 @@ impl Sidelight {
                     ))
                 })
                 .collect(),
+            sources: if config.postgres.pools.is_empty() {
+                Vec::new()
+            } else {
+                vec![(
+                    "postgres",
+                    pg_shared.clone() as Arc<dyn admin::StatusSource>,
+                )]
+            },
         });
         let (admin_stop, admin_stop_rx) = watch::channel(());
         let admin_task = tokio::spawn(admin::serve(admin_listener, state, admin_stop_rx));
         tracing::info!(address = %admin_addr, "admin listening");
         Ok(Running {
             listeners,
+            pg_listeners,
             admin: admin_addr,
             metrics,
             workers,
@@ -233,9 +289,10 @@ impl Sidelight {
 fn run_worker(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    sockets: Vec<std::net::TcpListener>,
+    (sockets, pg_sockets): (Vec<std::net::TcpListener>, Vec<std::net::TcpListener>),
     stop: watch::Receiver<bool>,
     shared: SharedState,
+    pg_shared: Arc<PgShared>,
 ) -> bool {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -257,8 +314,14 @@ fn run_worker(
             }
         };
         let mut listeners = Vec::new();
-        for socket in sockets {
+        let mut pg_listeners = Vec::new();
+        for (socket, pg) in sockets
+            .into_iter()
+            .map(|s| (s, false))
+            .chain(pg_sockets.into_iter().map(|s| (s, true)))
+        {
             match TcpListener::from_std(socket) {
+                Ok(l) if pg => pg_listeners.push(l),
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     tracing::error!(error = %e, "worker cannot register its socket");
@@ -266,7 +329,15 @@ fn run_worker(
                 }
             }
         }
-        serve_worker(config, entry, listeners, metrics, stop).await
+        serve_worker(
+            config,
+            entry,
+            listeners,
+            metrics,
+            stop,
+            (pg_shared, pg_listeners),
+        )
+        .await
     })
 }
 

@@ -13,6 +13,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// A part of sidelight that reports its own health to `/status` and `/readyz` (the PostgreSQL
+/// pools), without admin depending on it.
+pub trait StatusSource: Send + Sync {
+    /// Shown under the source's key in `/status`.
+    fn status(&self) -> serde_json::Value;
+    /// What is unhealthy, for `/readyz` (empty: all is well).
+    fn unhealthy(&self) -> Vec<String>;
+}
+
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
@@ -24,6 +33,8 @@ pub struct AdminState {
     pub routes: Vec<(String, String)>,
     /// Every upstream's balancer (endpoint health and load), in config order.
     pub balancers: Vec<(String, Arc<crate::upstream::balance::Balancer>)>,
+    /// Other health reporters by `/status` key (`postgres`).
+    pub sources: Vec<(&'static str, Arc<dyn StatusSource>)>,
 }
 
 impl AdminState {
@@ -151,20 +162,28 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                 })
                 .collect();
             let unhealthy = state.unhealthy_routes();
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "ready": state.ready.load(Ordering::Acquire) && unhealthy.is_empty(),
-                    "unhealthy_routes": unhealthy,
-                    "upstreams": upstreams,
-                    "cache": {
-                        "entries": entries,
-                        "bytes": bytes,
-                        "max_bytes": state.cache_max_bytes,
-                        "coalescing_in_flight": state.cache.coalescer.in_flight(),
-                    }
-                }),
-            )
+            let mut others = Vec::new();
+            let mut body = serde_json::Map::new();
+            for (key, source) in &state.sources {
+                others.extend(source.unhealthy());
+                body.insert((*key).to_string(), source.status());
+            }
+            let mut value = serde_json::json!({
+                "ready": state.ready.load(Ordering::Acquire) && unhealthy.is_empty() && others.is_empty(),
+                "unhealthy_routes": unhealthy,
+                "upstreams": upstreams,
+                "cache": {
+                    "entries": entries,
+                    "bytes": bytes,
+                    "max_bytes": state.cache_max_bytes,
+                    "coalescing_in_flight": state.cache.coalescer.in_flight(),
+                }
+            });
+            if let Some(obj) = value.as_object_mut() {
+                obj.extend(body);
+                obj.insert("unhealthy".into(), serde_json::json!(others));
+            }
+            json(StatusCode::OK, value)
         }
         "/metrics" => {
             state.refresh_health_gauges();
@@ -180,8 +199,19 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
             }
             let unhealthy = state.unhealthy_routes();
-            if unhealthy.is_empty() {
+            let others: Vec<String> = state
+                .sources
+                .iter()
+                .flat_map(|(_, s)| s.unhealthy())
+                .collect();
+            if unhealthy.is_empty() && others.is_empty() {
                 text(StatusCode::OK, "text/plain", "ready\n")
+            } else if unhealthy.is_empty() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: unhealthy {}\n", others.join(", ")),
+                )
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,

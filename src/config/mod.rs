@@ -3,6 +3,7 @@
 //! Every field is documented in `config/reference.yaml`. The rest of the crate only ever sees a
 //! [`Config`] that passed [`Config::from_yaml`] (which runs validation and expands `${VARS}`).
 
+mod postgres;
 mod units;
 mod validate;
 
@@ -18,6 +19,9 @@ mod upstreams;
 pub use cache::*;
 pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset, ReadMethod};
 pub use llm::*;
+pub use postgres::{
+    AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
+};
 pub use process::*;
 pub use rate::{Rate, RateLimitKey, RatePeriod};
 pub use routes::*;
@@ -66,6 +70,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The PostgreSQL pooler (off without listeners).
+    #[serde(default)]
+    pub postgres: PostgresConfig,
 }
 
 impl Config {
@@ -105,6 +112,10 @@ impl Config {
         }
     }
 
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.address).collect()
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
@@ -113,6 +124,7 @@ impl Config {
     /// and literal values of secret headers replaced.
     pub fn redacted_yaml(&self) -> String {
         let mut shown = self.clone();
+        shown.postgres.redact();
         for upstream in &mut shown.upstreams {
             for (name, value) in upstream.headers.iter_mut() {
                 if !value.uses_env() && self.is_secret_header(name) {

@@ -55,6 +55,8 @@ pub(super) fn validate(
     check_log(config, &mut errs);
     check_upstreams(config, env, &mut errs);
     check_routes(config, &mut errs);
+    errs.0
+        .extend(config.postgres.validate(env, &config.http_addrs()));
     if config.runtime.workers > 256 {
         errs.add("runtime.workers", "at most 256 (0 means one per CPU)");
     }
@@ -271,7 +273,7 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
     let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let mut route_names = HashSet::new();
     let mut matchers = HashSet::new();
-    if config.routes.is_empty() {
+    if config.routes.is_empty() && config.postgres.listeners.is_empty() {
         errs.add("routes", "at least one route is required");
     }
     for (i, route) in config.routes.iter_mut().enumerate() {

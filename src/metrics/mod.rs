@@ -5,6 +5,7 @@
 //! a fixed list of methods and error kinds) so cardinality stays bounded.
 
 pub mod model_labels;
+pub mod postgres;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -196,6 +197,8 @@ pub struct Metrics {
     >,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
+    /// The PostgreSQL pooler's family.
+    pub pg: postgres::PgMetrics,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -318,6 +321,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
                 g
             },
+            pg: postgres::PgMetrics::new(&r),
             registry: r,
         };
         m.build_info

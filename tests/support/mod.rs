@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod config;
+pub mod pg;
 pub mod proxy;
 pub mod server;
 

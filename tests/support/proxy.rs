@@ -58,6 +58,14 @@ impl Proxy {
         format!("http://{}{}", running.listeners[index], path)
     }
 
+    /// Bound PostgreSQL listener addresses.
+    pub fn pg_listeners(&self) -> Vec<std::net::SocketAddr> {
+        self.running
+            .as_ref()
+            .map(|r| r.pg_listeners.clone())
+            .unwrap_or_default()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }

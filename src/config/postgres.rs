@@ -1,0 +1,356 @@
+//! The `postgres:` section: the PostgreSQL pooler's listeners, client users and pools. Names
+//! follow PgBouncer where a user would look for them (`pool_mode`, `pool_size`,
+//! `query_wait_timeout`, `server_lifetime`, ...). Validated here, by field path.
+
+use super::{ByteSize, EnvString, FieldError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Where clients connect with the PostgreSQL protocol (none: the pooler is off).
+    #[serde(default)]
+    pub listeners: Vec<PgListenerConfig>,
+    /// The users clients authenticate as (user name and password, `${VARS}` allowed).
+    #[serde(default)]
+    pub users: Vec<PgUserConfig>,
+    /// Client messages larger than this end that client with a protocol error.
+    #[serde(default = "default_max_message")]
+    pub max_client_message_bytes: ByteSize,
+    /// Pools by the database name clients connect with.
+    #[serde(default)]
+    pub pools: Vec<PgPoolConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgListenerConfig {
+    #[serde(default = "default_pg_listener_name")]
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgUserConfig {
+    pub name: String,
+    /// Plain text (needed for md5), or a `SCRAM-SHA-256$...` verifier as in `pg_authid`
+    /// (scram-sha-256 only). Never shown by `/config` unless written as `${VAR}`.
+    pub password: EnvString,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per transaction (the default).
+    Transaction,
+    /// A server connection per client connection, reset with `DISCARD ALL` before reuse.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password asked: local development only.
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgPoolConfig {
+    /// The database name clients connect with.
+    pub name: String,
+    /// Server addresses (`host:port`), tried in order.
+    pub servers: Vec<EnvString>,
+    /// The server database (default: the pool name).
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Server credentials; `${VARS}` allowed.
+    pub user: EnvString,
+    #[serde(default = "empty_password")]
+    pub password: EnvString,
+    /// How clients of this pool authenticate.
+    #[serde(default = "default_auth_type")]
+    pub auth_type: AuthType,
+    #[serde(default = "default_pool_mode", alias = "mode")]
+    pub pool_mode: PoolMode,
+    /// Most server connections open at once, across all workers.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Idle server connections kept open (and opened ahead of demand).
+    #[serde(default)]
+    pub min_idle: usize,
+    /// A client waiting longer than this for a server connection gets SQLSTATE 53300.
+    #[serde(default = "default_query_wait", with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// A request (query or sync) unanswered for this long ends the client with 57014; 0s: off.
+    #[serde(default, with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// A client idle inside a transaction for this long is ended with 25P03; 0s: off.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// Idle server connections past this are closed (down to `min_idle`).
+    #[serde(default = "default_server_idle", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Server connections older than this are closed when next released.
+    #[serde(default = "default_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// A connection idle longer than this is checked with an empty query before reuse.
+    #[serde(default = "default_check_delay", with = "humantime_serde")]
+    pub server_check_delay: Duration,
+}
+
+impl PgPoolConfig {
+    pub fn server_dbname(&self) -> &str {
+        self.dbname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            listeners: Vec::new(),
+            users: Vec::new(),
+            max_client_message_bytes: default_max_message(),
+            pools: Vec::new(),
+        }
+    }
+}
+
+fn default_max_message() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_pg_listener_name() -> String {
+    "postgres".into()
+}
+fn empty_password() -> EnvString {
+    EnvString::literal("")
+}
+fn default_auth_type() -> AuthType {
+    AuthType::ScramSha256
+}
+fn default_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_query_wait() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_server_idle() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_check_delay() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl PostgresConfig {
+    /// Checks and expands `${VARS}`; every problem by its path under `postgres`.
+    pub fn validate(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        http_addrs: &[SocketAddr],
+    ) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut add = |path: String, msg: String| errs.push(FieldError::new(path, msg));
+        let mut names = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !names.insert(l.name.clone()) {
+                add(
+                    format!("postgres.listeners[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+            if l.address.port() != 0 && http_addrs.contains(&l.address) {
+                add(
+                    format!("postgres.listeners[{i}].address"),
+                    format!("{} is also an HTTP listener", l.address),
+                );
+            }
+        }
+        let mut users = HashSet::new();
+        for (i, u) in self.users.iter_mut().enumerate() {
+            if u.name.is_empty() {
+                add(
+                    format!("postgres.users[{i}].name"),
+                    "must not be empty".into(),
+                );
+            } else if !users.insert(u.name.clone()) {
+                add(
+                    format!("postgres.users[{i}].name"),
+                    format!("duplicate user {:?}", u.name),
+                );
+            }
+            if let Err(e) = u.password.expand(env) {
+                add(format!("postgres.users[{i}].password"), e);
+            }
+        }
+        if self.max_client_message_bytes.0 < 1024 {
+            add(
+                "postgres.max_client_message_bytes".into(),
+                "at least 1KiB".into(),
+            );
+        }
+        let mut pools = HashSet::new();
+        for (i, p) in self.pools.iter_mut().enumerate() {
+            let at = format!("postgres.pools[{i}]");
+            if p.name.is_empty() {
+                add(format!("{at}.name"), "must not be empty".into());
+            } else if !pools.insert(p.name.clone()) {
+                add(format!("{at}.name"), format!("duplicate pool {:?}", p.name));
+            }
+            if p.servers.is_empty() {
+                add(
+                    format!("{at}.servers"),
+                    "at least one server address (host:port) is required".into(),
+                );
+            }
+            for (j, s) in p.servers.iter_mut().enumerate() {
+                let path = format!("{at}.servers[{j}]");
+                if let Err(e) = s.expand(env) {
+                    add(path, e);
+                } else if !valid_host_port(&s.value) {
+                    add(path, format!("{:?} is not host:port", s.value));
+                }
+            }
+            if let Err(e) = p.user.expand(env) {
+                add(format!("{at}.user"), e);
+            } else if p.user.value.is_empty() {
+                add(format!("{at}.user"), "must not be empty".into());
+            }
+            if let Err(e) = p.password.expand(env) {
+                add(format!("{at}.password"), e);
+            }
+            if p.pool_size == 0 {
+                add(format!("{at}.pool_size"), "must be at least 1".into());
+            }
+            if p.min_idle > p.pool_size {
+                add(
+                    format!("{at}.min_idle"),
+                    format!("more than pool_size ({})", p.pool_size),
+                );
+            }
+            for (field, d) in [
+                ("query_wait_timeout", p.query_wait_timeout),
+                ("server_connect_timeout", p.server_connect_timeout),
+                ("server_idle_timeout", p.server_idle_timeout),
+                ("server_lifetime", p.server_lifetime),
+            ] {
+                if d.is_zero() {
+                    add(format!("{at}.{field}"), "must be more than 0s".into());
+                }
+            }
+            if p.auth_type == AuthType::Md5 {
+                for (k, u) in self.users.iter().enumerate() {
+                    if u.password.value.starts_with("SCRAM-SHA-256$") {
+                        add(
+                            format!("postgres.users[{k}].password"),
+                            format!(
+                                "a SCRAM verifier cannot be used by pool {:?} (auth_type md5)",
+                                p.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if !self.listeners.is_empty() && self.pools.is_empty() {
+            add(
+                "postgres.pools".into(),
+                "at least one pool is required with a listener".into(),
+            );
+        }
+        errs
+    }
+
+    /// Literal passwords replaced for `/config` (`${VAR}` templates are shown as written).
+    pub fn redact(&mut self) {
+        let hide = |s: &mut EnvString| {
+            if !s.uses_env() && !s.template.is_empty() {
+                *s = EnvString::literal("<redacted>");
+            }
+        };
+        for u in &mut self.users {
+            hide(&mut u.password);
+        }
+        for p in &mut self.pools {
+            hide(&mut p.password);
+        }
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml, &|n| (n == "PW").then(|| "secret".into())) {
+            Ok(_) => Vec::new(),
+            Err(crate::config::ConfigError::Invalid(e)) => {
+                e.iter().map(ToString::to_string).collect()
+            }
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn fields_are_checked_by_path() {
+        let errs = errors(
+            "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: \"${MISSING}\" }]\n  pools:\n    - { name: db, servers: [\"nohost\"], user: u, pool_size: 0 }\n",
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.users[0].password")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.pools[0].servers[0]")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.pools[0].pool_size")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let config = Config::from_yaml(
+            "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: hunter2 }, { name: b, password: \"${PW}\" }]\n  pools:\n    - { name: db, servers: [\"127.0.0.1:5432\"], user: u, password: topsecret }\n",
+            &|n| (n == "PW").then(|| "secret".into()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let yaml = config.redacted_yaml();
+        assert!(
+            !yaml.contains("hunter2") && !yaml.contains("topsecret"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("secret\n"), "{yaml}");
+        assert!(yaml.contains("${PW}"), "{yaml}");
+    }
+}

@@ -1,0 +1,194 @@
+//! The PostgreSQL pooler's metric family, `sidelight_pg_*`. Labels: `pool` (configured pool
+//! names), `listener` (configured listener names) and closed sets defined here.
+
+use super::{counter, gauge, histogram};
+use prometheus::{
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
+
+/// Waiting for a server connection: from microseconds (an idle one) to the wait timeout.
+pub const PG_WAIT_BUCKETS: &[f64] = &[
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+/// Queries: sub-millisecond point reads to minutes-long reports.
+pub const PG_QUERY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+pub const PG_CLIENT_STATES: [&str; 3] = ["active", "waiting", "idle"];
+pub const PG_SERVER_STATES: [&str; 3] = ["active", "idle", "connecting"];
+/// Why a server connection was closed.
+pub const PG_DISCONNECT_REASONS: [&str; 7] = [
+    "idle_timeout",
+    "lifetime",
+    "server_closed",
+    "check_failed",
+    "client_gone",
+    "timeout",
+    "error",
+];
+pub const PG_TIMEOUT_KINDS: [&str; 4] =
+    ["query_wait", "query", "idle_transaction", "server_connect"];
+/// Why a client was ended for its input.
+pub const PG_PROTOCOL_ERROR_KINDS: [&str; 4] =
+    ["malformed", "oversized", "unknown_message", "startup"];
+/// SQLSTATE classes are two characters from a fixed alphabet; anything else counts as `other`.
+pub const PG_AUTH_METHODS: [&str; 3] = ["scram-sha-256", "md5", "trust"];
+
+pub struct PgMetrics {
+    pub client_connections: IntGaugeVec,
+    pub clients_accepted: IntCounterVec,
+    pub server_connections: IntGaugeVec,
+    pub wait: HistogramVec,
+    pub transaction_duration: HistogramVec,
+    pub query_duration: HistogramVec,
+    pub transactions: IntCounterVec,
+    pub queries: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub server_connects: IntCounterVec,
+    pub server_disconnects: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub timeouts: IntCounterVec,
+    pub protocol_errors: IntCounterVec,
+    pub pool_healthy: IntGaugeVec,
+}
+
+impl PgMetrics {
+    pub(super) fn new(r: &Registry) -> PgMetrics {
+        PgMetrics {
+            client_connections: gauge(r, "sidelight_pg_client_connections", "PostgreSQL client connections, by state: active (holding a server connection), waiting (for one), idle.", &["pool", "state"]),
+            clients_accepted: counter(r, "sidelight_pg_client_connections_total", "PostgreSQL client connections accepted, by listener.", &["listener"]),
+            server_connections: gauge(r, "sidelight_pg_server_connections", "Server connections, by state: active (attached to a client), idle (in the pool), connecting.", &["pool", "state"]),
+            wait: histogram(r, "sidelight_pg_wait_seconds", "Time a client waited for a server connection.", &["pool"], PG_WAIT_BUCKETS),
+            transaction_duration: histogram(r, "sidelight_pg_transaction_duration_seconds", "Time from a transaction's first request to the server reporting idle again.", &["pool"], PG_QUERY_BUCKETS),
+            query_duration: histogram(r, "sidelight_pg_query_duration_seconds", "Time from a request (simple Query or extended-protocol Sync) to its ReadyForQuery.", &["pool"], PG_QUERY_BUCKETS),
+            transactions: counter(r, "sidelight_pg_transactions_total", "Transactions completed (server back to idle).", &["pool"]),
+            queries: counter(r, "sidelight_pg_queries_total", "Requests answered (simple Query or extended-protocol Sync).", &["pool"]),
+            errors: counter(r, "sidelight_pg_errors_total", "ErrorResponses sent to clients, by SQLSTATE class (first two characters).", &["pool", "class"]),
+            bytes: counter(r, "sidelight_pg_bytes_total", "Protocol bytes, by direction: in (from clients), out (to clients).", &["pool", "direction"]),
+            server_connects: counter(r, "sidelight_pg_server_connects_total", "Server connection attempts, by result: ok or error.", &["pool", "result"]),
+            server_disconnects: counter(r, "sidelight_pg_server_disconnects_total", "Server connections closed, by reason.", &["pool", "reason"]),
+            auth_failures: counter(r, "sidelight_pg_auth_failures_total", "Client authentications refused, by method.", &["pool", "method"]),
+            timeouts: counter(r, "sidelight_pg_timeouts_total", "PostgreSQL timeouts hit, by kind: query_wait, query, idle_transaction, server_connect.", &["pool", "kind"]),
+            protocol_errors: counter(r, "sidelight_pg_protocol_errors_total", "PostgreSQL clients ended for bad input, by kind.", &["listener", "kind"]),
+            pool_healthy: gauge(r, "sidelight_pg_pool_healthy", "1 when the pool's server accepts connections (last attempt succeeded), else 0.", &["pool"]),
+        }
+    }
+
+    /// Creates every series of a pool up front, so dashboards see zeros before the first event.
+    pub fn init_pool(&self, pool: &str) {
+        for s in PG_CLIENT_STATES {
+            self.client_connections.with_label_values(&[pool, s]);
+        }
+        for s in PG_SERVER_STATES {
+            self.server_connections.with_label_values(&[pool, s]);
+        }
+        self.wait.with_label_values(&[pool]);
+        self.transaction_duration.with_label_values(&[pool]);
+        self.query_duration.with_label_values(&[pool]);
+        self.transactions.with_label_values(&[pool]);
+        self.queries.with_label_values(&[pool]);
+        for d in ["in", "out"] {
+            self.bytes.with_label_values(&[pool, d]);
+        }
+        for r in ["ok", "error"] {
+            self.server_connects.with_label_values(&[pool, r]);
+        }
+        for r in PG_DISCONNECT_REASONS {
+            self.server_disconnects.with_label_values(&[pool, r]);
+        }
+        for m in PG_AUTH_METHODS {
+            self.auth_failures.with_label_values(&[pool, m]);
+        }
+        for k in PG_TIMEOUT_KINDS {
+            self.timeouts.with_label_values(&[pool, k]);
+        }
+        self.pool_healthy.with_label_values(&[pool]).set(1);
+    }
+
+    pub fn init_listener(&self, listener: &str) {
+        self.clients_accepted.with_label_values(&[listener]);
+        for k in PG_PROTOCOL_ERROR_KINDS {
+            self.protocol_errors.with_label_values(&[listener, k]);
+        }
+    }
+
+    /// The children a client session touches per message, resolved once per pool.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let state = |s| self.client_connections.with_label_values(&[pool, s]);
+        let server = |s| self.server_connections.with_label_values(&[pool, s]);
+        PoolMetrics {
+            clients: [state("active"), state("waiting"), state("idle")],
+            servers: [server("active"), server("idle"), server("connecting")],
+            wait: self.wait.with_label_values(&[pool]),
+            transaction: self.transaction_duration.with_label_values(&[pool]),
+            query: self.query_duration.with_label_values(&[pool]),
+            transactions: self.transactions.with_label_values(&[pool]),
+            queries: self.queries.with_label_values(&[pool]),
+            bytes_in: self.bytes.with_label_values(&[pool, "in"]),
+            bytes_out: self.bytes.with_label_values(&[pool, "out"]),
+            connect_ok: self.server_connects.with_label_values(&[pool, "ok"]),
+            connect_error: self.server_connects.with_label_values(&[pool, "error"]),
+            healthy: self.pool_healthy.with_label_values(&[pool]),
+            errors: self.errors.clone(),
+            disconnects: self.server_disconnects.clone(),
+            auth_failures: self.auth_failures.clone(),
+            timeouts: self.timeouts.clone(),
+            pool: pool.to_string(),
+        }
+    }
+}
+
+/// One pool's series.
+pub struct PoolMetrics {
+    /// active, waiting, idle
+    pub clients: [IntGauge; 3],
+    /// active, idle, connecting
+    pub servers: [IntGauge; 3],
+    pub wait: Histogram,
+    pub transaction: Histogram,
+    pub query: Histogram,
+    pub transactions: IntCounter,
+    pub queries: IntCounter,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub connect_ok: IntCounter,
+    pub connect_error: IntCounter,
+    pub healthy: IntGauge,
+    errors: IntCounterVec,
+    disconnects: IntCounterVec,
+    auth_failures: IntCounterVec,
+    timeouts: IntCounterVec,
+    pool: String,
+}
+
+impl PoolMetrics {
+    /// Counts an ErrorResponse by its SQLSTATE class.
+    pub fn error(&self, sqlstate: &[u8]) {
+        let class = match sqlstate {
+            [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => {
+                [a.to_ascii_uppercase(), b.to_ascii_uppercase()]
+            }
+            _ => *b"??",
+        };
+        let class = std::str::from_utf8(&class).unwrap_or("??");
+        let class = if class == "??" { "other" } else { class };
+        self.errors.with_label_values(&[&self.pool, class]).inc();
+    }
+    pub fn disconnect(&self, reason: &'static str) {
+        self.disconnects
+            .with_label_values(&[&self.pool, reason])
+            .inc();
+    }
+    pub fn auth_failure(&self, method: &'static str) {
+        self.auth_failures
+            .with_label_values(&[&self.pool, method])
+            .inc();
+    }
+    pub fn timeout(&self, kind: &'static str) {
+        self.timeouts.with_label_values(&[&self.pool, kind]).inc();
+    }
+}

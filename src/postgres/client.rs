@@ -1,0 +1,689 @@
+//! One client session: startup, authentication, then the pooling loop.
+//!
+//! Both byte streams are scanned header to header (type byte + length) and passed on as they
+//! arrive; only ReadyForQuery and small ErrorResponses from the server are looked into. In
+//! transaction mode the server connection goes back to the pool when the server reports idle
+//! (`ReadyForQuery 'I'`) **and** every request the client sent has been answered: each simple
+//! Query, FunctionCall and Sync expects one ReadyForQuery, counted in `pending`; Parse, Bind,
+//! Describe, Execute and Close sent after the last Sync (answered only on a later Sync or
+//! Flush) keep the connection attached too (`unsynced`).
+
+use super::auth::{self, AuthError};
+use super::errors::{sqlstate, PgError};
+use super::messages::{self, FrameError, Startup};
+use super::pool::{AcquireError, Lease, Pool};
+use super::PgShared;
+use crate::config::PoolMode;
+use crate::metrics::postgres::PoolMetrics;
+use bytes::{Buf, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Read no more from one side while this much is waiting to be written to the other.
+const BUFFER_HIGH: usize = 64 * 1024;
+/// An ErrorResponse up to this size is read whole for its SQLSTATE.
+const MAX_ERROR_SCAN: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client: {0}")]
+    Client(FrameError),
+    #[error("{0}")]
+    Reported(PgError),
+}
+
+/// Serves one accepted client until it leaves.
+pub async fn serve(
+    shared: Arc<PgShared>,
+    listener: Arc<str>,
+    mut stream: TcpStream,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let pg = &shared.metrics.pg;
+    let params = match startup(&mut stream).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(e) => {
+            pg.protocol_errors
+                .with_label_values(&[&listener, kind_of(&e)])
+                .inc();
+            let _ = stream
+                .write_all(&PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).bytes())
+                .await;
+            return;
+        }
+    };
+    let user = Startup::param(&params, "user").unwrap_or_default();
+    let database = Startup::param(&params, "database").unwrap_or_else(|| user.clone());
+    let Some(pool) = shared.pools.get(&database).cloned() else {
+        let e = PgError::fatal(
+            sqlstate::UNKNOWN_DATABASE,
+            format!("database \"{database}\" does not exist"),
+        );
+        let _ = stream.write_all(&e.bytes()).await;
+        return;
+    };
+    let method = pool.config.auth_type;
+    match auth::authenticate(&mut stream, method, &shared.users, &user).await {
+        Ok(()) => {}
+        Err(AuthError::Refused(e)) => {
+            pool.metrics.auth_failure(method_label(method));
+            tracing::info!(pool = %pool.name, user = %user, "client authentication failed");
+            let _ = stream.write_all(&e.bytes()).await;
+            return;
+        }
+        Err(AuthError::Frame(e)) => {
+            pool.metrics.auth_failure(method_label(method));
+            if !matches!(e, FrameError::Closed) {
+                pg.protocol_errors
+                    .with_label_values(&[&listener, kind_of(&e)])
+                    .inc();
+            }
+            return;
+        }
+    }
+    // Clients expect the server's parameters (server_version, encodings) at startup.
+    if !pool.has_params() {
+        match pool.acquire().await {
+            Ok(lease) => pool.release(lease),
+            Err(e) => {
+                let _ = stream.write_all(&acquire_error(&e).bytes()).await;
+                return;
+            }
+        }
+    }
+    let mut out = BytesMut::with_capacity(512);
+    messages::auth_request(&mut out, 0, &[]);
+    for (k, v) in pool.params() {
+        messages::parameter_status(&mut out, &k, &v);
+    }
+    let key = uuid::Uuid::new_v4();
+    let key = key.as_bytes();
+    messages::backend_key(
+        &mut out,
+        i32::from_be_bytes([key[0], key[1], key[2], key[3]]) & i32::MAX,
+        i32::from_be_bytes([key[4], key[5], key[6], key[7]]),
+    );
+    messages::ready_for_query(&mut out, b'I');
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let mut session = Session::new(&pool, stream, shared.max_message, stop);
+    let result = session.run().await;
+    session.finish(result, &listener, pg).await;
+}
+
+async fn startup(stream: &mut TcpStream) -> Result<Option<Vec<(String, String)>>, FrameError> {
+    for _ in 0..3 {
+        match messages::read_startup(stream).await {
+            Ok(Startup::Ssl) | Ok(Startup::GssEnc) => stream.write_all(b"N").await?,
+            // Cancel requests are forwarded in a later step; for now they are dropped.
+            Ok(Startup::Cancel { .. }) => return Ok(None),
+            Ok(Startup::Start { params }) => return Ok(Some(params)),
+            Err(FrameError::Closed) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(FrameError::Malformed("too many negotiation requests"))
+}
+
+fn kind_of(e: &FrameError) -> &'static str {
+    match e {
+        FrameError::Oversized(_) => "oversized",
+        FrameError::Malformed(_) => "malformed",
+        _ => "startup",
+    }
+}
+
+fn method_label(m: crate::config::AuthType) -> &'static str {
+    match m {
+        crate::config::AuthType::ScramSha256 => "scram-sha-256",
+        crate::config::AuthType::Md5 => "md5",
+        crate::config::AuthType::Trust => "trust",
+    }
+}
+
+fn acquire_error(e: &AcquireError) -> PgError {
+    match e {
+        AcquireError::WaitTimeout(_) => PgError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!("query_wait_timeout: {e}"),
+        ),
+        AcquireError::ConnectTimeout(_) | AcquireError::Connect(_) => {
+            PgError::fatal(sqlstate::CANNOT_CONNECT, e.to_string())
+        }
+    }
+}
+
+/// Tracks the client's state gauge (active, waiting, idle).
+struct ClientGauge<'a> {
+    metrics: &'a PoolMetrics,
+    state: usize,
+}
+
+impl<'a> ClientGauge<'a> {
+    fn new(metrics: &'a PoolMetrics) -> Self {
+        metrics.clients[2].inc();
+        ClientGauge { metrics, state: 2 }
+    }
+    fn set(&mut self, state: usize) {
+        if state != self.state {
+            self.metrics.clients[self.state].dec();
+            self.metrics.clients[state].inc();
+            self.state = state;
+        }
+    }
+}
+
+impl Drop for ClientGauge<'_> {
+    fn drop(&mut self) {
+        self.metrics.clients[self.state].dec();
+    }
+}
+
+struct Session<'a> {
+    pool: &'a Pool,
+    client: TcpStream,
+    max_message: usize,
+    stop: watch::Receiver<bool>,
+    draining: bool,
+    gauge: ClientGauge<'a>,
+    server: Option<Lease>,
+    /// Client bytes read; the first `c_ready` are scanned and go to the server next.
+    cbuf: BytesMut,
+    c_ready: usize,
+    /// Body bytes of the current client message not yet scanned.
+    c_rest: usize,
+    /// Server bytes read; the first `s_ready` are scanned and go to the client next.
+    sbuf: BytesMut,
+    s_ready: usize,
+    s_rest: usize,
+    /// When each request still awaiting its ReadyForQuery was sent.
+    pending: VecDeque<Instant>,
+    unsynced: bool,
+    /// The server's last transaction status: I, T or E.
+    status: u8,
+    txn_start: Option<Instant>,
+    last_client_activity: Instant,
+    client_done: bool,
+}
+
+enum End {
+    /// The client sent Terminate or closed its side.
+    ClientLeft,
+    /// sidelight ends the client with this error.
+    Fatal(PgError, &'static str),
+    ProtocolError(FrameError, &'static str),
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        pool: &'a Pool,
+        client: TcpStream,
+        max_message: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let draining = *stop.borrow();
+        Session {
+            pool,
+            client,
+            max_message,
+            draining,
+            stop,
+            gauge: ClientGauge::new(&pool.metrics),
+            server: None,
+            cbuf: BytesMut::with_capacity(8 * 1024),
+            c_ready: 0,
+            c_rest: 0,
+            sbuf: BytesMut::with_capacity(16 * 1024),
+            s_ready: 0,
+            s_rest: 0,
+            pending: VecDeque::with_capacity(16),
+            unsynced: false,
+            status: b'I',
+            txn_start: None,
+            last_client_activity: Instant::now(),
+            client_done: false,
+        }
+    }
+
+    fn releasable(&self) -> bool {
+        self.status == b'I'
+            && self.pending.is_empty()
+            && !self.unsynced
+            && self.c_ready == 0
+            && self.c_rest == 0
+            // Nothing of a server message half read: the next server's bytes start afresh.
+            && self.s_rest == 0
+            && self.sbuf.len() == self.s_ready
+    }
+
+    async fn run(&mut self) -> End {
+        loop {
+            // Transaction mode: give the connection back as soon as nothing is outstanding.
+            if self.server.is_some()
+                && self.pool.mode() == PoolMode::Transaction
+                && self.releasable()
+            {
+                if let Some(lease) = self.server.take() {
+                    self.pool.release(lease);
+                    self.gauge.set(2);
+                }
+            }
+            if self.client_done && self.s_ready == 0 {
+                return End::ClientLeft;
+            }
+            if self.server.is_none() {
+                if self.draining && self.s_ready == 0 {
+                    return End::Fatal(
+                        PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "sidelight is shutting down"),
+                        "",
+                    );
+                }
+                // A whole header from the client: a request that needs a server (or Terminate).
+                if self.cbuf.len() >= 5 {
+                    if self.cbuf[0] == b'X' {
+                        self.client_done = true;
+                        self.cbuf.clear();
+                        continue;
+                    }
+                    if let Err(e) = self.check_header() {
+                        return e;
+                    }
+                    self.gauge.set(1);
+                    match self.pool.acquire().await {
+                        Ok(lease) => {
+                            self.server = Some(lease);
+                            self.gauge.set(0);
+                        }
+                        Err(e) => return End::Fatal(acquire_error(&e), ""),
+                    }
+                }
+            }
+            if self.server.is_some() {
+                if let Err(e) = self.scan_client() {
+                    return e;
+                }
+                if self.client_done && self.s_ready == 0 {
+                    return End::ClientLeft;
+                }
+                // Most writes succeed at once: no trip through the select for them.
+                if self.c_ready > 0 {
+                    if let Err(end) = self.write_server() {
+                        return end;
+                    }
+                }
+            }
+
+            let deadline = self.deadline();
+            let server = self.server.as_ref().map(|l| &l.conn.stream);
+            let want_client_read = !self.client_done && self.cbuf.len() < BUFFER_HIGH;
+            let want_server_read = server.is_some() && self.sbuf.len() < BUFFER_HIGH;
+            tokio::select! {
+                r = self.client.readable(), if want_client_read => {
+                    if let Some(end) = r.err().map(|_| End::ClientLeft) { return end; }
+                    self.cbuf.reserve(8 * 1024);
+                    match self.client.try_read_buf(&mut self.cbuf) {
+                        Ok(0) => { self.client_done = true; self.cbuf.truncate(self.c_ready); }
+                        Ok(n) => {
+                            self.pool.metrics.bytes_in.inc_by(n as u64);
+                            self.last_client_activity = Instant::now();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return End::ClientLeft,
+                    }
+                }
+                r = self.client.writable(), if self.s_ready > 0 => {
+                    if r.is_err() { return End::ClientLeft; }
+                    if let Err(end) = self.write_client() { return end; }
+                }
+                r = readable(server), if want_server_read => {
+                    if r.is_err() { return self.server_lost(); }
+                    let Some(lease) = self.server.as_ref() else { continue };
+                    self.sbuf.reserve(16 * 1024);
+                    match lease.conn.stream.try_read_buf(&mut self.sbuf) {
+                        Ok(0) => return self.server_lost(),
+                        Ok(_) => {
+                            self.scan_server();
+                            if self.s_ready > 0 {
+                                if let Err(end) = self.write_client() {
+                                    return end;
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return self.server_lost(),
+                    }
+                }
+                r = writable(server), if server.is_some() && self.c_ready > 0 => {
+                    if r.is_err() { return self.server_lost(); }
+                    if let Err(end) = self.write_server() { return end; }
+                }
+                _ = sleep_until(deadline) => {
+                    if let Some(end) = self.timed_out() { return end; }
+                }
+                _ = self.stop.changed(), if !self.draining => {
+                    self.draining = true;
+                }
+            }
+        }
+    }
+
+    /// Writes what the client is owed, as far as the socket takes it now.
+    fn write_client(&mut self) -> Result<(), End> {
+        match self.client.try_write(&self.sbuf[..self.s_ready]) {
+            Ok(n) => {
+                self.sbuf.advance(n);
+                self.s_ready -= n;
+                self.pool.metrics.bytes_out.inc_by(n as u64);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(End::ClientLeft),
+        }
+    }
+
+    /// Writes scanned client messages to the server, as far as the socket takes them now.
+    fn write_server(&mut self) -> Result<(), End> {
+        let Some(lease) = self.server.as_ref() else {
+            return Ok(());
+        };
+        match lease.conn.stream.try_write(&self.cbuf[..self.c_ready]) {
+            Ok(n) => {
+                self.cbuf.advance(n);
+                self.c_ready -= n;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(self.server_lost()),
+        }
+    }
+
+    fn check_header(&self) -> Result<(usize, u8), End> {
+        let tag = self.cbuf[self.c_ready];
+        if !messages::is_frontend_tag(tag) {
+            return Err(End::ProtocolError(
+                FrameError::Malformed("unknown message type"),
+                "unknown_message",
+            ));
+        }
+        let len = messages::body_len(&self.cbuf[self.c_ready..self.c_ready + 5])
+            .map_err(|e| End::ProtocolError(e, "malformed"))?;
+        if len > self.max_message {
+            return Err(End::ProtocolError(FrameError::Oversized(len), "oversized"));
+        }
+        Ok((len, tag))
+    }
+
+    /// Moves whole and partial client messages into the to-server part of `cbuf`, counting
+    /// the requests that expect a ReadyForQuery.
+    fn scan_client(&mut self) -> Result<(), End> {
+        loop {
+            let avail = self.cbuf.len() - self.c_ready;
+            if self.c_rest > 0 {
+                let take = self.c_rest.min(avail);
+                self.c_ready += take;
+                self.c_rest -= take;
+                if self.c_rest > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if avail < 5 {
+                return Ok(());
+            }
+            let (len, tag) = self.check_header()?;
+            match tag {
+                b'X' => {
+                    // Terminate is ours to handle; nothing after it counts.
+                    self.cbuf.truncate(self.c_ready);
+                    self.client_done = true;
+                    return Ok(());
+                }
+                b'Q' | b'F' => {
+                    self.pending.push_back(Instant::now());
+                    self.txn_start.get_or_insert_with(Instant::now);
+                }
+                b'S' => {
+                    self.pending.push_back(Instant::now());
+                    self.unsynced = false;
+                    self.txn_start.get_or_insert_with(Instant::now);
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    self.unsynced = true;
+                    self.txn_start.get_or_insert_with(Instant::now);
+                }
+                // Flush and COPY data: answered within the request they belong to.
+                _ => {}
+            }
+            self.c_ready += 5;
+            self.c_rest = len;
+        }
+    }
+
+    /// Moves server bytes into the to-client part of `sbuf`, watching ReadyForQuery and
+    /// ErrorResponse.
+    fn scan_server(&mut self) {
+        loop {
+            let avail = self.sbuf.len() - self.s_ready;
+            if self.s_rest > 0 {
+                let take = self.s_rest.min(avail);
+                self.s_ready += take;
+                self.s_rest -= take;
+                if self.s_rest > 0 {
+                    return;
+                }
+                continue;
+            }
+            if avail < 5 {
+                return;
+            }
+            let at = self.s_ready;
+            let tag = self.sbuf[at];
+            let Ok(len) = messages::body_len(&self.sbuf[at..at + 5]) else {
+                // A server that breaks framing cannot be trusted with anything else.
+                self.s_rest = avail - 5;
+                self.s_ready += 5;
+                self.status = b'?';
+                continue;
+            };
+            match tag {
+                b'Z' => {
+                    if avail < 6 {
+                        return;
+                    }
+                    self.status = self.sbuf[at + 5];
+                    if let Some(sent) = self.pending.pop_front() {
+                        self.pool
+                            .metrics
+                            .query
+                            .observe(sent.elapsed().as_secs_f64());
+                        self.pool.metrics.queries.inc();
+                    }
+                    if self.status == b'I' && self.pending.is_empty() && !self.unsynced {
+                        if let Some(start) = self.txn_start.take() {
+                            self.pool
+                                .metrics
+                                .transaction
+                                .observe(start.elapsed().as_secs_f64());
+                            self.pool.metrics.transactions.inc();
+                        }
+                    }
+                }
+                b'E' if len <= MAX_ERROR_SCAN => {
+                    if avail < 5 + len {
+                        return;
+                    }
+                    let body = &self.sbuf[at + 5..at + 5 + len];
+                    self.pool
+                        .metrics
+                        .error(messages::error_code(body).unwrap_or(b"??"));
+                }
+                _ => {}
+            }
+            self.s_ready += 5;
+            self.s_rest = len;
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let cfg = &self.pool.config;
+        let mut d: Option<Instant> = None;
+        if !cfg.query_timeout.is_zero() {
+            if let Some(first) = self.pending.front() {
+                d = Some(*first + cfg.query_timeout);
+            }
+        }
+        if !cfg.idle_transaction_timeout.is_zero()
+            && self.server.is_some()
+            && self.pending.is_empty()
+            && self.status != b'I'
+        {
+            let t = self.last_client_activity + cfg.idle_transaction_timeout;
+            d = Some(d.map_or(t, |d| d.min(t)));
+        }
+        d
+    }
+
+    fn timed_out(&mut self) -> Option<End> {
+        let now = Instant::now();
+        let cfg = &self.pool.config;
+        if !cfg.query_timeout.is_zero() {
+            if let Some(first) = self.pending.front() {
+                if now >= *first + cfg.query_timeout {
+                    self.pool.metrics.timeout("query");
+                    return Some(End::Fatal(
+                        PgError::fatal(
+                            sqlstate::QUERY_CANCELED,
+                            format!(
+                                "canceling statement due to query_timeout ({:?})",
+                                cfg.query_timeout
+                            ),
+                        ),
+                        "timeout",
+                    ));
+                }
+            }
+        }
+        if !cfg.idle_transaction_timeout.is_zero()
+            && self.pending.is_empty()
+            && self.status != b'I'
+            && now >= self.last_client_activity + cfg.idle_transaction_timeout
+        {
+            self.pool.metrics.timeout("idle_transaction");
+            return Some(End::Fatal(
+                PgError::fatal(
+                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                    format!(
+                        "terminating connection due to idle_transaction_timeout ({:?})",
+                        cfg.idle_transaction_timeout
+                    ),
+                ),
+                "timeout",
+            ));
+        }
+        None
+    }
+
+    fn server_lost(&mut self) -> End {
+        if let Some(lease) = self.server.take() {
+            self.pool.discard(lease, "server_closed");
+            self.gauge.set(2);
+        }
+        End::Fatal(
+            PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server connection lost; the transaction, if any, was not committed by sidelight",
+            ),
+            "",
+        )
+    }
+
+    /// Ends the session: the server connection goes back clean or is closed, and the client
+    /// gets its error if there is one.
+    async fn finish(&mut self, end: End, listener: &str, pg: &crate::metrics::postgres::PgMetrics) {
+        let (error, reason) = match end {
+            End::ClientLeft => (None, "client_gone"),
+            End::Fatal(e, reason) => (Some(e), if reason.is_empty() { "error" } else { reason }),
+            End::ProtocolError(e, kind) => {
+                pg.protocol_errors
+                    .with_label_values(&[listener, kind])
+                    .inc();
+                tracing::info!(pool = %self.pool.name, error = %e, "client ended for a protocol error");
+                (
+                    Some(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+                    "client_gone",
+                )
+            }
+        };
+        if let Some(lease) = self.server.take() {
+            self.return_server(lease, error.is_some() && reason == "timeout", reason)
+                .await;
+        }
+        if let Some(e) = error {
+            self.pool.metrics.error(e.code.as_bytes());
+            let mut out = BytesMut::from(&self.sbuf[..self.s_ready]);
+            e.write(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&out)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+    }
+
+    async fn return_server(&mut self, mut lease: Lease, timed_out: bool, reason: &'static str) {
+        let idle_clean = self.pending.is_empty()
+            && !self.unsynced
+            && self.c_ready == 0
+            && self.c_rest == 0
+            && self.s_rest == 0
+            && self.sbuf.len() == self.s_ready;
+        if timed_out || !idle_clean {
+            // A request is still running (or half sent): the connection cannot be reused.
+            self.pool.discard(lease, reason);
+            return;
+        }
+        let reset: &[&str] = match (self.status, self.pool.mode()) {
+            (b'I', PoolMode::Transaction) => &[],
+            (b'I', PoolMode::Session) => &["DISCARD ALL"],
+            (b'T' | b'E', PoolMode::Transaction) => &["ROLLBACK"],
+            (b'T' | b'E', PoolMode::Session) => &["ROLLBACK", "DISCARD ALL"],
+            _ => {
+                self.pool.discard(lease, "error");
+                return;
+            }
+        };
+        for sql in reset {
+            let done = tokio::time::timeout(Duration::from_secs(5), lease.conn.simple(sql)).await;
+            if !matches!(done, Ok(Ok(b'I'))) {
+                self.pool.discard(lease, "client_gone");
+                return;
+            }
+        }
+        self.pool.release(lease);
+    }
+}
+
+async fn readable(s: Option<&TcpStream>) -> std::io::Result<()> {
+    match s {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
+    match s {
+        Some(s) => s.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,95 @@
+//! The PostgreSQL pooler: clients speak the PostgreSQL protocol to a local port and share a
+//! small, process-wide set of server connections per configured pool.
+//!
+//! - `listener`: accepts clients (one socket per worker, like the HTTP listeners).
+//! - `client`: one client session (startup, auth, the transaction-mode loop).
+//! - `server`: one server connection (connect, authenticate).
+//! - `pool`: server connections of one pool, `pool_size` process-wide, health.
+//! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
+//! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
+
+pub mod auth;
+pub mod client;
+pub mod errors;
+pub mod listener;
+pub mod messages;
+pub mod pool;
+pub mod server;
+
+use crate::config::PostgresConfig;
+use crate::metrics::Metrics;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// What every worker's PostgreSQL listeners share: the pools, the users and the metrics.
+pub struct PgShared {
+    pub pools: HashMap<String, Arc<pool::Pool>>,
+    /// Pool names in config order, for `/status`.
+    order: Vec<String>,
+    pub users: auth::UserDb,
+    pub max_message: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PgShared {
+    pub fn new(config: &PostgresConfig, metrics: &Arc<Metrics>) -> Arc<PgShared> {
+        for l in &config.listeners {
+            metrics.pg.init_listener(&l.name);
+        }
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                metrics.pg.init_pool(&p.name);
+                let pool = pool::Pool::new(p, metrics.pg.pool(&p.name));
+                (p.name.clone(), Arc::new(pool))
+            })
+            .collect();
+        Arc::new(PgShared {
+            pools,
+            order: config.pools.iter().map(|p| p.name.clone()).collect(),
+            users: auth::UserDb::new(&config.users),
+            max_message: usize::try_from(config.max_client_message_bytes.0).unwrap_or(usize::MAX),
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// One task per pool: idle timeouts, lifetimes, `min_idle` and health probes, every second.
+    pub fn start_maintenance(self: &Arc<Self>) -> Vec<JoinHandle<()>> {
+        self.pools
+            .values()
+            .map(|pool| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        pool.maintain().await;
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+impl crate::admin::StatusSource for PgShared {
+    fn status(&self) -> serde_json::Value {
+        let pools: serde_json::Map<String, serde_json::Value> = self
+            .order
+            .iter()
+            .filter_map(|name| Some((name.clone(), self.pools.get(name)?.status())))
+            .collect();
+        serde_json::Value::Object(pools)
+    }
+
+    fn unhealthy(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|name| self.pools.get(*name).is_some_and(|p| !p.healthy()))
+            .map(|name| format!("postgres pool {name}"))
+            .collect()
+    }
+}
