@@ -61,21 +61,44 @@ pub struct Running {
 }
 
 /// Binds `addr` with `SO_REUSEPORT`, so each worker can have its own socket on the same port.
-fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// Who may share a port: this process's workers (each with its own `SO_REUSEPORT` socket, so
+/// the kernel spreads connections), or nobody.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortUse {
+    /// The first socket of a port the workers share: the port must be free of other
+    /// processes, as nginx without `reuseport` and PgBouncer without `so_reuseport` require.
+    FirstOfWorkers,
+    /// Another worker's socket on a port [`PortUse::FirstOfWorkers`] took.
+    JoinWorkers,
+    Exclusive,
+}
+
+fn bind(field: &str, addr: SocketAddr, port_use: PortUse) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind {
         field: field.to_string(),
         addr,
         source,
     };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+    let socket = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    if port_use == PortUse::FirstOfWorkers && addr.port() != 0 {
+        // Every socket with SO_REUSEPORT may join a port another process holds the same way
+        // (a second sidelight would silently take half the connections); a plain bind fails
+        // there with "address in use". The probe is closed before the real sockets bind.
+        socket().and_then(|probe| probe.bind(addr)).map_err(err)?;
     }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
+    let socket = socket().map_err(err)?;
     #[cfg(unix)]
-    socket.set_reuseport(true).map_err(err)?;
+    if port_use != PortUse::Exclusive {
+        socket.set_reuseport(true).map_err(err)?;
+    }
     socket.bind(addr).map_err(err)?;
     socket.listen(1024).map_err(err)
 }
@@ -147,12 +170,12 @@ impl Sidelight {
         let mut sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, l) in config.listeners.iter().enumerate() {
             let field = format!("listeners[{i}].address");
-            let first = bind(&field, l.address)?;
+            let first = bind(&field, l.address, PortUse::FirstOfWorkers)?;
             // With port 0 the first socket picks the port; the others join it.
             let addr = local_addr(&field, &first, l.address)?;
             sockets[0].push(first);
             for worker in sockets.iter_mut().skip(1) {
-                worker.push(bind(&field, addr)?);
+                worker.push(bind(&field, addr, PortUse::JoinWorkers)?);
             }
             listeners.push(addr);
             metrics.init_listener(&l.name);
@@ -161,16 +184,16 @@ impl Sidelight {
         let mut pg_sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, l) in config.postgres.listeners.iter().enumerate() {
             let field = format!("postgres.listeners[{i}].address");
-            let first = bind(&field, l.address)?;
+            let first = bind(&field, l.address, PortUse::FirstOfWorkers)?;
             let addr = local_addr(&field, &first, l.address)?;
             pg_sockets[0].push(first);
             for worker in pg_sockets.iter_mut().skip(1) {
-                worker.push(bind(&field, addr)?);
+                worker.push(bind(&field, addr, PortUse::JoinWorkers)?);
             }
             pg_listeners.push(addr);
         }
         let pg_shared = PgShared::new(&config.postgres, &metrics);
-        let admin_listener = bind("admin.address", config.admin.address)?;
+        let admin_listener = bind("admin.address", config.admin.address, PortUse::Exclusive)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
         // After every bind: a start that fails leaves no probe running.
         let mut health_tasks = crate::health::start(&config, &metrics, &shared.balancers())?;

@@ -164,3 +164,50 @@ async fn several_workers_share_the_port_and_drain_together() {
     }
     assert!(drained);
 }
+
+/// A second sidelight on ports another one serves fails to start ("address in use") instead of
+/// silently taking half of the connections; the workers of one process still share a port.
+#[tokio::test]
+async fn a_second_sidelight_on_the_same_ports_fails_to_start() {
+    let up = server::http1().route("/", "ok").run().await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (listen, admin, admin2) = (free(), free(), free());
+    let config = |listen: std::net::SocketAddr, admin: std::net::SocketAddr| {
+        Config::one(&up.url())
+            .set(
+                "listeners",
+                json!([{ "name": "main", "address": listen.to_string() }]),
+            )
+            .set("admin", json!({ "address": admin.to_string() }))
+            .set("runtime", json!({ "workers": 2 }))
+    };
+    let first = proxy::start(&config(listen, admin)).await;
+    assert_eq!(support::get(&first.url("/")).await.status, 200);
+
+    for (what, second) in [
+        ("listener", config(listen, admin2)),
+        ("admin", config(free(), admin)),
+    ] {
+        let parsed =
+            sidelight::config::Config::from_yaml(&second.yaml(), &|_| None).expect("valid config");
+        let err = match sidelight::server::Sidelight::start(parsed).await {
+            Ok(_) => panic!("a second sidelight started on the taken {what} port"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.to_lowercase().contains("address in use") || err.contains("os error 98"),
+            "{what}: {err}"
+        );
+    }
+    // The first one still serves every connection.
+    for _ in 0..10 {
+        assert_eq!(
+            support::get_on_new_connection(&first.url("/")).await.status,
+            200
+        );
+    }
+}
