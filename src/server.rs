@@ -143,6 +143,7 @@ async fn serve_worker(
             entry: entry.clone(),
             metrics: metrics.clone(),
             header_read_timeout: config.limits.header_read_timeout,
+            max_connections: config.limits.max_client_connections,
         };
         tasks.push(tokio::spawn(listener::serve(
             task,

@@ -334,6 +334,48 @@ async fn a_client_too_slow_with_its_head_is_disconnected() {
 }
 
 #[tokio::test]
+async fn connections_past_max_client_connections_are_closed_on_arrival() {
+    let up = echo().await;
+    let proxy = proxy::start(
+        &config(&up.url())
+            .set("limits", json!({ "max_client_connections": 2 }))
+            .set("runtime", json!({ "workers": 2 })),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut raw = Raw::connect(&proxy).await;
+        raw.send(b"GET /r HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(raw.response(false).await.status, 200);
+        held.push(raw);
+    }
+    // The cap holds across workers: the third connection is closed at once, whichever worker
+    // accepts it.
+    let mut third = Raw::connect(&proxy).await;
+    third.send(b"GET /r HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(third.closed().await, "past the cap");
+    proxy
+        .assert_metric_eventually(
+            "sidelight_downstream_connections_refused_total",
+            &[("listener", "main")],
+            1.0,
+        )
+        .await;
+    // Once one closes, a new client gets in.
+    drop(held.pop());
+    proxy
+        .assert_metric_eventually(
+            "sidelight_downstream_connections_open",
+            &[("listener", "main")],
+            1.0,
+        )
+        .await;
+    let mut next = Raw::connect(&proxy).await;
+    next.send(b"GET /r HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(next.response(false).await.status, 200);
+}
+
+#[tokio::test]
 async fn request_smuggling_shapes_are_refused() {
     let up = echo().await;
     let proxy = proxy::start(&config(&up.url())).await;

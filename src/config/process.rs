@@ -54,6 +54,10 @@ pub struct LimitsConfig {
     /// included) is closed: the slowloris guard (nginx's `client_header_timeout`).
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Client connections open at once on each listener (across workers); past it new ones are
+    /// closed at once and counted (Envoy's `max_connections`, nginx's `worker_connections`).
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -107,6 +111,7 @@ impl Default for LimitsConfig {
             max_request_body_bytes: default_max_body(),
             max_in_flight_requests: default_max_in_flight(),
             header_read_timeout: default_header_read_timeout(),
+            max_client_connections: default_max_client_connections(),
         }
     }
 }
@@ -139,6 +144,9 @@ fn default_max_in_flight() -> usize {
     10_000
 }
 
+fn default_max_client_connections() -> usize {
+    10_000
+}
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(30)
 }

@@ -60,6 +60,9 @@ pub(super) fn validate(
     if config.runtime.workers > 256 {
         errs.add("runtime.workers", "at most 256 (0 means one per CPU)");
     }
+    if config.limits.max_client_connections == 0 {
+        errs.add("limits.max_client_connections", "must be at least 1");
+    }
     if config.limits.max_in_flight_requests == 0 {
         errs.add("limits.max_in_flight_requests", "must be at least 1");
     }

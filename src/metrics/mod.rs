@@ -149,6 +149,7 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     pub downstream_connections: IntCounterVec,
     pub downstream_connections_open: IntGaugeVec,
+    pub downstream_connections_refused: IntCounterVec,
     pub downstream_protocol_errors: IntCounterVec,
     pub overloaded: IntCounter,
     pub cache_lookups: IntCounterVec,
@@ -259,6 +260,7 @@ impl Metrics {
             upstream_failures: counter(&r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, or body error after.", &["upstream", "kind"]),
             downstream_connections: counter(&r, "sidelight_downstream_connections_total", "Client connections accepted.", &["listener"]),
             downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
+            downstream_connections_refused: counter(&r, "sidelight_downstream_connections_refused_total", "Client connections closed on arrival because limits.max_client_connections were open on the listener.", &["listener"]),
             downstream_protocol_errors: counter(&r, "sidelight_downstream_protocol_errors_total", "Client connections closed for a malformed or oversized request head, or none within limits.header_read_timeout.", &["listener", "kind"]),
             overloaded: {
                 let c = IntCounter::new("sidelight_overloaded_total", "Requests refused with 503 because max_in_flight_requests was reached.")
@@ -438,6 +440,8 @@ impl Metrics {
     pub fn init_listener(&self, listener: &str) {
         self.downstream_connections.with_label_values(&[listener]);
         self.downstream_connections_open
+            .with_label_values(&[listener]);
+        self.downstream_connections_refused
             .with_label_values(&[listener]);
         for kind in PROTOCOL_ERROR_KINDS {
             self.downstream_protocol_errors

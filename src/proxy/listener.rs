@@ -18,6 +18,8 @@ pub struct ListenerTask {
     pub entry: Entry,
     pub metrics: Arc<Metrics>,
     pub header_read_timeout: Duration,
+    /// `limits.max_client_connections`, counted across workers by the listener's open gauge.
+    pub max_connections: usize,
 }
 
 /// Serves until `stop` flips to true, then drains. Returns false when connections were still
@@ -30,10 +32,14 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         entry,
         metrics,
         header_read_timeout,
+        max_connections,
     } = task;
     let accepted = metrics.downstream_connections.with_label_values(&[&name]);
     let open = metrics
         .downstream_connections_open
+        .with_label_values(&[&name]);
+    let refused = metrics
+        .downstream_connections_refused
         .with_label_values(&[&name]);
     let errors = ProtocolErrors::new(&metrics, &name);
     // The connections' own stop signal, so that their idle waits register with a channel of
@@ -56,6 +62,13 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
                 }
             },
         };
+        // The gauge is shared by every worker's task for this listener: one process-wide cap.
+        if usize::try_from(open.get()).unwrap_or(0) >= max_connections {
+            refused.inc();
+            tracing::debug!(listener = %name, limit = max_connections, "client connection refused: limits.max_client_connections reached");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         accepted.inc();
         open.inc();
