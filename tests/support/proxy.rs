@@ -16,14 +16,17 @@ pub struct Proxy {
 /// to 127.0.0.1:0 unless the config sets them. `env` resolves `${VARS}` in the config.
 pub async fn start_with_env(config: &(impl ConfigText + ?Sized), env: &[(&str, &str)]) -> Proxy {
     let mut text = config.config_text();
-    if !text.contains("listeners:") {
+    // Top-level sections only (`postgres:` has `listeners:` of its own).
+    let has = |section: &str| text.lines().any(|l| l.starts_with(section));
+    let (listeners, runtime, admin) = (has("listeners:"), has("runtime:"), has("admin:"));
+    if !listeners {
         text.push_str("\nlisteners:\n  - { name: main, address: \"127.0.0.1:0\" }\n");
     }
     // One worker unless a test asks for more, so connection counts are deterministic.
-    if !text.contains("runtime:") {
+    if !runtime {
         text.push_str("\nruntime: { workers: 1 }\n");
     }
-    if !text.contains("admin:") {
+    if !admin {
         text.push_str("\nadmin: { address: \"127.0.0.1:0\" }\n");
     }
     let env: Vec<(String, String)> = env
