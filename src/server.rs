@@ -103,6 +103,25 @@ fn bind(field: &str, addr: SocketAddr, port_use: PortUse) -> Result<TcpListener,
     socket.listen(1024).map_err(err)
 }
 
+/// Binds `addr` once per worker (`sockets[w]` gets worker w's socket); returns the bound address.
+fn bind_for_workers(
+    field: &str,
+    addr: SocketAddr,
+    sockets: &mut [Vec<TcpListener>],
+) -> Result<SocketAddr, StartError> {
+    let first = bind(field, addr, PortUse::FirstOfWorkers)?;
+    // With port 0 the first socket picks the port; the others join it.
+    let bound = local_addr(field, &first, addr)?;
+    let mut workers = sockets.iter_mut();
+    if let Some(worker) = workers.next() {
+        worker.push(first);
+    }
+    for worker in workers {
+        worker.push(bind(field, bound, PortUse::JoinWorkers)?);
+    }
+    Ok(bound)
+}
+
 fn local_addr(
     field: &str,
     listener: &TcpListener,
@@ -171,27 +190,14 @@ impl Sidelight {
         let mut sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, l) in config.listeners.iter().enumerate() {
             let field = format!("listeners[{i}].address");
-            let first = bind(&field, l.address, PortUse::FirstOfWorkers)?;
-            // With port 0 the first socket picks the port; the others join it.
-            let addr = local_addr(&field, &first, l.address)?;
-            sockets[0].push(first);
-            for worker in sockets.iter_mut().skip(1) {
-                worker.push(bind(&field, addr, PortUse::JoinWorkers)?);
-            }
-            listeners.push(addr);
+            listeners.push(bind_for_workers(&field, l.address, &mut sockets)?);
             metrics.init_listener(&l.name);
         }
         let mut pg_listeners = Vec::new();
         let mut pg_sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, l) in config.postgres.listeners.iter().enumerate() {
             let field = format!("postgres.listeners[{i}].address");
-            let first = bind(&field, l.address, PortUse::FirstOfWorkers)?;
-            let addr = local_addr(&field, &first, l.address)?;
-            pg_sockets[0].push(first);
-            for worker in pg_sockets.iter_mut().skip(1) {
-                worker.push(bind(&field, addr, PortUse::JoinWorkers)?);
-            }
-            pg_listeners.push(addr);
+            pg_listeners.push(bind_for_workers(&field, l.address, &mut pg_sockets)?);
         }
         let pg_shared = PgShared::new(&config.postgres, &metrics);
         let admin_listener = bind("admin.address", config.admin.address, PortUse::Exclusive)?;
