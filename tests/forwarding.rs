@@ -283,3 +283,55 @@ async fn https_upstream_with_a_private_ca() {
         )
         .await;
 }
+
+/// h2c clients get HTTP/1's bounds: a connection with no request open for
+/// `limits.header_read_timeout` is closed, before its first request or between requests, while
+/// a request that takes longer (a slow stream) is not cut.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = server::http1()
+        .route("/", "ok")
+        .route_with_latency("/slow", "slow", Duration::from_millis(700))
+        .run()
+        .await;
+    let proxy = proxy::start(
+        &Config::one(&up.url()).set("limits", json!({ "header_read_timeout": "300ms" })),
+    )
+    .await;
+    // The preface and an empty SETTINGS frame, then nothing.
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "an h2c connection without a request stays open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy
+        .assert_metric_eventually(
+            "sidelight_downstream_protocol_errors_total",
+            &[("listener", "main"), ("kind", "header_timeout")],
+            1.0,
+        )
+        .await;
+
+    // A request open longer than the limit is answered in full.
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let response = h2_client
+        .request(Request::get(proxy.url("/slow")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(support::collect(response).await.body, "slow");
+}

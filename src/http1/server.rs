@@ -20,7 +20,7 @@ use super::framing::{
 };
 use super::framing::{BodyRead, Framing};
 use crate::error::ProxyError;
-use crate::http::body::{empty, ProxyBody};
+use crate::http::body::{empty, BodyObserver, Observed, ProxyBody};
 use crate::http::Peer;
 use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
 use crate::service::{ProxyRequest, ProxyResponse};
@@ -1044,10 +1044,19 @@ async fn serve_h2<H: Handler>(
     mut stop: watch::Receiver<bool>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let streams = Arc::new(H2Streams::default());
+    let idle_limit = client.header_read_timeout;
+    let errors = client.errors.clone();
+    let counted = streams.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
+        let open = StreamOpen::new(counted.clone());
         let response = client.handler.handle(req, client.listener, &client.peer);
-        async move { Ok::<_, std::convert::Infallible>(response.await) }
+        async move {
+            let response = response.await;
+            // The stream stays open until its response body ends.
+            Ok::<_, std::convert::Infallible>(response.map(|body| Observed::boxed(body, open)))
+        }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -1059,11 +1068,66 @@ async fn serve_h2<H: Handler>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        // The same bound as HTTP/1's: a connection with no request open for
+        // `limits.header_read_timeout` (before its first one, or between them) is closed.
+        // No request is open, so closing loses nothing (a graceful GOAWAY would wait on the
+        // client's PING ack, which an idle client may never send).
+        _ = streams.idle_for(idle_limit) => {
+            errors.header_timeout.inc();
+            return;
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "h2 client connection ended with an error");
     }
 }
+
+/// The requests open on one h2 connection, and a wake-up when the count changes.
+#[derive(Default)]
+struct H2Streams {
+    open: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl H2Streams {
+    /// Resolves once no request has been open for `limit` in a row.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read, so no change in between is missed.
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(limit) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// One open request on an h2 connection, until its response body ends or is dropped.
+struct StreamOpen(Arc<H2Streams>);
+
+impl StreamOpen {
+    fn new(streams: Arc<H2Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        streams.changed.notify_waiters();
+        StreamOpen(streams)
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl BodyObserver for StreamOpen {}
 
 #[cfg(test)]
 mod tests {
