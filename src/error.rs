@@ -20,6 +20,9 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The client sent no byte of its request body for `limits.client_body_timeout`.
+    #[error("the client sent nothing of its request body for {timeout:?}")]
+    ClientBodyTimeout { timeout: Duration },
     /// A request sidelight cannot forward faithfully (a transfer coding other than chunked).
     #[error("not implemented: {0}")]
     NotImplemented(String),
@@ -151,6 +154,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "client_body_error",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NotImplemented(_) => "not_implemented",
+            ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
             ProxyError::HeadersTooLarge { .. } => "request_headers_too_large",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
@@ -177,6 +181,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -216,6 +221,7 @@ impl ProxyError {
                 | ProxyError::ClientBody(_)
                 | ProxyError::BadRequest(_)
                 | ProxyError::NotImplemented(_)
+                | ProxyError::ClientBodyTimeout { .. }
                 | ProxyError::HeadersTooLarge { .. }
                 | ProxyError::Overloaded { .. }
                 | ProxyError::RateLimited { .. }

@@ -163,6 +163,7 @@ async fn serve_worker(
             metrics: metrics.clone(),
             header_read_timeout: config.limits.header_read_timeout,
             max_connections: config.limits.max_client_connections,
+            client_body_timeout: config.limits.client_body_timeout,
         };
         tasks.push(tokio::spawn(listener::serve(
             task,

@@ -376,6 +376,29 @@ async fn connections_past_max_client_connections_are_closed_on_arrival() {
 }
 
 #[tokio::test]
+async fn a_request_body_that_stalls_gets_408_and_blames_the_client() {
+    let up = echo().await;
+    let proxy =
+        proxy::start(&config(&up.url()).set("limits", json!({ "client_body_timeout": "300ms" })))
+            .await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nsome bytes")
+        .await;
+    let started = std::time::Instant::now();
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 408, "{reply:?}");
+    assert_eq!(
+        reply.header("x-sidelight-error"),
+        Some("client_body_timeout")
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn request_smuggling_shapes_are_refused() {
     let up = echo().await;
     let proxy = proxy::start(&config(&up.url())).await;

@@ -58,6 +58,10 @@ pub struct LimitsConfig {
     /// closed at once and counted (Envoy's `max_connections`, nginx's `worker_connections`).
     #[serde(default = "default_max_client_connections")]
     pub max_client_connections: usize,
+    /// A request body that sends nothing for this long is answered 408 client_body_timeout
+    /// (nginx's `client_body_timeout`): the wait is the client's, not the upstream's.
+    #[serde(default = "default_client_body_timeout", with = "humantime_serde")]
+    pub client_body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -112,6 +116,7 @@ impl Default for LimitsConfig {
             max_in_flight_requests: default_max_in_flight(),
             header_read_timeout: default_header_read_timeout(),
             max_client_connections: default_max_client_connections(),
+            client_body_timeout: default_client_body_timeout(),
         }
     }
 }
@@ -144,6 +149,9 @@ fn default_max_in_flight() -> usize {
     10_000
 }
 
+fn default_client_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_client_connections() -> usize {
     10_000
 }

@@ -66,6 +66,9 @@ pub(super) fn validate(
     if config.limits.max_in_flight_requests == 0 {
         errs.add("limits.max_in_flight_requests", "must be at least 1");
     }
+    if config.limits.client_body_timeout.is_zero() {
+        errs.add("limits.client_body_timeout", "must be more than 0s");
+    }
     if config.limits.header_read_timeout.is_zero() {
         errs.add("limits.header_read_timeout", "must be more than 0s");
     }

@@ -73,6 +73,8 @@ pub struct ClientContext<H: Handler> {
     pub peer: Peer,
     /// How long a request head may take, idle keep-alive time included (slowloris guard).
     pub header_read_timeout: Duration,
+    /// How long a request body may send nothing (`limits.client_body_timeout`).
+    pub client_body_timeout: Duration,
     pub errors: ProtocolErrors,
 }
 
@@ -266,6 +268,8 @@ impl<H: Handler> H1<H> {
                         continue_owed: head.expect_continue,
                         continue_gate: gate,
                         continue_sent: 0,
+                        idle_timeout: self.client.client_body_timeout,
+                        idle: None,
                     };
                     answering.away = Some(rx);
                     head.request.map(|()| body.boxed_unsync())
@@ -784,6 +788,9 @@ struct RequestBody {
     continue_gate: Option<Arc<AtomicBool>>,
     /// Bytes of the `100 Continue` line already written.
     continue_sent: usize,
+    /// `limits.client_body_timeout`, and its timer while the body waits on the client.
+    idle_timeout: Duration,
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -862,9 +869,24 @@ impl Body for RequestBody {
         let Some(reader) = this.reader.as_mut() else {
             return Poll::Ready(None);
         };
-        let read = ready!(this
+        let read = match this
             .kind
-            .poll_read(Pin::new(&mut reader.io), &mut reader.buf, cx));
+            .poll_read(Pin::new(&mut reader.io), &mut reader.buf, cx)
+        {
+            Poll::Ready(read) => read,
+            Poll::Pending => {
+                let timeout = this.idle_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(idle.as_mut().poll(cx));
+                this.kind = BodyDecoder::Done;
+                this.reader = None;
+                this.home = None;
+                return Poll::Ready(Some(Err(ProxyError::ClientBodyTimeout { timeout }.into())));
+            }
+        };
+        this.idle = None;
         match read {
             BodyRead::Data(data) => {
                 this.continue_owed = false;

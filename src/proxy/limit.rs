@@ -81,6 +81,8 @@ enum BodyFailure {
     TooLarge,
     /// The client's own error reading the body (it hung up, or broke the chunked framing).
     Client(String),
+    /// The client sent nothing for `limits.client_body_timeout`.
+    ClientTimeout(std::time::Duration),
 }
 
 impl Around for BodyLimitLayer {
@@ -114,6 +116,9 @@ impl Around for BodyLimitLayer {
                 Some(BodyFailure::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
                 Some(BodyFailure::Client(why)) if result.is_err() => {
                     Err(ProxyError::ClientBody(why.clone()))
+                }
+                Some(BodyFailure::ClientTimeout(timeout)) if result.is_err() => {
+                    Err(ProxyError::ClientBodyTimeout { timeout: *timeout })
                 }
                 _ => result,
             }
@@ -153,9 +158,13 @@ impl Body for Limited {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let _ = this
-                    .failure
-                    .set(BodyFailure::Client(crate::error::chain(e.as_ref())));
+                let failure = match e.downcast_ref::<ProxyError>() {
+                    Some(ProxyError::ClientBodyTimeout { timeout }) => {
+                        BodyFailure::ClientTimeout(*timeout)
+                    }
+                    _ => BodyFailure::Client(crate::error::chain(e.as_ref())),
+                };
+                let _ = this.failure.set(failure);
                 Poll::Ready(Some(Err(e)))
             }
             other => other,

@@ -20,6 +20,7 @@ pub struct ListenerTask {
     pub header_read_timeout: Duration,
     /// `limits.max_client_connections`, counted across workers by the listener's open gauge.
     pub max_connections: usize,
+    pub client_body_timeout: Duration,
 }
 
 /// Serves until `stop` flips to true, then drains. Returns false when connections were still
@@ -33,6 +34,7 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         metrics,
         header_read_timeout,
         max_connections,
+        client_body_timeout,
     } = task;
     let accepted = metrics.downstream_connections.with_label_values(&[&name]);
     let open = metrics
@@ -77,6 +79,7 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
             listener: index,
             peer: Peer::new(peer),
             header_read_timeout,
+            client_body_timeout,
             errors: errors.clone(),
         };
         let open = open.clone();
