@@ -16,7 +16,7 @@ use crate::llm::layer::LlmLayer;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::proxy::entry::Entry;
 use crate::proxy::forward::{Forward, PathRewrite};
-use crate::proxy::limit::{BodyLimitLayer, OverloadLayer};
+use crate::proxy::limit::{BodyLimitLayer, OverloadLayer, RequestBufferLayer};
 use crate::proxy::observe::ObserveLayer;
 use crate::proxy::retry::{self, RetryLayer};
 use crate::proxy::router::{Route, Router};
@@ -187,8 +187,9 @@ fn route_stack(
         )
         // 2. 503 past limits.max_in_flight_requests
         .layer(overload.clone().into_layer())
-        // 3. 413 past the request body limit
-        .layer(BodyLimitLayer::new(body_limit.0).into_layer());
+        // 3. 413 past the request body limit; small bodies read whole before going on
+        .layer(BodyLimitLayer::new(body_limit.0).into_layer())
+        .layer(RequestBufferLayer::new(config.limits.request_buffering_bytes.0).into_layer());
     let rewrite = PathRewrite {
         prefix: r.matcher.path_prefix.clone(),
         replacement: if r.strip_prefix {

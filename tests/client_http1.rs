@@ -399,6 +399,27 @@ async fn a_request_body_that_stalls_gets_408_and_blames_the_client() {
 }
 
 #[tokio::test]
+async fn a_small_body_is_read_whole_before_an_upstream_connection_is_taken() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhello")
+        .await;
+    // Half the body is in: sidelight waits for the rest without holding an upstream connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.connections(),
+        0,
+        "an upstream connection held for a trickling body"
+    );
+    raw.send(b"world").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(up.last_request().body, "helloworld".as_bytes());
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
 async fn request_smuggling_shapes_are_refused() {
     let up = echo().await;
     let proxy = proxy::start(&config(&up.url())).await;

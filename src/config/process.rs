@@ -62,6 +62,10 @@ pub struct LimitsConfig {
     /// (nginx's `client_body_timeout`): the wait is the client's, not the upstream's.
     #[serde(default = "default_client_body_timeout", with = "humantime_serde")]
     pub client_body_timeout: Duration,
+    /// Request bodies of a known length up to this size are read whole before the request
+    /// takes an upstream connection (0: off).
+    #[serde(default = "default_request_buffering")]
+    pub request_buffering_bytes: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -117,6 +121,7 @@ impl Default for LimitsConfig {
             header_read_timeout: default_header_read_timeout(),
             max_client_connections: default_max_client_connections(),
             client_body_timeout: default_client_body_timeout(),
+            request_buffering_bytes: default_request_buffering(),
         }
     }
 }
@@ -149,6 +154,9 @@ fn default_max_in_flight() -> usize {
     10_000
 }
 
+fn default_request_buffering() -> ByteSize {
+    ByteSize(64 * 1024)
+}
 fn default_client_body_timeout() -> Duration {
     Duration::from_secs(60)
 }

@@ -179,3 +179,44 @@ impl Body for Limited {
         self.inner.size_hint()
     }
 }
+
+/// Reads a small request body whole before the request goes on, so a slow client holds no
+/// upstream connection while its body trickles in (nginx's request buffering). Bodies whose
+/// length is unknown (chunked) or larger than `limits.request_buffering_bytes` stream.
+#[derive(Clone)]
+pub struct RequestBufferLayer {
+    max: u64,
+}
+
+impl RequestBufferLayer {
+    pub fn new(max: u64) -> Self {
+        RequestBufferLayer { max }
+    }
+}
+
+impl Around for RequestBufferLayer {
+    fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
+        let small = req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= self.max);
+        if !small || req.body().is_end_stream() {
+            return inner.call(req);
+        }
+        let mut inner = inner.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            // A stalled body ends in `client_body_timeout` (408), a broken one in 400.
+            let bytes = crate::http::body::read_whole(body)
+                .await
+                .map_err(ProxyError::from_body)?;
+            inner
+                .call(http::Request::from_parts(
+                    parts,
+                    crate::http::body::full(bytes),
+                ))
+                .await
+        })
+    }
+}
