@@ -189,7 +189,15 @@ fn route_stack(
         .layer(overload.clone().into_layer())
         // 3. 413 past the request body limit; small bodies read whole before going on
         .layer(BodyLimitLayer::new(body_limit.0).into_layer())
-        .layer(RequestBufferLayer::new(config.limits.request_buffering_bytes.0).into_layer());
+        .layer(
+            RequestBufferLayer::new(
+                config.limits.request_buffering_bytes.0,
+                metrics
+                    .request_bodies_buffered
+                    .with_label_values(&[&r.name]),
+            )
+            .into_layer(),
+        );
     let rewrite = PathRewrite {
         prefix: r.matcher.path_prefix.clone(),
         replacement: if r.strip_prefix {

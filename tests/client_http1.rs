@@ -417,6 +417,13 @@ async fn a_small_body_is_read_whole_before_an_upstream_connection_is_taken() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(up.last_request().body, "helloworld".as_bytes());
     assert_eq!(up.connections(), 1);
+    proxy
+        .assert_metric_eventually(
+            "sidelight_request_bodies_buffered_total",
+            &[("route", "r")],
+            1.0,
+        )
+        .await;
 }
 
 #[tokio::test]

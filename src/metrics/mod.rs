@@ -152,6 +152,7 @@ pub struct Metrics {
     pub downstream_connections_refused: IntCounterVec,
     pub downstream_protocol_errors: IntCounterVec,
     pub overloaded: IntCounter,
+    pub request_bodies_buffered: IntCounterVec,
     pub cache_lookups: IntCounterVec,
     pub cache_stores: IntCounterVec,
     pub cache_evictions: IntCounterVec,
@@ -262,6 +263,7 @@ impl Metrics {
             downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
             downstream_connections_refused: counter(&r, "sidelight_downstream_connections_refused_total", "Client connections closed on arrival because limits.max_client_connections were open on the listener.", &["listener"]),
             downstream_protocol_errors: counter(&r, "sidelight_downstream_protocol_errors_total", "Client connections closed for a malformed or oversized request head, or none within limits.header_read_timeout.", &["listener", "kind"]),
+            request_bodies_buffered: counter(&r, "sidelight_request_bodies_buffered_total", "Request bodies read whole (limits.request_buffering_bytes) before the request took an upstream connection.", &["route"]),
             overloaded: {
                 let c = IntCounter::new("sidelight_overloaded_total", "Requests refused with 503 because max_in_flight_requests was reached.")
                     .unwrap_or_else(|e| panic!("{e}"));
@@ -337,6 +339,7 @@ impl Metrics {
     pub fn init_route(&self, route: &str) {
         self.in_flight.with_label_values(&[route]);
         self.request_bytes.with_label_values(&[route]);
+        self.request_bodies_buffered.with_label_values(&[route]);
         self.response_bytes.with_label_values(&[route]);
     }
 

@@ -186,11 +186,12 @@ impl Body for Limited {
 #[derive(Clone)]
 pub struct RequestBufferLayer {
     max: u64,
+    buffered: IntCounter,
 }
 
 impl RequestBufferLayer {
-    pub fn new(max: u64) -> Self {
-        RequestBufferLayer { max }
+    pub fn new(max: u64, buffered: IntCounter) -> Self {
+        RequestBufferLayer { max, buffered }
     }
 }
 
@@ -205,12 +206,14 @@ impl Around for RequestBufferLayer {
             return inner.call(req);
         }
         let mut inner = inner.clone();
+        let buffered = self.buffered.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // A stalled body ends in `client_body_timeout` (408), a broken one in 400.
             let bytes = crate::http::body::read_whole(body)
                 .await
                 .map_err(ProxyError::from_body)?;
+            buffered.inc();
             inner
                 .call(http::Request::from_parts(
                     parts,
