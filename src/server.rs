@@ -60,7 +60,6 @@ pub struct Running {
     health_tasks: Vec<JoinHandle<()>>,
 }
 
-/// Binds `addr` with `SO_REUSEPORT`, so each worker can have its own socket on the same port.
 /// Who may share a port: this process's workers (each with its own `SO_REUSEPORT` socket, so
 /// the kernel spreads connections), or nobody.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -73,6 +72,8 @@ enum PortUse {
     Exclusive,
 }
 
+/// Binds `addr` as `port_use` says: with `SO_REUSEPORT` for the workers' sockets, so each
+/// worker can have its own socket on the same port.
 fn bind(field: &str, addr: SocketAddr, port_use: PortUse) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind {
         field: field.to_string(),

@@ -128,19 +128,22 @@ pub fn entry(
         config.limits.max_in_flight_requests,
         metrics.overloaded.clone(),
     );
-    let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
+    let mut upstreams: HashMap<&str, (Arc<Upstream>, &UpstreamShared)> = HashMap::new();
     for u in &config.upstreams {
-        let parts = upstream_shared(shared, &u.name)?;
+        let parts = shared
+            .upstreams
+            .get(&u.name)
+            .ok_or_else(|| missing(format!("upstream {:?}", u.name)))?;
         let upstream = Upstream::build(u, metrics, parts.balancer.clone())?;
-        upstreams.insert(u.name.as_str(), Arc::new(upstream));
+        upstreams.insert(u.name.as_str(), (Arc::new(upstream), parts));
     }
     let mut routes = Vec::new();
     for r in &config.routes {
-        let upstream = upstreams
+        let (upstream, parts) = upstreams
             .get(r.upstream.as_str())
             .cloned()
-            .ok_or_else(|| missing(r, "upstream"))?;
-        let service = route_stack(config, r, upstream, &overload, metrics, shared)?;
+            .ok_or_else(|| missing(format!("route {:?}: upstream {:?}", r.name, r.upstream)))?;
+        let service = route_stack(config, r, upstream, parts, &overload, metrics, shared)?;
         let listener = r
             .matcher
             .listener
@@ -171,11 +174,11 @@ fn route_stack(
     config: &Config,
     r: &RouteConfig,
     upstream: Arc<Upstream>,
+    parts: &UpstreamShared,
     overload: &OverloadLayer,
     metrics: &Arc<Metrics>,
     shared: &SharedState,
 ) -> Result<RouteService, BuildError> {
-    let parts = upstream_shared(shared, &r.upstream)?;
     let body_limit = r
         .max_request_body_bytes
         .unwrap_or(config.limits.max_request_body_bytes);
@@ -238,7 +241,7 @@ fn route_stack(
                 .rate_limits
                 .get(&r.name)
                 .cloned()
-                .ok_or_else(|| missing(r, "rate limits"))?,
+                .ok_or_else(|| missing(format!("route {:?}: rate limits", r.name)))?,
         ),
     };
     let cache = (r.cache.is_some() || dedup).then(|| {
@@ -306,20 +309,6 @@ fn route_stack(
     Ok(RouteService::new(outer.service(inner)))
 }
 
-fn upstream_shared<'a>(
-    shared: &'a SharedState,
-    name: &str,
-) -> Result<&'a UpstreamShared, BuildError> {
-    shared.upstreams.get(name).ok_or_else(|| BuildError::Route {
-        route: String::new(),
-        message: format!("upstream {name:?} has no shared state: build it from the same config"),
-    })
-}
-
-/// Validation guarantees every reference; a miss means `shared` came from another config.
-fn missing(r: &RouteConfig, what: &str) -> BuildError {
-    BuildError::Route {
-        route: r.name.clone(),
-        message: format!("{what} missing from the shared state: build it from the same config"),
-    }
+fn missing(what: String) -> BuildError {
+    BuildError::NotShared { what }
 }

@@ -33,8 +33,10 @@ pub enum BuildError {
     },
     #[error("upstream {upstream}: TLS: {message}")]
     Tls { upstream: String, message: String },
-    #[error("route {route}: {message}")]
-    Route { route: String, message: String },
+    /// Validation guarantees every reference; a miss means the shared state was built from
+    /// another config.
+    #[error("{what} is missing from the shared state: build SharedState from the same config")]
+    NotShared { what: String },
 }
 
 /// One base URL of an upstream.
