@@ -193,7 +193,7 @@ impl Sidelight {
         for (i, l) in config.listeners.iter().enumerate() {
             let field = format!("listeners[{i}].address");
             listeners.push(bind_for_workers(&field, l.address, &mut sockets)?);
-            metrics.init_listener(&l.name);
+            metrics.listeners.listener(&l.name);
         }
         let mut pg_listeners = Vec::new();
         let mut pg_sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();

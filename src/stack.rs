@@ -7,7 +7,7 @@
 
 use crate::cache::coalesce::Coalescer;
 use crate::cache::layer::{CacheLayer, CacheShared};
-use crate::cache::store::{Store, StoreMetrics};
+use crate::cache::store::Store;
 use crate::config::{Config, RouteConfig, RouteKind};
 use crate::error::ProxyError;
 use crate::llm::batch::{BatchLayer, Batches, InputCache};
@@ -60,14 +60,7 @@ impl SharedState {
         SharedState {
             in_flight: Arc::new(AtomicUsize::new(0)),
             cache: CacheShared {
-                store: Store::new(
-                    config.cache.max_bytes.0,
-                    StoreMetrics {
-                        evictions: metrics.cache_evictions.clone(),
-                        entries: metrics.cache_entries.clone(),
-                        bytes: metrics.cache_bytes.clone(),
-                    },
-                ),
+                store: Store::new(config.cache.max_bytes.0, metrics.cache.store()),
                 coalescer: Arc::new(Coalescer::default()),
                 coalesce_max_buffer: usize::try_from(config.cache.coalesce_max_buffer_bytes.0)
                     .unwrap_or(usize::MAX),
@@ -126,7 +119,7 @@ pub fn entry(
     let overload = OverloadLayer::new(
         shared.in_flight.clone(),
         config.limits.max_in_flight_requests,
-        metrics.overloaded.clone(),
+        metrics.http.overloaded(),
     );
     let mut upstreams: HashMap<&str, (Arc<Upstream>, &UpstreamShared)> = HashMap::new();
     for u in &config.upstreams {
@@ -158,7 +151,7 @@ pub fn entry(
         ));
     }
     let unmatched = ServiceBuilder::new()
-        .layer(ObserveLayer::new(NO_ROUTE, "", metrics.clone(), config.log.access_log).into_layer())
+        .layer(ObserveLayer::new(NO_ROUTE, "", metrics, config.log.access_log).into_layer())
         .service_fn(|req: ProxyRequest| -> ProxyFuture {
             let path = req.uri().path().to_string();
             Box::pin(async move { Err(ProxyError::NoRoute(path)) })
@@ -184,10 +177,7 @@ fn route_stack(
         .unwrap_or(config.limits.max_request_body_bytes);
     let outer = ServiceBuilder::new()
         // 1. metrics, access log, errors into responses
-        .layer(
-            ObserveLayer::new(&r.name, &r.upstream, metrics.clone(), config.log.access_log)
-                .into_layer(),
-        )
+        .layer(ObserveLayer::new(&r.name, &r.upstream, metrics, config.log.access_log).into_layer())
         // 2. 503 past limits.max_in_flight_requests
         .layer(overload.clone().into_layer())
         // 3. 413 past the request body limit; small bodies read whole before going on
@@ -195,9 +185,7 @@ fn route_stack(
         .layer(
             RequestBufferLayer::new(
                 config.limits.request_buffering_bytes.0,
-                metrics
-                    .request_bodies_buffered
-                    .with_label_values(&[&r.name]),
+                metrics.http.bodies_buffered(&r.name),
             )
             .into_layer(),
         );

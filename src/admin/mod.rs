@@ -51,8 +51,8 @@ impl AdminState {
         for (route, upstream) in &self.routes {
             let healthy = self.balancer(upstream).is_none_or(|b| b.any_healthy());
             self.metrics
-                .route_healthy
-                .with_label_values(&[route])
+                .balancer
+                .route_healthy(route)
                 .set(i64::from(healthy));
         }
     }

@@ -21,6 +21,7 @@ use crate::error::ProxyError;
 use crate::http::body::{full, ProxyBody};
 use crate::http::headers;
 use crate::http::RequestMeta;
+use crate::metrics::cache::CacheRouteMetrics;
 use crate::metrics::Metrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
@@ -28,7 +29,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use prometheus::IntCounter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,18 +43,6 @@ pub struct CacheShared {
     pub store: Store,
     pub coalescer: Arc<Coalescer>,
     pub coalesce_max_buffer: usize,
-}
-
-struct CacheRouteMetrics {
-    hit: IntCounter,
-    miss: IntCounter,
-    bypass: IntCounter,
-    refresh: IntCounter,
-    stale: IntCounter,
-    stores: IntCounter,
-    coalesced: IntCounter,
-    saved_cache: IntCounter,
-    saved_dedup: IntCounter,
 }
 
 /// One route's cache policy, built from its config.
@@ -97,23 +85,7 @@ impl CacheLayer {
         shared: CacheShared,
         metrics: &Metrics,
     ) -> CacheLayer {
-        metrics.init_cache_route(route);
-        let m = |result: &str| metrics.cache_lookups.with_label_values(&[route, result]);
-        let route_metrics = CacheRouteMetrics {
-            hit: m("hit"),
-            miss: m("miss"),
-            bypass: m("bypass"),
-            refresh: m("refresh"),
-            stale: m("stale"),
-            stores: metrics.cache_stores.with_label_values(&[route]),
-            coalesced: metrics.coalesced.with_label_values(&[route]),
-            saved_cache: metrics
-                .upstream_calls_saved
-                .with_label_values(&[route, "cache"]),
-            saved_dedup: metrics
-                .upstream_calls_saved
-                .with_label_values(&[route, "dedup"]),
-        };
+        let route_metrics = metrics.cache.route(route);
         let defaults = RouteCacheConfig {
             ttl: Duration::from_secs(1),
             methods: dedup_methods

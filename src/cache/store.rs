@@ -2,11 +2,11 @@
 //! its body, headers and key), with a TTL per entry (routes set it; clients may shorten it).
 
 use super::key::CacheKey;
+use crate::metrics::cache::StoreMetrics;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
-use prometheus::{IntCounterVec, IntGauge};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,13 +68,6 @@ impl moka::Expiry<CacheKey, Arc<Stored>> for PerEntryTtl {
     }
 }
 
-/// Metrics the store keeps itself (evictions happen outside any request).
-pub struct StoreMetrics {
-    pub evictions: IntCounterVec,
-    pub entries: IntGauge,
-    pub bytes: IntGauge,
-}
-
 #[derive(Clone)]
 pub struct Store {
     cache: Cache<CacheKey, Arc<Stored>>,
@@ -92,12 +85,12 @@ impl Store {
             .support_invalidation_closures()
             .eviction_listener(move |_, _, cause| {
                 let cause = match cause {
-                    RemovalCause::Expired => "expired",
-                    RemovalCause::Size => "size",
-                    RemovalCause::Explicit => "purged",
-                    RemovalCause::Replaced => "replaced",
+                    RemovalCause::Expired => 0,
+                    RemovalCause::Size => 1,
+                    RemovalCause::Explicit => 2,
+                    RemovalCause::Replaced => 3,
                 };
-                evictions.with_label_values(&[cause]).inc();
+                evictions[cause].inc();
             })
             .build();
         Store { cache, metrics }

@@ -5,12 +5,12 @@
 
 use crate::config::{Config, HealthCheckConfig, RouteKind, StatusMatch, UpstreamConfig};
 use crate::http::body::empty;
+use crate::metrics::balancer::HealthCheckCounters;
 use crate::metrics::Metrics;
 use crate::upstream::balance::Balancer;
 use crate::upstream::{BuildError, Upstream};
 use http::{header, HeaderValue, Method, Request};
 use http_body_util::BodyExt;
-use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -80,17 +80,7 @@ pub fn start(
         // Probes use a pool of their own, so they never take a connection a request wanted.
         let upstream = Arc::new(Upstream::build(u, metrics, balancer.clone())?);
         let plan = plan(config, u, hc);
-        let counters = Counters {
-            success: metrics
-                .health_checks
-                .with_label_values(&[&u.name, "success"]),
-            failure: metrics
-                .health_checks
-                .with_label_values(&[&u.name, "failure"]),
-            timeout: metrics
-                .health_checks
-                .with_label_values(&[&u.name, "timeout"]),
-        };
+        let counters = metrics.balancer.health_checks(&u.name);
         let probe = Arc::new(Probe {
             path: plan.path,
             config: hc.clone(),
@@ -106,18 +96,12 @@ pub fn start(
     Ok(tasks)
 }
 
-struct Counters {
-    success: IntCounter,
-    failure: IntCounter,
-    timeout: IntCounter,
-}
-
 struct Probe {
     path: String,
     config: HealthCheckConfig,
     expected: Vec<StatusMatch>,
     extra_headers: Vec<(&'static str, &'static str)>,
-    counters: Counters,
+    counters: HealthCheckCounters,
 }
 
 enum Verdict {

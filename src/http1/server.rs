@@ -22,7 +22,7 @@ use super::framing::{BodyRead, Framing};
 use crate::error::ProxyError;
 use crate::http::body::{empty, BodyObserver, Observed, ProxyBody};
 use crate::http::Peer;
-use crate::metrics::{Metrics, PROTOCOL_ERROR_KINDS};
+use crate::metrics::listener::ProtocolErrors;
 use crate::service::{ProxyRequest, ProxyResponse};
 use crate::shutdown;
 use crate::BoxError;
@@ -31,7 +31,6 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TRANSFER_ENCO
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use prometheus::IntCounter;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
@@ -76,29 +75,6 @@ pub struct ClientContext<H: Handler> {
     /// How long a request body may send nothing (`limits.client_body_timeout`).
     pub client_body_timeout: Duration,
     pub errors: ProtocolErrors,
-}
-
-/// The listener's counters of connections closed before a request could be routed.
-#[derive(Clone)]
-pub struct ProtocolErrors {
-    bad_request: IntCounter,
-    headers_too_large: IntCounter,
-    header_timeout: IntCounter,
-}
-
-impl ProtocolErrors {
-    pub fn new(metrics: &Metrics, listener: &str) -> Self {
-        let [bad_request, headers_too_large, header_timeout] = PROTOCOL_ERROR_KINDS.map(|kind| {
-            metrics
-                .downstream_protocol_errors
-                .with_label_values(&[listener, kind])
-        });
-        ProtocolErrors {
-            bad_request,
-            headers_too_large,
-            header_timeout,
-        }
-    }
 }
 
 /// Serves `stream` until the client leaves, the connection fails, or `stop` (then in-flight

@@ -29,6 +29,7 @@ use crate::config::{BatchConfig, BatchOnError};
 use crate::error::ProxyError;
 use crate::http::body::full;
 use crate::http::RequestMeta;
+use crate::metrics::llm::BatchMetrics;
 use crate::metrics::Metrics;
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse, RouteService};
 use bytes::Bytes;
@@ -36,7 +37,6 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use prometheus::{Histogram, IntCounter, IntGauge};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -58,16 +58,6 @@ pub fn is_embeddings(req: &ProxyRequest) -> bool {
             .headers()
             .get(header::CONTENT_ENCODING)
             .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"))
-}
-
-struct BatchMetrics {
-    inputs: Histogram,
-    requests: Histogram,
-    wait: Histogram,
-    cached_inputs: IntCounter,
-    pending: IntGauge,
-    saved_batch: IntCounter,
-    saved_cache: IntCounter,
 }
 
 struct Settings {
@@ -98,7 +88,6 @@ impl BatchLayer {
         groups: Arc<Groups>,
         metrics: &Metrics,
     ) -> BatchLayer {
-        metrics.init_batch_route(route);
         BatchLayer {
             groups,
             settings: Arc::new(Settings {
@@ -111,23 +100,7 @@ impl BatchLayer {
                     .map_or(usize::MAX, |b| usize::try_from(b.0).unwrap_or(usize::MAX)),
                 split: config.on_error == BatchOnError::Split,
                 cache,
-                metrics: BatchMetrics {
-                    inputs: metrics.embeddings_batch_inputs.with_label_values(&[route]),
-                    requests: metrics
-                        .embeddings_batch_requests
-                        .with_label_values(&[route]),
-                    wait: metrics.embeddings_batch_wait.with_label_values(&[route]),
-                    cached_inputs: metrics.embeddings_cached_inputs.with_label_values(&[route]),
-                    pending: metrics
-                        .embeddings_pending_inputs
-                        .with_label_values(&[route]),
-                    saved_batch: metrics
-                        .upstream_calls_saved
-                        .with_label_values(&[route, "batch"]),
-                    saved_cache: metrics
-                        .upstream_calls_saved
-                        .with_label_values(&[route, "cache"]),
-                },
+                metrics: metrics.llm.batch(route),
             }),
         }
     }

@@ -25,6 +25,7 @@ use super::Provider;
 use crate::config::RouteConfig;
 use crate::error::{ProxyError, StreamFault};
 use crate::http::body::ProxyBody;
+use crate::metrics::llm::StreamMetrics;
 use crate::metrics::Metrics;
 use crate::proxy::timeout::IdleHold;
 use crate::service::{Around, Inner};
@@ -34,7 +35,6 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use prometheus::IntCounter;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -52,20 +52,16 @@ struct Limits {
     upstream: Arc<str>,
     first_token: Option<Duration>,
     max_gap: Option<Duration>,
-    first_token_timeouts: IntCounter,
-    gap_timeouts: IntCounter,
-    truncated: IntCounter,
-    malformed: IntCounter,
-    upstream_closed: IntCounter,
+    metrics: StreamMetrics,
 }
 
 impl Limits {
     /// Counts a stream fault in `sidelight_llm_stream_errors_total`.
     fn count(&self, err: &ProxyError) {
         match err.stream_fault() {
-            Some(StreamFault::Truncated) => self.truncated.inc(),
-            Some(StreamFault::Malformed) => self.malformed.inc(),
-            Some(StreamFault::UpstreamClosed) => self.upstream_closed.inc(),
+            Some(StreamFault::Truncated) => self.metrics.truncated.inc(),
+            Some(StreamFault::Malformed) => self.metrics.malformed.inc(),
+            Some(StreamFault::UpstreamClosed) => self.metrics.upstream_closed.inc(),
             None => {}
         }
     }
@@ -98,23 +94,13 @@ impl FirstTokenLayer {
     pub fn new(route: &RouteConfig, metrics: &Metrics) -> Option<FirstTokenLayer> {
         let provider = Provider::of(route.kind)?;
         let cfg = route.llm_config();
-        let counter = |kind| metrics.llm_timeouts.with_label_values(&[&route.name, kind]);
-        let fault = |kind| {
-            metrics
-                .llm_stream_errors
-                .with_label_values(&[&route.name, kind])
-        };
         Some(FirstTokenLayer {
             limits: Arc::new(Limits {
                 provider,
                 upstream: Arc::from(route.upstream.as_str()),
                 first_token: cfg.first_token_timeout,
                 max_gap: cfg.max_token_gap,
-                first_token_timeouts: counter("first_token"),
-                gap_timeouts: counter("token_gap"),
-                truncated: fault(StreamFault::Truncated.label()),
-                malformed: fault(StreamFault::Malformed.label()),
-                upstream_closed: fault(StreamFault::UpstreamClosed.label()),
+                metrics: metrics.llm.stream(&route.name),
             }),
         })
     }
@@ -265,7 +251,7 @@ impl Around for FirstTokenLayer {
                 loop {
                     match tokio::time::timeout_at(deadline, body.frame()).await {
                         Err(_) => {
-                            limits.first_token_timeouts.inc();
+                            limits.metrics.first_token_timeouts.inc();
                             let err = ProxyError::FirstTokenTimeout {
                                 upstream: limits.upstream.to_string(),
                                 timeout: limit,
@@ -492,7 +478,7 @@ impl Body for GuardBody {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    this.limits.gap_timeouts.inc();
+                    this.limits.metrics.gap_timeouts.inc();
                     let err = ProxyError::TokenGapTimeout {
                         upstream: this.limits.upstream.to_string(),
                         timeout: limit,
@@ -586,13 +572,7 @@ mod tests {
         let err = call.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), "first_token_timeout");
         assert_eq!(err.status(), 504);
-        assert_eq!(
-            metrics
-                .llm_timeouts
-                .with_label_values(&["r", "first_token"])
-                .get(),
-            1
-        );
+        assert_eq!(metrics.llm.stream("r").first_token_timeouts.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -648,13 +628,7 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("in the middle of the stream"));
         assert!(body.frame().await.is_none());
-        assert_eq!(
-            metrics
-                .llm_timeouts
-                .with_label_values(&["r", "token_gap"])
-                .get(),
-            1
-        );
+        assert_eq!(metrics.llm.stream("r").gap_timeouts.get(), 1);
     }
 
     #[test]
@@ -705,10 +679,13 @@ mod tests {
     }
 
     fn faults(metrics: &Metrics, kind: &str) -> u64 {
-        metrics
-            .llm_stream_errors
-            .with_label_values(&["r", kind])
-            .get()
+        let m = metrics.llm.stream("r");
+        match kind {
+            "truncated" => m.truncated.get(),
+            "malformed" => m.malformed.get(),
+            "upstream_closed" => m.upstream_closed.get(),
+            other => panic!("no stream fault {other}"),
+        }
     }
 
     const DELTA: &str = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n";

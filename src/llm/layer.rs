@@ -16,7 +16,8 @@ use crate::config::RouteConfig;
 use crate::error::ProxyError;
 use crate::http::body::{full, ProxyBody};
 use crate::http::RequestMeta;
-use crate::metrics::model_labels::{ModelLabels, UNKNOWN};
+use crate::metrics::llm::LlmRouteMetrics;
+use crate::metrics::model_labels::UNKNOWN;
 use crate::metrics::{status_class, Metrics};
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
@@ -42,8 +43,7 @@ struct RouteState {
     route: Arc<str>,
     provider: Provider,
     include_usage: bool,
-    models: Arc<ModelLabels>,
-    metrics: Arc<Metrics>,
+    metrics: LlmRouteMetrics,
 }
 
 #[derive(Clone)]
@@ -56,14 +56,12 @@ impl LlmLayer {
     pub fn new(route: &RouteConfig, metrics: &Arc<Metrics>) -> Option<LlmLayer> {
         let provider = Provider::of(route.kind)?;
         let cfg = route.llm_config();
-        metrics.init_llm_route(&route.name);
         Some(LlmLayer {
             state: Arc::new(RouteState {
                 route: Arc::from(route.name.as_str()),
                 provider,
                 include_usage: cfg.include_usage && provider == Provider::OpenAi,
-                models: metrics.llm_models(&route.name, &cfg.models, cfg.max_models),
-                metrics: metrics.clone(),
+                metrics: metrics.llm.route(&route.name, &cfg.models, cfg.max_models),
             }),
         })
     }
@@ -196,7 +194,7 @@ impl Around for LlmLayer {
                 .extensions
                 .get::<RequestMeta>()
                 .map_or_else(Instant::now, |m| m.start);
-            let model = state.models.label(&info.model);
+            let model = state.metrics.model_label(&info.model);
             let facts = Arc::new(LlmFacts::default());
             facts.update(|f| f.model = Some(Arc::from(info.model.as_str())));
             let result = inner
@@ -207,9 +205,7 @@ impl Around for LlmLayer {
                 Ok(r) => r.status(),
                 Err(e) => e.status(),
             };
-            m.llm_requests
-                .with_label_values(&[&state.route, &model, status_class(status)])
-                .inc();
+            m.requests(&model, status_class(status)).inc();
             let mut response = result?;
             response.extensions_mut().insert(facts.clone());
             if !status.is_success() {
@@ -374,8 +370,7 @@ impl Accounting {
         if self.source == Source::Upstream {
             self.state
                 .metrics
-                .llm_time_to_first_token
-                .with_label_values(&[&self.state.route, &self.model])
+                .time_to_first_token(&self.model)
                 .observe(ttft.as_secs_f64());
         }
     }
@@ -415,35 +410,25 @@ impl Accounting {
         });
         let s = &self.state;
         let m = &s.metrics;
-        let labels = |extra: &'static str| [&*s.route, &*self.model, extra];
         match self.source {
             Source::Upstream => {
-                m.llm_tokens
-                    .with_label_values(&labels("prompt"))
-                    .inc_by(usage.prompt_tokens);
-                m.llm_tokens
-                    .with_label_values(&labels("completion"))
+                m.tokens(&self.model, "prompt").inc_by(usage.prompt_tokens);
+                m.tokens(&self.model, "completion")
                     .inc_by(usage.completion_tokens);
-                m.llm_cached_prompt_tokens
-                    .with_label_values(&[&s.route, &self.model])
+                m.cached_prompt_tokens(&self.model)
                     .inc_by(usage.cached_tokens);
                 if usage.estimated {
-                    m.llm_usage_estimated
-                        .with_label_values(&[&s.route, &self.model])
-                        .inc();
+                    m.usage_estimated(&self.model).inc();
                 }
                 if streamed && clean {
                     let now = Instant::now();
-                    m.llm_stream_duration
-                        .with_label_values(&[&s.route, &self.model])
+                    m.stream_duration(&self.model)
                         .observe(now.saturating_duration_since(self.start).as_secs_f64());
                     if let Some(first) = self.first_token {
                         if usage.completion_tokens > 1 {
                             let per_token = now.saturating_duration_since(first).as_secs_f64()
                                 / (usage.completion_tokens - 1) as f64;
-                            m.llm_time_per_output_token
-                                .with_label_values(&[&s.route, &self.model])
-                                .observe(per_token);
+                            m.time_per_output_token(&self.model).observe(per_token);
                         }
                     }
                 }
@@ -454,9 +439,7 @@ impl Accounting {
                 } else {
                     "dedup"
                 };
-                m.llm_tokens_avoided
-                    .with_label_values(&labels(source))
-                    .inc_by(usage.total());
+                m.tokens_avoided(&self.model, source).inc_by(usage.total());
             }
         }
         tracing::debug!(

@@ -3,7 +3,8 @@
 
 use super::entry::Entry;
 use crate::http::Peer;
-use crate::http1::server::{self as conn, ClientContext, ProtocolErrors};
+use crate::http1::server::{self as conn, ClientContext};
+use crate::metrics::listener::ListenerMetrics;
 use crate::metrics::Metrics;
 use crate::shutdown::stopped;
 use std::sync::Arc;
@@ -36,14 +37,12 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         max_connections,
         client_body_timeout,
     } = task;
-    let accepted = metrics.downstream_connections.with_label_values(&[&name]);
-    let open = metrics
-        .downstream_connections_open
-        .with_label_values(&[&name]);
-    let refused = metrics
-        .downstream_connections_refused
-        .with_label_values(&[&name]);
-    let errors = ProtocolErrors::new(&metrics, &name);
+    let ListenerMetrics {
+        accepted,
+        open,
+        refused,
+        errors,
+    } = metrics.listeners.listener(&name);
     // The connections' own stop signal, so that their idle waits register with a channel of
     // this thread's only, not with the one all workers share.
     let (connections_stop, connections_stopped) = watch::channel(false);

@@ -6,7 +6,8 @@ use crate::error::ProxyError;
 use crate::http::body::{BodyObserver, Observed};
 use crate::http::meta::LlmFacts;
 use crate::http::{RequestMeta, UpstreamWait};
-use crate::metrics::{Metrics, RequestCounters, RouteMetrics};
+use crate::metrics::http::{RequestCounters, RouteMetrics};
+use crate::metrics::Metrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
 use crate::BoxError;
@@ -20,7 +21,6 @@ use std::time::Instant;
 struct RouteInfo {
     route: Arc<str>,
     upstream: Arc<str>,
-    metrics: Arc<Metrics>,
     route_metrics: RouteMetrics,
     requests: RequestCounters,
     access_log: bool,
@@ -32,15 +32,13 @@ pub struct ObserveLayer {
 }
 
 impl ObserveLayer {
-    pub fn new(route: &str, upstream: &str, metrics: Arc<Metrics>, access_log: bool) -> Self {
-        let route_metrics = RouteMetrics::new(&metrics, route);
+    pub fn new(route: &str, upstream: &str, metrics: &Metrics, access_log: bool) -> Self {
         ObserveLayer {
             info: Arc::new(RouteInfo {
                 route: Arc::from(route),
                 upstream: Arc::from(upstream),
-                requests: RequestCounters::new(&metrics, route, upstream),
-                metrics,
-                route_metrics,
+                requests: metrics.http.requests(route, upstream),
+                route_metrics: metrics.http.route(route),
                 access_log,
             }),
         }
@@ -108,10 +106,7 @@ impl Around for ObserveLayer {
                             .overhead
                             .observe(headers_at.as_secs_f64());
                     }
-                    info.metrics
-                        .errors
-                        .with_label_values(&[&info.route, err.kind()])
-                        .inc();
+                    info.route_metrics.error(err.kind()).inc();
                     tracing::debug!(request_id = ?id, error = %err, "request failed");
                     record.error = Some(err.kind());
                     err.to_response(Some(&id))

@@ -16,13 +16,13 @@ use crate::config::RetryConfig;
 use crate::error::ProxyError;
 use crate::http::body::{full, read_whole};
 use crate::http::RequestMeta;
+use crate::metrics::upstream::RetryMetrics;
 use crate::metrics::Metrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::balance::{requested_wait, Balancer, TriedEndpoints};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use prometheus::{IntCounter, IntCounterVec};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -40,8 +40,7 @@ struct RetryPolicy {
     total: Duration,
     balancer: Arc<Balancer>,
     budget: Arc<TpsBudget>,
-    retries: IntCounterVec,
-    exhausted: IntCounter,
+    metrics: RetryMetrics,
 }
 
 #[derive(Clone)]
@@ -62,13 +61,10 @@ impl RetryLayer {
         metrics: &Metrics,
     ) -> Self {
         // Every reason this route can retry for starts at zero, so rates work from the start.
+        let statuses_text: Vec<String> = statuses.iter().map(u16::to_string).collect();
         let reasons = ["connect_failure", "reset"]
-            .map(String::from)
             .into_iter()
-            .chain(statuses.iter().map(u16::to_string));
-        for reason in reasons {
-            metrics.retries.with_label_values(&[upstream, &reason]);
-        }
+            .chain(statuses_text.iter().map(String::as_str));
         RetryLayer {
             policy: Arc::new(RetryPolicy {
                 upstream: Arc::from(upstream),
@@ -87,10 +83,7 @@ impl RetryLayer {
                 total,
                 balancer,
                 budget,
-                retries: metrics.retries.clone(),
-                exhausted: metrics
-                    .retry_budget_exhausted
-                    .with_label_values(&[upstream]),
+                metrics: metrics.upstream.retries(upstream, reasons),
             }),
         }
     }
@@ -168,14 +161,11 @@ impl Around for RetryLayer {
                     return result;
                 }
                 if !policy.budget.withdraw() {
-                    policy.exhausted.inc();
+                    policy.metrics.exhausted.inc();
                     tracing::debug!(upstream = %policy.upstream, reason, request_id = request_id.to_str().unwrap_or(""), "retry budget spent; not retrying");
                     return result;
                 }
-                policy
-                    .retries
-                    .with_label_values(&[&policy.upstream, &reason])
-                    .inc();
+                policy.metrics.retried(&reason);
                 tracing::debug!(upstream = %policy.upstream, reason, request_id = request_id.to_str().unwrap_or(""), attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "retrying");
                 drop(result);
                 if !wait.is_zero() {

@@ -9,9 +9,9 @@
 use crate::error::ProxyError;
 use crate::http::body::ProxyBody;
 use crate::http::RequestMeta;
+use crate::metrics::upstream::UpstreamMetrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
-use crate::upstream::UpstreamMetrics;
 use crate::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -207,20 +207,7 @@ mod tests {
             first_byte: Duration::from_millis(first_byte),
             idle: Duration::from_millis(idle),
             total: Duration::from_millis(total),
-            metrics: UpstreamMetrics {
-                response_time: metrics.upstream_response.with_label_values(&[name]),
-                reset: metrics
-                    .upstream_failures
-                    .with_label_values(&[name, "reset"]),
-                body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
-                first_byte_timeouts: metrics
-                    .upstream_timeouts
-                    .with_label_values(&[name, "first_byte"]),
-                idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
-                total_timeouts: metrics
-                    .upstream_timeouts
-                    .with_label_values(&[name, "total"]),
-            },
+            metrics: metrics.upstream.upstream(name),
         }
     }
 

@@ -5,10 +5,11 @@
 use crate::config::ConcurrencyConfig;
 use crate::error::ProxyError;
 use crate::http::body::{BodyObserver, Observed};
+use crate::metrics::upstream::ConcurrencyMetrics;
 use crate::metrics::Metrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::IntGauge;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,22 +23,11 @@ pub struct ConcurrencyLimit {
     waiting: AtomicUsize,
     max_wait: Duration,
     max_queue: usize,
-    in_flight: IntGauge,
-    queue_length: IntGauge,
-    queue_wait: Histogram,
-    allowed: IntCounter,
-    queued: IntCounter,
-    rejected: IntCounter,
+    metrics: ConcurrencyMetrics,
 }
 
 impl ConcurrencyLimit {
     pub fn new(upstream: &str, config: &ConcurrencyConfig, metrics: &Metrics) -> Arc<Self> {
-        metrics.init_concurrency(upstream);
-        let d = |result: &str| {
-            metrics
-                .upstream_concurrency_decisions
-                .with_label_values(&[upstream, result])
-        };
         Arc::new(ConcurrencyLimit {
             upstream: Arc::from(upstream),
             slots: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -45,17 +35,12 @@ impl ConcurrencyLimit {
             waiting: AtomicUsize::new(0),
             max_wait: config.max_wait,
             max_queue: config.max_queue,
-            in_flight: metrics.upstream_in_flight.with_label_values(&[upstream]),
-            queue_length: metrics.upstream_queue_length.with_label_values(&[upstream]),
-            queue_wait: metrics.upstream_queue_wait.with_label_values(&[upstream]),
-            allowed: d("allowed"),
-            queued: d("queued"),
-            rejected: d("rejected"),
+            metrics: metrics.upstream.concurrency(upstream),
         })
     }
 
     fn busy(&self) -> ProxyError {
-        self.rejected.inc();
+        self.metrics.rejected.inc();
         ProxyError::UpstreamBusy {
             upstream: self.upstream.to_string(),
             limit: self.max_in_flight,
@@ -65,7 +50,7 @@ impl ConcurrencyLimit {
     /// A slot, and how long the request queued for it.
     async fn acquire(&self) -> Result<(Slot, Duration), ProxyError> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            self.allowed.inc();
+            self.metrics.allowed.inc();
             return Ok((self.slot(permit), Duration::ZERO));
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
@@ -77,17 +62,17 @@ impl ConcurrencyLimit {
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
                 self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-                self.0.queue_length.dec();
+                self.0.metrics.queue_length.dec();
             }
         }
-        self.queued.inc();
-        self.queue_length.inc();
+        self.metrics.queued.inc();
+        self.metrics.queue_length.inc();
         let _waiting = Waiting(self);
         let started = Instant::now();
         match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => {
                 let waited = started.elapsed();
-                self.queue_wait.observe(waited.as_secs_f64());
+                self.metrics.queue_wait.observe(waited.as_secs_f64());
                 Ok((self.slot(permit), waited))
             }
             // Timed out (or the semaphore closed, which it never is).
@@ -96,10 +81,10 @@ impl ConcurrencyLimit {
     }
 
     fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
-        self.in_flight.inc();
+        self.metrics.in_flight.inc();
         Slot {
             _permit: permit,
-            in_flight: self.in_flight.clone(),
+            in_flight: self.metrics.in_flight.clone(),
         }
     }
 }

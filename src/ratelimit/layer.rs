@@ -11,12 +11,12 @@ use crate::config::{Rate, RateLimitConfig, RateLimitKey, RateLimitMode, RateUnit
 use crate::error::ProxyError;
 use crate::http::body::{full, read_whole};
 use crate::http::RequestMeta;
+use crate::metrics::ratelimit::LimitMetrics;
 use crate::metrics::Metrics;
 use crate::service::{Around, Inner};
 use crate::service::{ProxyFuture, ProxyRequest};
 use governor::clock::DefaultClock;
 use http::header::HeaderMap;
-use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,15 +60,6 @@ impl KeyOf for RateLimitKey {
                 .unwrap_or_default(),
         }
     }
-}
-
-struct LimitMetrics {
-    allowed: IntCounter,
-    queued: IntCounter,
-    rejected: IntCounter,
-    shadow_rejected: IntCounter,
-    queue_wait: Histogram,
-    queue_length: IntGauge,
 }
 
 /// What a limit counts.
@@ -116,12 +107,6 @@ impl RateLimitLayer {
                     c.max_keys,
                 )),
             };
-            metrics.init_rate_limit(route, &c.name);
-            let d = |result: &str| {
-                metrics
-                    .ratelimit_decisions
-                    .with_label_values(&[route, &c.name, result])
-            };
             limits.push(Limit {
                 name: c.name.clone(),
                 rate,
@@ -132,18 +117,7 @@ impl RateLimitLayer {
                 shadow: c.shadow,
                 counter,
                 waiting: AtomicUsize::new(0),
-                metrics: LimitMetrics {
-                    allowed: d("allowed"),
-                    queued: d("queued"),
-                    rejected: d("rejected"),
-                    shadow_rejected: d("shadow_rejected"),
-                    queue_wait: metrics
-                        .ratelimit_queue_wait
-                        .with_label_values(&[route, &c.name]),
-                    queue_length: metrics
-                        .ratelimit_queue_length
-                        .with_label_values(&[route, &c.name]),
-                },
+                metrics: metrics.ratelimit.limit(route, &c.name),
             });
         }
         RateLimitLayer {

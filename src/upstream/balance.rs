@@ -3,19 +3,12 @@
 //! by every worker, so all of them see the same load and the same back-off.
 
 use crate::config::UpstreamConfig;
+use crate::metrics::balancer::EndpointMetrics;
 use crate::metrics::Metrics;
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::IntCounter;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The metrics of one endpoint.
-pub struct EndpointMetrics {
-    pub in_flight: IntGauge,
-    pub ejected: IntGauge,
-    pub healthy: IntGauge,
-    pub response_time: Histogram,
-}
 
 struct EndpointState {
     /// `host:port`, as in metric labels and `/status`.
@@ -94,26 +87,21 @@ impl Balancer {
             .iter()
             .map(|e| {
                 let endpoint = super::Upstream::endpoint_label(&e.value);
-                let labels = [u.name.as_str(), endpoint.as_str()];
-                let m = EndpointMetrics {
-                    in_flight: metrics.endpoint_in_flight.with_label_values(&labels),
-                    ejected: metrics.endpoint_ejected.with_label_values(&labels),
-                    healthy: metrics.endpoint_healthy.with_label_values(&labels),
-                    response_time: metrics.endpoint_response.with_label_values(&labels),
-                };
+                let m = metrics.balancer.endpoint(&u.name, &endpoint);
                 (endpoint, m)
             })
             .collect();
         let o = &u.outlier_detection;
+        let counters = metrics.balancer.upstream(&u.name);
         Self::new(
             endpoints,
-            metrics.endpoint_cooldowns.with_label_values(&[&u.name]),
+            counters.cooldowns,
             Outliers {
                 consecutive_failures: o.consecutive_failures,
                 base_ejection: o.base_ejection_time,
                 max_ejected_percent: o.max_ejected_percent,
             },
-            metrics.endpoint_ejections.with_label_values(&[&u.name]),
+            counters.ejections,
             u.load_balancing.latency_weighted,
         )
     }
@@ -498,26 +486,19 @@ mod tests {
     }
 
     fn build(n: usize, latency_weighted: bool) -> Arc<Balancer> {
+        let metrics = crate::metrics::Metrics::new();
         let endpoints = (0..n)
             .map(|i| {
-                let metrics = EndpointMetrics {
-                    in_flight: IntGauge::new(format!("g{i}"), "test").unwrap(),
-                    ejected: IntGauge::new(format!("e{i}"), "test").unwrap(),
-                    healthy: IntGauge::new(format!("h{i}"), "test").unwrap(),
-                    response_time: Histogram::with_opts(prometheus::HistogramOpts::new(
-                        format!("r{i}"),
-                        "test",
-                    ))
-                    .unwrap(),
-                };
-                (format!("e{i}:80"), metrics)
+                let label = format!("e{i}:80");
+                (label.clone(), metrics.balancer.endpoint("u", &label))
             })
             .collect();
+        let counters = metrics.balancer.upstream("u");
         Balancer::new(
             endpoints,
-            IntCounter::new("c", "test").unwrap(),
+            counters.cooldowns,
             outliers(),
-            IntCounter::new("x", "test").unwrap(),
+            counters.ejections,
             latency_weighted,
         )
     }

@@ -1,13 +1,13 @@
 //! The upstream connector: hyper-rustls over hyper-util's TCP connector, wrapped so that every
 //! connection is counted (opened, closed, open now) and connect failures are classified.
 
+use crate::metrics::upstream::ConnMetrics;
 use crate::BoxError;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::Uri;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use prometheus::{IntCounter, IntGauge};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -48,17 +48,6 @@ pub fn find_connect_failure<'a>(
         }
         err = err.source()?;
     }
-}
-
-/// Per-upstream connection counters, resolved once.
-#[derive(Clone)]
-pub struct ConnMetrics {
-    pub opened: IntCounter,
-    pub closed: IntCounter,
-    pub open: IntGauge,
-    /// Indexed like [`crate::metrics::CONNECT_ERROR_KINDS`].
-    pub errors: [IntCounter; 4],
-    pub timeouts: IntCounter,
 }
 
 #[derive(Clone)]

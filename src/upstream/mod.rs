@@ -10,8 +10,9 @@ pub use pool::SendError;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};
 use crate::http::body::ProxyBody;
+use crate::metrics::upstream::UpstreamMetrics;
 use crate::metrics::Metrics;
-use connector::{ConnMetrics, CountingConnector};
+use connector::CountingConnector;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -19,7 +20,6 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use prometheus::{Histogram, IntCounter};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,17 +50,6 @@ pub struct Endpoint {
     pub host_header: HeaderValue,
 }
 
-/// Metrics an upstream touches per request, resolved once.
-#[derive(Clone)]
-pub struct UpstreamMetrics {
-    pub response_time: Histogram,
-    pub reset: IntCounter,
-    pub body_errors: IntCounter,
-    pub first_byte_timeouts: IntCounter,
-    pub idle_timeouts: IntCounter,
-    pub total_timeouts: IntCounter,
-}
-
 pub struct Upstream {
     pub name: Arc<str>,
     pub endpoints: Vec<Endpoint>,
@@ -80,7 +69,6 @@ impl Upstream {
         balancer: Arc<balance::Balancer>,
     ) -> Result<Upstream, BuildError> {
         let name = config.name.as_str();
-        metrics.init_upstream(name);
         let endpoints = config
             .endpoints
             .iter()
@@ -122,23 +110,7 @@ impl Upstream {
         } else {
             https.wrap_connector(http)
         };
-        let conn_metrics = ConnMetrics {
-            opened: metrics
-                .upstream_connections_opened
-                .with_label_values(&[name]),
-            closed: metrics
-                .upstream_connections_closed
-                .with_label_values(&[name]),
-            open: metrics.upstream_connections_open.with_label_values(&[name]),
-            errors: crate::metrics::CONNECT_ERROR_KINDS.map(|kind| {
-                metrics
-                    .upstream_connect_errors
-                    .with_label_values(&[name, kind])
-            }),
-            timeouts: metrics
-                .upstream_timeouts
-                .with_label_values(&[name, "connect"]),
-        };
+        let conn_metrics = metrics.upstream.connections(name);
         let connector = CountingConnector::new(https, config.timeouts.connect, conn_metrics);
         let transport = if config.pool.http2 {
             // Plain-http upstreams speak h2c with prior knowledge; https ones negotiate by ALPN,
@@ -178,20 +150,7 @@ impl Upstream {
             ))
         };
 
-        let upstream_metrics = UpstreamMetrics {
-            response_time: metrics.upstream_response.with_label_values(&[name]),
-            reset: metrics
-                .upstream_failures
-                .with_label_values(&[name, "reset"]),
-            body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
-            first_byte_timeouts: metrics
-                .upstream_timeouts
-                .with_label_values(&[name, "first_byte"]),
-            idle_timeouts: metrics.upstream_timeouts.with_label_values(&[name, "idle"]),
-            total_timeouts: metrics
-                .upstream_timeouts
-                .with_label_values(&[name, "total"]),
-        };
+        let upstream_metrics = metrics.upstream.upstream(name);
         Ok(Upstream {
             name: Arc::from(name),
             endpoints,

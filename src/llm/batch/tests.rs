@@ -135,10 +135,7 @@ async fn a_full_batch_is_sent_without_waiting() {
     tokio::time::advance(Duration::from_secs(5)).await;
     assert!(f.await.unwrap().is_ok());
     assert_eq!(sizes(&calls), vec![3, 2, 2]);
-    let saved = metrics
-        .upstream_calls_saved
-        .with_label_values(&["r", "batch"])
-        .get();
+    let saved = metrics.llm.batch("r").saved_batch.get();
     assert_eq!(saved, 2);
 }
 
@@ -148,7 +145,7 @@ async fn a_dropped_request_leaves_its_batch() {
     let gone = tokio::spawn(service.clone().call(request(&["x", "y"])));
     let stays = tokio::spawn(service.clone().call(request(&["z"])));
     settle().await;
-    let pending = metrics.embeddings_pending_inputs.with_label_values(&["r"]);
+    let pending = metrics.llm.batch("r").pending;
     assert_eq!(pending.get(), 3);
     gone.abort();
     settle().await;
