@@ -259,7 +259,7 @@ fn route_stack(
     let retries = r.retries.as_ref().map(|retries| {
         RetryLayer::new(
             retries,
-            &r.retry_methods(),
+            r.retry_methods(),
             &r.retry_statuses(),
             &r.upstream,
             upstream.timeouts.total,

@@ -703,13 +703,12 @@ async fn invalid_cache_rules_are_reported_by_field_path() {
     assert!(rule[0].message.contains("DELETE changes state"), "{rule:?}");
     let glob = errors(json!({ "ttl": "10s", "rules": [{ "methods": ["GET"], "path": "x/y" }] }));
     assert_eq!(glob[0].path, "routes[0].cache.rules[0].path", "{glob:?}");
+    let method = errors(json!({ "ttl": "10s", "methods": ["BAD METHOD"] }));
+    assert_eq!(method[0].path, "routes[0].cache.methods[0]", "{method:?}");
     // ...and the checks that validation runs afterwards are all reported together.
-    let errors = errors(
-        json!({ "ttl": "0s", "methods": ["BAD METHOD"], "rules": [{ "methods": [], "path": "/x" }] }),
-    );
+    let errors = errors(json!({ "ttl": "0s", "rules": [{ "methods": [], "path": "/x" }] }));
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
     assert!(paths.contains(&"routes[0].cache.ttl"), "{errors:?}");
-    assert!(paths.contains(&"routes[0].cache.methods[0]"), "{errors:?}");
     assert!(
         paths.contains(&"routes[0].cache.rules[0].methods"),
         "{errors:?}"
@@ -903,4 +902,29 @@ async fn streams_that_stop_before_their_terminal_event_are_not_stored() {
         assert_eq!(chunks.concat(), b"data: {\"n\":0}\n\n".to_vec());
     }
     assert_eq!(up.request_count(), 2);
+}
+
+#[test]
+fn methods_are_read_as_methods_at_load() {
+    let load = |route: Value| {
+        let mut config = Config::one("http://127.0.0.1:9");
+        for (k, v) in route.as_object().unwrap() {
+            config = config.route_set(k, v.clone());
+        }
+        sidelight::config::Config::from_yaml(&config.yaml(), &|_| None)
+    };
+    // A write is never coalesced: identical writes must each reach the upstream.
+    let err = load(json!({ "dedup": { "methods": ["GET", "put"] } }))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("routes[0].dedup.methods[1]") && err.contains("PUT changes state"),
+        "{err}"
+    );
+    // Case does not matter: `post` is POST.
+    let config = load(json!({ "dedup": { "methods": ["post"] } })).unwrap();
+    assert_eq!(
+        config.routes[0].dedup_methods(),
+        Some(vec![http::Method::POST])
+    );
 }

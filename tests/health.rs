@@ -444,7 +444,7 @@ fn invalid_health_and_retry_settings_are_reported_by_field_path() {
         "path": "health", "interval": "0s", "healthy_threshold": 0
     });
     let retries = json!({
-        "statuses": [200], "methods": ["B AD"], "backoff": "2s", "max_backoff": "1s"
+        "statuses": [200], "backoff": "2s", "max_backoff": "1s"
     });
     let yaml = Config::one("http://127.0.0.1:1")
         .upstream_set("health_check", health_check)
@@ -459,12 +459,20 @@ fn invalid_health_and_retry_settings_are_reported_by_field_path() {
         "upstreams[0].health_check.healthy_threshold",
         "upstreams[0].retry_budget.percent",
         "routes[0].retries.statuses[0]",
-        "routes[0].retries.methods[0]",
         "routes[0].retries.backoff",
     ] {
         assert!(err.contains(want), "missing {want} in:\n{err}");
     }
     // A value that cannot be read stops the parse at its field.
+    let yaml =
+        Config::one("http://127.0.0.1:1").route_set("retries", json!({ "methods": ["B AD"] }));
+    let err = sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("routes[0].retries.methods[0]: \"B AD\" is not an HTTP method"),
+        "{err}"
+    );
     let yaml = Config::one("http://127.0.0.1:1")
         .upstream_set("health_check", json!({ "expected_statuses": [200, "9xx"] }));
     let err = sidelight::config::Config::from_yaml(&yaml.yaml(), &|_| None)

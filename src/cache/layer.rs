@@ -16,7 +16,7 @@ use super::coalesce::{Coalescer, Completed, Joined, Subscriber};
 use super::key::{CacheKey, KeyInput};
 use super::rules::Rules;
 use super::store::{Store, Stored};
-use crate::config::RouteCacheConfig;
+use crate::config::{HttpMethod, RouteCacheConfig};
 use crate::error::ProxyError;
 use crate::http::body::{full, ProxyBody};
 use crate::http::headers;
@@ -81,7 +81,7 @@ impl CacheLayer {
         route: &str,
         cache: Option<&RouteCacheConfig>,
         dedup: bool,
-        dedup_methods: Option<&[String]>,
+        dedup_methods: Option<Vec<Method>>,
         shared: CacheShared,
         metrics: &Metrics,
     ) -> CacheLayer {
@@ -89,8 +89,10 @@ impl CacheLayer {
         let defaults = RouteCacheConfig {
             ttl: Duration::from_secs(1),
             methods: dedup_methods
-                .map(<[String]>::to_vec)
-                .unwrap_or_else(|| vec!["GET".into(), "HEAD".into()]),
+                .unwrap_or_else(|| vec![Method::GET, Method::HEAD])
+                .into_iter()
+                .map(HttpMethod::of)
+                .collect(),
             max_body_bytes: crate::config::ByteSize::mib(4),
             vary_headers: Vec::new(),
             ignore_json_fields: Vec::new(),
@@ -111,11 +113,7 @@ impl CacheLayer {
                 ttl: cache.map(|c| c.ttl),
                 grace: cache.map_or(Duration::ZERO, |c| c.stale_while_revalidate),
                 dedup,
-                methods: c
-                    .methods
-                    .iter()
-                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                    .collect(),
+                methods: c.methods.iter().map(|m| m.0.clone()).collect(),
                 rules,
                 vary: names(&c.vary_headers),
                 credentials: names(&c.credential_headers),

@@ -31,7 +31,7 @@ pub struct RouteCacheConfig {
     pub ttl: Duration,
     /// Methods that may be cached when no presets or rules are set.
     #[serde(default = "default_cache_methods")]
-    pub methods: Vec<String>,
+    pub methods: Vec<HttpMethod>,
     /// Larger responses are passed through, not stored.
     #[serde(default = "default_cache_max_body")]
     pub max_body_bytes: ByteSize,
@@ -64,8 +64,11 @@ fn default_coalesce_buffer() -> ByteSize {
     ByteSize::mib(8)
 }
 
-fn default_cache_methods() -> Vec<String> {
-    vec!["GET".into(), "HEAD".into()]
+fn default_cache_methods() -> Vec<HttpMethod> {
+    vec![
+        HttpMethod::of(http::Method::GET),
+        HttpMethod::of(http::Method::HEAD),
+    ]
 }
 
 fn default_cache_max_body() -> ByteSize {

@@ -1,7 +1,7 @@
 //! What a route's cache may store beyond `GET`/`HEAD`: built-in presets for HTTP databases and
 //! user rules (methods + path glob), parsed and checked once at load.
 
-use http::Method;
+use super::method::ReadMethod;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -24,32 +24,6 @@ pub enum Preset {
 pub struct CacheRule {
     pub methods: Vec<ReadMethod>,
     pub path: PathGlob,
-}
-
-/// A method that only reads: anything but PUT, PATCH, DELETE and CONNECT.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ReadMethod(pub Method);
-
-impl TryFrom<String> for ReadMethod {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        let method = Method::from_bytes(text.to_ascii_uppercase().as_bytes())
-            .map_err(|_| format!("{text:?} is not an HTTP method"))?;
-        let writes = [Method::PUT, Method::DELETE, Method::PATCH, Method::CONNECT];
-        if writes.contains(&method) {
-            return Err(format!(
-                "{method} changes state or opens a tunnel, and is never cached or coalesced"
-            ));
-        }
-        Ok(ReadMethod(method))
-    }
-}
-
-impl From<ReadMethod> for String {
-    fn from(method: ReadMethod) -> String {
-        method.0.to_string()
-    }
 }
 
 /// A path glob, split into segments after the leading `/`.

@@ -10,6 +10,7 @@ mod validate;
 mod cache;
 mod cache_rules;
 mod llm;
+mod method;
 mod process;
 mod rate;
 mod routes;
@@ -17,8 +18,9 @@ mod status;
 mod upstreams;
 
 pub use cache::*;
-pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset, ReadMethod};
+pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset};
 pub use llm::*;
+pub use method::{HttpMethod, ReadMethod};
 pub use postgres::{
     AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
 };

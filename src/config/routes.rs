@@ -13,7 +13,7 @@ pub struct RetryConfig {
     /// POST on `openai`/`anthropic` routes. A connect failure is retried for every method: the
     /// request never left.
     #[serde(default)]
-    pub methods: Option<Vec<String>>,
+    pub methods: Option<Vec<HttpMethod>>,
     /// Upstream statuses that are retried. Default: 429, 502, 503, 504, plus 529 (Anthropic's
     /// `overloaded_error`) on `anthropic` routes.
     #[serde(default)]
@@ -124,28 +124,52 @@ pub struct RateLimitConfig {
 
 /// `dedup: true | false`, or `dedup: { methods: [GET, POST] }` to coalesce more than GET/HEAD
 /// on a route without a cache (with a cache, `cache.methods` and its rules decide).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum DedupConfig {
     Switch(bool),
     Methods(DedupMethods),
 }
 
+// By hand rather than `untagged`, so that a bad method is reported at its own field path.
+impl<'de> Deserialize<'de> for DedupConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DedupConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or { methods: [...] }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<DedupConfig, E> {
+                Ok(DedupConfig::Switch(on))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DedupConfig, A::Error> {
+                DedupMethods::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(DedupConfig::Methods)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupMethods {
-    pub methods: Vec<String>,
+    pub methods: Vec<ReadMethod>,
 }
 
 impl RouteConfig {
     /// Methods retried after a reset or a retryable status (see [`RetryConfig::methods`]).
-    pub fn retry_methods(&self) -> Vec<String> {
-        match self.retries.as_ref().and_then(|r| r.methods.clone()) {
-            Some(methods) => methods,
+    pub fn retry_methods(&self) -> Vec<http::Method> {
+        match &self.retries.as_ref().and_then(|r| r.methods.as_ref()) {
+            Some(methods) => methods.iter().map(|m| m.0.clone()).collect(),
             None => {
-                let mut m: Vec<String> = ["GET", "HEAD", "OPTIONS"].map(String::from).to_vec();
+                let mut m = vec![http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
                 if self.kind.is_llm() {
-                    m.push("POST".into());
+                    m.push(http::Method::POST);
                 }
                 m
             }
@@ -181,9 +205,9 @@ impl RouteConfig {
     }
 
     /// Methods coalesced on a route without a cache.
-    pub fn dedup_methods(&self) -> Option<&[String]> {
+    pub fn dedup_methods(&self) -> Option<Vec<http::Method>> {
         match &self.dedup {
-            Some(DedupConfig::Methods(m)) => Some(&m.methods),
+            Some(DedupConfig::Methods(m)) => Some(m.methods.iter().map(|m| m.0.clone()).collect()),
             _ => None,
         }
     }

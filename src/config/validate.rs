@@ -372,14 +372,6 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
         }
         if let Some(retries) = &route.retries {
             let at = format!("{at}.retries");
-            for (i, m) in retries.methods.iter().flatten().enumerate() {
-                if http::Method::from_bytes(m.as_bytes()).is_err() {
-                    errs.add(
-                        format!("{at}.methods[{i}]"),
-                        format!("invalid method {m:?}"),
-                    );
-                }
-            }
             for (i, s) in retries.statuses.iter().flatten().enumerate() {
                 if !(400..=599).contains(s) {
                     errs.add(
@@ -390,23 +382,6 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
             }
             if retries.backoff > retries.max_backoff {
                 errs.add(format!("{at}.backoff"), "must not exceed max_backoff");
-            }
-        }
-        for (i, m) in route.dedup_methods().unwrap_or_default().iter().enumerate() {
-            let method = http::Method::from_bytes(m.as_bytes());
-            if method.is_err() {
-                errs.add(
-                    format!("{at}.dedup.methods[{i}]"),
-                    format!("invalid method {m:?}"),
-                );
-            } else if matches!(
-                m.to_ascii_uppercase().as_str(),
-                "PUT" | "PATCH" | "DELETE" | "CONNECT"
-            ) {
-                errs.add(
-                    format!("{at}.dedup.methods[{i}]"),
-                    format!("{m} changes state: identical writes must each reach the upstream"),
-                );
             }
         }
         if let Some(p) = &route.prefix_rewrite {
@@ -423,14 +398,6 @@ fn check_routes(config: &mut Config, errs: &mut Errors) {
 fn check_route_cache(at: &str, cache: &super::RouteCacheConfig, errs: &mut Errors) {
     if cache.ttl.is_zero() {
         errs.add(format!("{at}.ttl"), "must be greater than 0");
-    }
-    for (i, m) in cache.methods.iter().enumerate() {
-        if http::Method::from_bytes(m.as_bytes()).is_err() {
-            errs.add(
-                format!("{at}.methods[{i}]"),
-                format!("invalid method {m:?}"),
-            );
-        }
     }
     for (field, names) in [
         ("vary_headers", &cache.vary_headers),

@@ -4,6 +4,8 @@
 use super::headers;
 use http::HeaderValue;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Facts about a request set once by the entry service, read by the layers.
@@ -126,5 +128,20 @@ impl LlmFacts {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}
+
+/// Set by the LLM stream guard while it holds a response for its first token: the idle timeout
+/// does not apply meanwhile (only `total` does).
+#[derive(Clone, Debug, Default)]
+pub struct IdleHold(Arc<AtomicBool>);
+
+impl IdleHold {
+    pub fn set(&self, holding: bool) {
+        self.0.store(holding, Ordering::Relaxed);
+    }
+
+    pub fn holding(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }

@@ -5,4 +5,4 @@ pub mod body;
 pub mod headers;
 pub mod meta;
 
-pub use meta::{Peer, RequestMeta, UpstreamWait};
+pub use meta::{IdleHold, Peer, RequestMeta, UpstreamWait};

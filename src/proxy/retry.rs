@@ -52,7 +52,7 @@ impl RetryLayer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &RetryConfig,
-        methods: &[String],
+        methods: Vec<Method>,
         statuses: &[u16],
         upstream: &str,
         total: Duration,
@@ -69,10 +69,7 @@ impl RetryLayer {
             policy: Arc::new(RetryPolicy {
                 upstream: Arc::from(upstream),
                 max_retries: config.max_retries,
-                methods: methods
-                    .iter()
-                    .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
-                    .collect(),
+                methods,
                 statuses: statuses
                     .iter()
                     .filter_map(|s| StatusCode::from_u16(*s).ok())

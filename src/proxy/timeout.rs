@@ -8,6 +8,7 @@
 
 use crate::error::ProxyError;
 use crate::http::body::ProxyBody;
+use crate::http::IdleHold;
 use crate::http::RequestMeta;
 use crate::metrics::upstream::UpstreamMetrics;
 use crate::service::{Around, Inner};
@@ -18,26 +19,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
-
-/// Set by the LLM stream guard while it holds a response for its first token: the idle timeout
-/// does not apply meanwhile (only `total` does).
-#[derive(Clone, Debug, Default)]
-pub struct IdleHold(Arc<AtomicBool>);
-
-impl IdleHold {
-    pub fn set(&self, holding: bool) {
-        self.0.store(holding, Ordering::Relaxed);
-    }
-
-    pub fn holding(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 #[derive(Clone)]
 pub struct Timeouts {
