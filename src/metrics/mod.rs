@@ -57,7 +57,7 @@ pub const CONNECT_ERROR_KINDS: [&str; 4] = ["refused", "dns", "tls", "other"];
 /// Timeout kinds: a closed set.
 pub const TIMEOUT_KINDS: &[&str] = &["connect", "first_byte", "idle", "total"];
 /// Failures of an established upstream exchange: a closed set.
-pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "body"];
+pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "protocol", "body"];
 /// Why sidelight closed a client connection without handing a request to a route.
 pub const PROTOCOL_ERROR_KINDS: [&str; 3] = ["bad_request", "headers_too_large", "header_timeout"];
 
@@ -258,7 +258,7 @@ impl Metrics {
             upstream_connections_open: gauge(&r, "sidelight_upstream_connections_open", "Upstream connections currently open (idle in the pool or busy).", &["upstream"]),
             upstream_connect_errors: counter(&r, "sidelight_upstream_connect_errors_total", "Failed attempts to connect to an upstream, by kind (refused, dns, tls, other).", &["upstream", "kind"]),
             upstream_timeouts: counter(&r, "sidelight_upstream_timeouts_total", "Upstream timeouts, by kind (connect, first_byte, idle, total).", &["upstream", "kind"]),
-            upstream_failures: counter(&r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, or body error after.", &["upstream", "kind"]),
+            upstream_failures: counter(&r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, an invalid response head (protocol), or body error after.", &["upstream", "kind"]),
             downstream_connections: counter(&r, "sidelight_downstream_connections_total", "Client connections accepted.", &["listener"]),
             downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
             downstream_connections_refused: counter(&r, "sidelight_downstream_connections_refused_total", "Client connections closed on arrival because limits.max_client_connections were open on the listener.", &["listener"]),

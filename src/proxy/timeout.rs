@@ -212,6 +212,9 @@ mod tests {
                 reset: metrics
                     .upstream_failures
                     .with_label_values(&[name, "reset"]),
+                protocol_errors: metrics
+                    .upstream_failures
+                    .with_label_values(&[name, "protocol"]),
                 body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
                 first_byte_timeouts: metrics
                     .upstream_timeouts

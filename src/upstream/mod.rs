@@ -53,6 +53,8 @@ pub struct Endpoint {
 pub struct UpstreamMetrics {
     pub response_time: Histogram,
     pub reset: IntCounter,
+    /// A response head that is not valid HTTP.
+    pub protocol_errors: IntCounter,
     pub body_errors: IntCounter,
     pub first_byte_timeouts: IntCounter,
     pub idle_timeouts: IntCounter,
@@ -181,6 +183,9 @@ impl Upstream {
             reset: metrics
                 .upstream_failures
                 .with_label_values(&[name, "reset"]),
+            protocol_errors: metrics
+                .upstream_failures
+                .with_label_values(&[name, "protocol"]),
             body_errors: metrics.upstream_failures.with_label_values(&[name, "body"]),
             first_byte_timeouts: metrics
                 .upstream_timeouts
