@@ -335,3 +335,62 @@ async fn idle_http2_connections_are_closed_after_the_header_read_timeout() {
         .unwrap();
     assert_eq!(support::collect(response).await.body, "slow");
 }
+
+#[tokio::test]
+async fn url_credentials_are_sent_as_basic_auth_and_config_shows_no_secret() {
+    let up = server::http1().route("/", "ok").run().await;
+    let with_credentials = up.url().replace("http://", "http://user:p%40ss@");
+    let yaml = Config::new()
+        .upstream(Upstream::new("api", &[&with_credentials]).set(
+            "headers",
+            json!({
+                "x-custom-token": "literal-custom-secret",
+                "x-key": "${UNSET_KEY:-default-secret}",
+                "anthropic-version": "2023-06-01",
+                "x-env": "Bearer ${ENV_KEY}",
+            }),
+        ))
+        .upstream(Upstream::new(
+            "other",
+            &["${OTHER_URL:-http://u2:default-pw@127.0.0.1:9}"],
+        ))
+        .route(Route::new("api", "api"));
+    let proxy = proxy::start_with_env(&yaml, &[("ENV_KEY", "env-secret")]).await;
+
+    let answer = support::get(&proxy.url("/x")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // curl's behaviour: `user:p%40ss@` is `Authorization: Basic base64("user:p@ss")`.
+    let sent = up.last_request();
+    assert_eq!(sent.headers["authorization"], "Basic dXNlcjpwQHNz");
+    // The credentials are not part of the Host the upstream sees.
+    assert!(
+        !sent.headers["host"].to_str().unwrap().contains('@'),
+        "{:?}",
+        sent.headers["host"]
+    );
+
+    let shown = support::get(&proxy.admin_url("/config")).await.body;
+    for secret in [
+        "literal-custom-secret",
+        "default-secret",
+        "p%40ss",
+        "default-pw",
+        "env-secret",
+    ] {
+        assert!(!shown.contains(secret), "{secret:?} shown:\n{shown}");
+    }
+    let parsed: serde_yaml::Value = serde_yaml::from_str(&shown).expect("/config is YAML");
+    let headers = &parsed["upstreams"][0]["headers"];
+    assert_eq!(headers["x-custom-token"].as_str(), Some("<redacted>"));
+    assert_eq!(headers["x-key"].as_str(), Some("${UNSET_KEY:-<redacted>}"));
+    assert_eq!(headers["anthropic-version"].as_str(), Some("2023-06-01"));
+    assert_eq!(headers["x-env"].as_str(), Some("Bearer ${ENV_KEY}"));
+    assert_eq!(
+        parsed["upstreams"][0]["endpoints"][0].as_str(),
+        Some(with_credentials.replace("p%40ss", "<redacted>").as_str())
+    );
+    assert_eq!(
+        parsed["upstreams"][1]["endpoints"][0].as_str(),
+        Some("${OTHER_URL:-http://u2:<redacted>@127.0.0.1:9}")
+    );
+}

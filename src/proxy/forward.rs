@@ -135,6 +135,10 @@ impl Service<ProxyRequest> for Forward {
             &endpoint.host_header,
             &upstream.headers,
         );
+        if let Some(credentials) = &endpoint.authorization {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, credentials.clone());
+        }
 
         Box::pin(async move {
             let sent = Instant::now();
@@ -266,6 +270,7 @@ mod tests {
             authority: "up:80".parse().unwrap(),
             base_path: base.into(),
             host_header: HeaderValue::from_static("up"),
+            authorization: None,
         }
     }
 
