@@ -202,11 +202,15 @@ impl Sidelight {
     }
 
     fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        assert!(status.success(), "kill -{name} failed: {status}");
     }
 
     /// Waits for the process to exit; then the output is complete (the reader threads are joined).
@@ -437,6 +441,42 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", sl.output());
     assert!(sl.stdout().contains("drained; bye"), "{}", sl.output());
     assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_logged_and_ignored() {
+    let up = server::http1().route("/", "ok").run().await;
+    let yaml = one_route(&up.url(), json!({}), json!({}));
+    let mut sl = Sidelight::start("sighup_is_logged_and_ignored", &yaml, &[]).await;
+
+    sl.signal("HUP");
+    support::eventually("the SIGHUP is logged", Duration::from_secs(5), || {
+        let logged = sl
+            .stdout()
+            .contains("SIGHUP received; hot reload is not implemented yet, ignoring");
+        async move { logged }
+    })
+    .await;
+    // A second one too: the handler stays installed.
+    sl.signal("HUP");
+    let answer = try_get(&sl.url("/api/"))
+        .await
+        .unwrap_or_else(|| panic!("sidelight stopped serving after SIGHUP\n{}", sl.output()));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    support::eventually("both SIGHUPs are logged", Duration::from_secs(5), || {
+        let logged = sl.stdout().matches("SIGHUP received").count() == 2;
+        async move { logged }
+    })
+    .await;
+    assert!(
+        sl.child.try_wait().expect("try_wait").is_none(),
+        "sidelight exited on SIGHUP\n{}",
+        sl.output()
+    );
+
+    sl.sigterm();
+    let status = sl.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", sl.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
