@@ -394,3 +394,63 @@ async fn url_credentials_are_sent_as_basic_auth_and_config_shows_no_secret() {
         Some("${OTHER_URL:-http://u2:<redacted>@127.0.0.1:9}")
     );
 }
+
+/// nginx's `underscores_in_headers off`: `Transfer_Encoding` and friends are dropped, over
+/// HTTP/1.1 and HTTP/2, unless `limits.allow_underscores_in_headers` keeps them.
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped_unless_allowed() {
+    let up = server::http1().route("/", "ok").run().await;
+    let request = |url: String| {
+        Request::get(url)
+            .header("transfer_encoding", "chunked")
+            .header("x_api_user", "admin")
+            .header("x-normal", "kept")
+            .body(full(""))
+            .unwrap()
+    };
+    let proxy = proxy::start(&Config::one(&up.url())).await;
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let answer = support::send(request(proxy.url("/x"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let h2 = h2_client.request(request(proxy.url("/x"))).await.unwrap();
+    assert_eq!(h2.version(), http::Version::HTTP_2);
+    assert_eq!(support::collect(h2).await.status, 200);
+    let sent = up.requests();
+    assert_eq!(sent.len(), 2);
+    for r in &sent {
+        assert!(
+            r.headers.get("transfer_encoding").is_none(),
+            "{:?}",
+            r.headers
+        );
+        assert!(r.headers.get("x_api_user").is_none(), "{:?}", r.headers);
+        assert_eq!(r.headers["x-normal"], "kept");
+    }
+    proxy
+        .assert_metric_eventually(
+            "sidelight_request_headers_dropped_total",
+            &[("listener", "main")],
+            4.0,
+        )
+        .await;
+
+    let allowing = proxy::start(
+        &Config::one(&up.url()).set("limits", json!({ "allow_underscores_in_headers": true })),
+    )
+    .await;
+    let answer = support::send(request(allowing.url("/x"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let h2 = h2_client
+        .request(request(allowing.url("/x")))
+        .await
+        .unwrap();
+    assert_eq!(support::collect(h2).await.status, 200);
+    let sent = up.requests();
+    for r in &sent[2..] {
+        assert_eq!(r.headers["x_api_user"], "admin");
+        assert_eq!(r.headers["transfer_encoding"], "chunked");
+    }
+}

@@ -66,6 +66,11 @@ pub struct LimitsConfig {
     /// takes an upstream connection (0: off).
     #[serde(default = "default_request_buffering")]
     pub request_buffering_bytes: ByteSize,
+    /// Request headers with `_` in their names (`Transfer_Encoding`) are dropped unless this is
+    /// set (nginx's `underscores_in_headers off`): a server that reads `_` as `-` would otherwise
+    /// see a header sidelight never checked.
+    #[serde(default)]
+    pub allow_underscores_in_headers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -122,6 +127,7 @@ impl Default for LimitsConfig {
             max_client_connections: default_max_client_connections(),
             client_body_timeout: default_client_body_timeout(),
             request_buffering_bytes: default_request_buffering(),
+            allow_underscores_in_headers: false,
         }
     }
 }

@@ -151,6 +151,7 @@ pub struct Metrics {
     pub downstream_connections_open: IntGaugeVec,
     pub downstream_connections_refused: IntCounterVec,
     pub downstream_protocol_errors: IntCounterVec,
+    pub request_headers_dropped: IntCounterVec,
     pub overloaded: IntCounter,
     pub request_bodies_buffered: IntCounterVec,
     pub cache_lookups: IntCounterVec,
@@ -263,6 +264,7 @@ impl Metrics {
             downstream_connections_open: gauge(&r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
             downstream_connections_refused: counter(&r, "sidelight_downstream_connections_refused_total", "Client connections closed on arrival because limits.max_client_connections were open on the listener.", &["listener"]),
             downstream_protocol_errors: counter(&r, "sidelight_downstream_protocol_errors_total", "Client connections closed for a malformed or oversized request head, or none within limits.header_read_timeout.", &["listener", "kind"]),
+            request_headers_dropped: counter(&r, "sidelight_request_headers_dropped_total", "Request header fields dropped because their names have an underscore (limits.allow_underscores_in_headers is off).", &["listener"]),
             request_bodies_buffered: counter(&r, "sidelight_request_bodies_buffered_total", "Request bodies read whole (limits.request_buffering_bytes) before the request took an upstream connection.", &["route"]),
             overloaded: {
                 let c = IntCounter::new("sidelight_overloaded_total", "Requests refused with 503 because max_in_flight_requests was reached.")
@@ -446,6 +448,7 @@ impl Metrics {
             .with_label_values(&[listener]);
         self.downstream_connections_refused
             .with_label_values(&[listener]);
+        self.request_headers_dropped.with_label_values(&[listener]);
         for kind in PROTOCOL_ERROR_KINDS {
             self.downstream_protocol_errors
                 .with_label_values(&[listener, kind]);
