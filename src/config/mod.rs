@@ -126,6 +126,9 @@ impl Config {
     pub fn redacted_yaml(&self) -> String {
         let mut shown = self.clone();
         shown.postgres.redact();
+        if let Some(token) = &mut shown.admin.token {
+            *token = redact::secret(token);
+        }
         for upstream in &mut shown.upstreams {
             for endpoint in upstream.endpoints.iter_mut() {
                 *endpoint = redact::url(endpoint);

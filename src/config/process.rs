@@ -16,6 +16,20 @@ pub struct AdminConfig {
     /// Loopback by default: metrics and `/config` are for the pod, not the network.
     #[serde(default = "default_admin_address")]
     pub address: SocketAddr,
+    /// When set (`${ADMIN_TOKEN}`), every admin path but `/healthz` and `/readyz` needs
+    /// `Authorization: Bearer <token>`. Empty (an unset `${ADMIN_TOKEN:-}`) means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<EnvString>,
+}
+
+impl AdminConfig {
+    /// The token admin requests must carry, if one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token
+            .as_ref()
+            .map(|t| t.value.as_str())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -103,6 +117,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: default_admin_address(),
+            token: None,
         }
     }
 }

@@ -53,6 +53,20 @@ pub(super) fn validate(
     let mut errs = Errors(Vec::new());
     check_listeners(config, &mut errs);
     check_log(config, &mut errs);
+    if let Some(token) = &mut config.admin.token {
+        if let Err(e) = expand(token, env) {
+            errs.add("admin.token", e);
+        } else if token
+            .value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            errs.add(
+                "admin.token",
+                "must not contain spaces or control characters",
+            );
+        }
+    }
     check_upstreams(config, env, &mut errs);
     check_routes(config, &mut errs);
     errs.0
@@ -553,6 +567,36 @@ mod tests {
             errs.len() == 1 && !errs[0].contains("hunter2") && errs[0].contains("<redacted>"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn admin_token() {
+        let base = "upstreams: [{ name: u, endpoints: [\"http://127.0.0.1:1\"] }]\nroutes: [{ upstream: u }]\n";
+        let errs = errors(&format!(
+            "{base}admin: {{ token: \"${{NO_SUCH_TOKEN}}\" }}\n"
+        ));
+        assert!(
+            errs.len() == 1
+                && errs[0]
+                    .starts_with("admin.token: environment variable NO_SUCH_TOKEN is not set"),
+            "{errs:?}"
+        );
+        let errs = errors(&format!("{base}admin: {{ token: \"two words\" }}\n"));
+        assert_eq!(
+            errs,
+            ["admin.token: must not contain spaces or control characters"]
+        );
+        // An empty optional token is no token.
+        let config = Config::from_yaml(
+            &format!("{base}admin: {{ token: \"${{T:-}}\" }}\n"),
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.admin.token(), None);
+        let config = Config::from_yaml(&format!("{base}admin: {{ token: hunter2 }}\n"), &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.admin.token(), Some("hunter2"));
+        assert!(!config.redacted_yaml().contains("hunter2"));
     }
 
     #[test]
