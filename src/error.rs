@@ -45,6 +45,11 @@ pub enum ProxyError {
     /// headers, or (an LLM stream held for its first token) before that token. Retryable.
     #[error("upstream {upstream} closed the connection before its response began: {detail}")]
     UpstreamReset { upstream: String, detail: String },
+    /// The upstream answered with something that is not a valid HTTP response head (not HTTP,
+    /// a malformed or oversized head, a bad length). Not retried: a broken upstream tends to
+    /// stay broken, and the request may have been acted on.
+    #[error("upstream {upstream} sent an invalid response: {detail}")]
+    UpstreamProtocol { upstream: String, detail: String },
     #[error("connecting to upstream {upstream} took longer than {timeout:?}")]
     ConnectTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} sent no response headers within {timeout:?}")]
@@ -161,6 +166,7 @@ impl ProxyError {
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
             ProxyError::UpstreamReset { .. } => "upstream_reset",
+            ProxyError::UpstreamProtocol { .. } => "upstream_protocol_error",
             ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
             ProxyError::FirstByteTimeout { .. } => "upstream_first_byte_timeout",
             ProxyError::TotalTimeout { .. } => "upstream_total_timeout",
@@ -188,6 +194,7 @@ impl ProxyError {
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamProtocol { .. }
             | ProxyError::UpstreamBody { .. }
             | ProxyError::StreamTruncated { .. }
             | ProxyError::StreamMalformed { .. }

@@ -118,6 +118,8 @@ fn run(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before anything else: SIGHUP's default action would end the process.
+        ignore_sighup();
         let drain = config.shutdown.drain_timeout;
         let running = match Sidelight::start(config).await {
             Ok(running) => running,
@@ -136,6 +138,27 @@ fn run(config: Config) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP (log rotation scripts, `systemctl reload`) is logged and ignored until hot reload
+/// exists; by default it would kill the process.
+fn ignore_sighup() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!(
+                            "SIGHUP received; hot reload is not implemented yet, ignoring"
+                        );
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; it will stop the process"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -271,6 +271,7 @@ impl Sidelight {
             metrics: metrics.clone(),
             ready: ready.clone(),
             config_yaml: config.redacted_yaml(),
+            token: config.admin.token().map(str::to_string),
             cache: shared.cache.clone(),
             cache_max_bytes: config.cache.max_bytes.0,
             routes: config
@@ -297,6 +298,9 @@ impl Sidelight {
                 )]
             },
         });
+        if state.token.is_none() && !admin_addr.ip().is_loopback() {
+            tracing::warn!(address = %admin_addr, "the admin port is not on loopback and admin.token is not set: anyone who can reach it can read /config and /status and purge the cache");
+        }
         let (admin_stop, admin_stop_rx) = watch::channel(());
         let admin_task = tokio::spawn(admin::serve(admin_listener, state, admin_stop_rx));
         tracing::info!(address = %admin_addr, "admin listening");

@@ -156,10 +156,17 @@ pub fn entry(
             let path = req.uri().path().to_string();
             Box::pin(async move { Err(ProxyError::NoRoute(path)) })
         });
-    Ok(Entry::new(Router::new(
-        routes,
-        RouteService::new(unmatched),
-    )))
+    let underscores_dropped = (!config.limits.allow_underscores_in_headers).then(|| {
+        config
+            .listeners
+            .iter()
+            .map(|l| metrics.listeners.listener(&l.name).headers_dropped)
+            .collect()
+    });
+    Ok(Entry::new(
+        Router::new(routes, RouteService::new(unmatched)),
+        underscores_dropped,
+    ))
 }
 
 /// One route's stack, outermost first.

@@ -202,11 +202,15 @@ impl Sidelight {
     }
 
     fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        assert!(status.success(), "kill -{name} failed: {status}");
     }
 
     /// Waits for the process to exit; then the output is complete (the reader threads are joined).
@@ -437,6 +441,42 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", sl.output());
     assert!(sl.stdout().contains("drained; bye"), "{}", sl.output());
     assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_logged_and_ignored() {
+    let up = server::http1().route("/", "ok").run().await;
+    let yaml = one_route(&up.url(), json!({}), json!({}));
+    let mut sl = Sidelight::start("sighup_is_logged_and_ignored", &yaml, &[]).await;
+
+    sl.signal("HUP");
+    support::eventually("the SIGHUP is logged", Duration::from_secs(5), || {
+        let logged = sl
+            .stdout()
+            .contains("SIGHUP received; hot reload is not implemented yet, ignoring");
+        async move { logged }
+    })
+    .await;
+    // A second one too: the handler stays installed.
+    sl.signal("HUP");
+    let answer = try_get(&sl.url("/api/"))
+        .await
+        .unwrap_or_else(|| panic!("sidelight stopped serving after SIGHUP\n{}", sl.output()));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    support::eventually("both SIGHUPs are logged", Duration::from_secs(5), || {
+        let logged = sl.stdout().matches("SIGHUP received").count() == 2;
+        async move { logged }
+    })
+    .await;
+    assert!(
+        sl.child.try_wait().expect("try_wait").is_none(),
+        "sidelight exited on SIGHUP\n{}",
+        sl.output()
+    );
+
+    sl.sigterm();
+    let status = sl.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", sl.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,4 +752,103 @@ async fn access_log_of_an_llm_request_has_model_tokens_and_time_to_first_token()
     sl.sigterm();
     let status = sl.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "{}", sl.output());
+}
+
+/// An admin request with an optional `Authorization` value.
+async fn admin_request(method: &str, url: &str, authorization: Option<&str>) -> Answer {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(value) = authorization {
+        req = req.header("authorization", value);
+    }
+    let response = support::client_no_pool()
+        .request(req.body(full(Bytes::new())).unwrap())
+        .await
+        .expect("admin answers");
+    support::collect(response).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guards_every_admin_path_but_the_probes() {
+    const TOKEN: &str = "admin-token-from-env-7f3a";
+    let up = server::http1().route("/", "ok").run().await;
+    let yaml = one_route(
+        &up.url(),
+        json!({ "admin": { "address": "{admin}", "token": "${ADMIN_TOKEN}" } }),
+        json!({}),
+    );
+    let mut sl = Sidelight::start(
+        "admin_token_guards_every_admin_path_but_the_probes",
+        &yaml,
+        &[("ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
+
+    // Probes need no token: a kubelet has none.
+    for path in ["/healthz", "/readyz"] {
+        let a = admin_request("GET", &sl.admin_url(path), None).await;
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/config"),
+        ("GET", "/status"),
+        ("GET", "/nope"),
+        ("POST", "/cache/purge"),
+    ] {
+        let url = sl.admin_url(path);
+        for wrong in [None, Some("Bearer wrong"), Some(TOKEN), Some("Basic x")] {
+            let a = admin_request(method, &url, wrong).await;
+            assert_eq!(a.status, 401, "{method} {path} with {wrong:?}: {}", a.body);
+            assert_eq!(a.json()["error"]["type"], "unauthorized", "{}", a.body);
+            assert!(a.body.contains("Bearer"), "{}", a.body);
+            assert_eq!(
+                a.header("www-authenticate"),
+                "Bearer realm=\"sidelight-admin\""
+            );
+        }
+        let a = admin_request(method, &url, Some(&bearer)).await;
+        let want = if path == "/nope" { 404 } else { 200 };
+        assert_eq!(a.status, want, "{method} {path} with the token: {}", a.body);
+    }
+    let shown = admin_request("GET", &sl.admin_url("/config"), Some(&bearer))
+        .await
+        .body;
+    assert!(!shown.contains(TOKEN), "{shown}");
+    assert!(shown.contains("token: ${ADMIN_TOKEN}"), "{shown}");
+    // The traffic port is not the admin port: no token there.
+    assert_eq!(
+        try_get(&sl.url("/api/")).await.map(|a| a.status.as_u16()),
+        Some(200)
+    );
+
+    sl.sigterm();
+    sl.wait_exit(Duration::from_secs(15)).await;
+    assert!(!sl.stdout().contains(TOKEN), "{}", sl.output());
+    assert!(
+        !sl.stdout().contains("admin.token is not set"),
+        "{}",
+        sl.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_off_loopback_without_a_token_is_warned_about() {
+    let up = server::http1().route("/", "ok").run().await;
+    let yaml = one_route(&up.url(), json!({}), json!({}));
+    let admin = SocketAddr::from(([0, 0, 0, 0], free_addr().port()));
+    let mut sl = Sidelight::spawn(
+        "an_admin_port_off_loopback_without_a_token_is_warned_about",
+        &yaml,
+        &[],
+        free_addr(),
+        admin,
+    );
+    sl.wait_ready().await;
+    assert!(
+        sl.stdout()
+            .contains("the admin port is not on loopback and admin.token is not set"),
+        "{}",
+        sl.output()
+    );
 }

@@ -335,3 +335,122 @@ async fn idle_http2_connections_are_closed_after_the_header_read_timeout() {
         .unwrap();
     assert_eq!(support::collect(response).await.body, "slow");
 }
+
+#[tokio::test]
+async fn url_credentials_are_sent_as_basic_auth_and_config_shows_no_secret() {
+    let up = server::http1().route("/", "ok").run().await;
+    let with_credentials = up.url().replace("http://", "http://user:p%40ss@");
+    let yaml = Config::new()
+        .upstream(Upstream::new("api", &[&with_credentials]).set(
+            "headers",
+            json!({
+                "x-custom-token": "literal-custom-secret",
+                "x-key": "${UNSET_KEY:-default-secret}",
+                "anthropic-version": "2023-06-01",
+                "x-env": "Bearer ${ENV_KEY}",
+            }),
+        ))
+        .upstream(Upstream::new(
+            "other",
+            &["${OTHER_URL:-http://u2:default-pw@127.0.0.1:9}"],
+        ))
+        .route(Route::new("api", "api"));
+    let proxy = proxy::start_with_env(&yaml, &[("ENV_KEY", "env-secret")]).await;
+
+    let answer = support::get(&proxy.url("/x")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // curl's behaviour: `user:p%40ss@` is `Authorization: Basic base64("user:p@ss")`.
+    let sent = up.last_request();
+    assert_eq!(sent.headers["authorization"], "Basic dXNlcjpwQHNz");
+    // The credentials are not part of the Host the upstream sees.
+    assert!(
+        !sent.headers["host"].to_str().unwrap().contains('@'),
+        "{:?}",
+        sent.headers["host"]
+    );
+
+    let shown = support::get(&proxy.admin_url("/config")).await.body;
+    for secret in [
+        "literal-custom-secret",
+        "default-secret",
+        "p%40ss",
+        "default-pw",
+        "env-secret",
+    ] {
+        assert!(!shown.contains(secret), "{secret:?} shown:\n{shown}");
+    }
+    let parsed: serde_yaml::Value = serde_yaml::from_str(&shown).expect("/config is YAML");
+    let headers = &parsed["upstreams"][0]["headers"];
+    assert_eq!(headers["x-custom-token"].as_str(), Some("<redacted>"));
+    assert_eq!(headers["x-key"].as_str(), Some("${UNSET_KEY:-<redacted>}"));
+    assert_eq!(headers["anthropic-version"].as_str(), Some("2023-06-01"));
+    assert_eq!(headers["x-env"].as_str(), Some("Bearer ${ENV_KEY}"));
+    assert_eq!(
+        parsed["upstreams"][0]["endpoints"][0].as_str(),
+        Some(with_credentials.replace("p%40ss", "<redacted>").as_str())
+    );
+    assert_eq!(
+        parsed["upstreams"][1]["endpoints"][0].as_str(),
+        Some("${OTHER_URL:-http://u2:<redacted>@127.0.0.1:9}")
+    );
+}
+
+/// nginx's `underscores_in_headers off`: `Transfer_Encoding` and friends are dropped, over
+/// HTTP/1.1 and HTTP/2, unless `limits.allow_underscores_in_headers` keeps them.
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped_unless_allowed() {
+    let up = server::http1().route("/", "ok").run().await;
+    let request = |url: String| {
+        Request::get(url)
+            .header("transfer_encoding", "chunked")
+            .header("x_api_user", "admin")
+            .header("x-normal", "kept")
+            .body(full(""))
+            .unwrap()
+    };
+    let proxy = proxy::start(&Config::one(&up.url())).await;
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let answer = support::send(request(proxy.url("/x"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let h2 = h2_client.request(request(proxy.url("/x"))).await.unwrap();
+    assert_eq!(h2.version(), http::Version::HTTP_2);
+    assert_eq!(support::collect(h2).await.status, 200);
+    let sent = up.requests();
+    assert_eq!(sent.len(), 2);
+    for r in &sent {
+        assert!(
+            r.headers.get("transfer_encoding").is_none(),
+            "{:?}",
+            r.headers
+        );
+        assert!(r.headers.get("x_api_user").is_none(), "{:?}", r.headers);
+        assert_eq!(r.headers["x-normal"], "kept");
+    }
+    proxy
+        .assert_metric_eventually(
+            "sidelight_request_headers_dropped_total",
+            &[("listener", "main")],
+            4.0,
+        )
+        .await;
+
+    let allowing = proxy::start(
+        &Config::one(&up.url()).set("limits", json!({ "allow_underscores_in_headers": true })),
+    )
+    .await;
+    let answer = support::send(request(allowing.url("/x"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let h2 = h2_client
+        .request(request(allowing.url("/x")))
+        .await
+        .unwrap();
+    assert_eq!(support::collect(h2).await.status, 200);
+    let sent = up.requests();
+    for r in &sent[2..] {
+        assert_eq!(r.headers["x_api_user"], "admin");
+        assert_eq!(r.headers["transfer_encoding"], "chunked");
+    }
+}

@@ -310,17 +310,51 @@ async fn an_answer_sent_before_the_request_body_ends_reaches_the_client() {
 }
 
 #[tokio::test]
-async fn answers_that_are_not_http_are_a_502() {
-    let up = scripted(|_, n, _| match n {
-        0 => Act::ReplyAndClose(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
-        _ => Act::Close,
-    })
+async fn answers_that_are_not_http_are_a_502_protocol_error_not_a_reset() {
+    let up = scripted(|_, _, _| Act::ReplyAndClose(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")).await;
+    // With retries on: a protocol error is not sent again (a reset would be).
+    let proxy = proxy::start(&Config::one(&format!("http://{}", up.addr)).route_set(
+        "retries",
+        serde_json::json!({ "max_retries": 2, "backoff": "1ms" }),
+    ))
     .await;
-    let proxy = proxy_to(&up).await;
+    let answer = support::get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("x-sidelight-error"),
+        "upstream_protocol_error"
+    );
+    assert_eq!(answer.json()["error"]["type"], "upstream_protocol_error");
+    assert!(answer.body.contains("invalid response"), "{}", answer.body);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1, "not retried");
+    proxy
+        .assert_metric_eventually(
+            "sidelight_upstream_failures_total",
+            &[("upstream", "up"), ("kind", "protocol")],
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        proxy
+            .metric(
+                "sidelight_upstream_failures_total",
+                &[("upstream", "up"), ("kind", "reset")]
+            )
+            .await,
+        0.0
+    );
+
+    // A head cut by the close is a dropped connection: still a reset, and retried.
+    let up = scripted(|_, _, _| Act::ReplyAndClose(b"HTTP/1.1 200 OK\r\ncontent-le")).await;
+    let proxy = proxy::start(&Config::one(&format!("http://{}", up.addr)).route_set(
+        "retries",
+        serde_json::json!({ "max_retries": 2, "backoff": "1ms" }),
+    ))
+    .await;
     let answer = support::get(&proxy.url("/")).await;
     assert_eq!(answer.status, 502);
     assert_eq!(answer.header("x-sidelight-error"), "upstream_reset");
-    assert!(answer.body.contains("invalid response"), "{}", answer.body);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3, "a reset is retried");
 
     // One header of 100 KiB: past the 64 KiB limit on a response head.
     static HUGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -335,5 +369,9 @@ async fn answers_that_are_not_http_are_a_502() {
     let proxy = proxy_to(&up).await;
     let answer = support::get(&proxy.url("/")).await;
     assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("x-sidelight-error"),
+        "upstream_protocol_error"
+    );
     assert!(answer.body.contains("larger than"), "{}", answer.body);
 }

@@ -35,6 +35,8 @@ pub struct AdminState {
     pub balancers: Vec<(String, Arc<crate::upstream::balance::Balancer>)>,
     /// Other health reporters by `/status` key (`postgres`).
     pub sources: Vec<(&'static str, Arc<dyn StatusSource>)>,
+    /// `admin.token`: required as `Authorization: Bearer` on all but the probes.
+    pub token: Option<String>,
 }
 
 impl AdminState {
@@ -124,7 +126,58 @@ fn route_param(query: Option<&str>) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// Whether `req` may see `path`: the probes are open (kubelets carry no token), the rest needs
+/// the token when one is set.
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return true;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    given.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes()))
+}
+
+/// Compares digests, so the time taken says nothing about where (or whether the lengths) differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+fn unauthorized() -> Response<ProxyBody> {
+    let mut response = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({
+            "error": {
+                "type": "unauthorized",
+                "message": "this admin path needs Authorization: Bearer <admin.token>",
+                "source": "sidelight",
+            }
+        }),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"sidelight-admin\""),
+    );
+    response
+}
+
 fn handle(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    if !authorized(state, &req) {
+        return unauthorized();
+    }
     if req.method() == Method::POST && req.uri().path() == "/cache/purge" {
         let route = route_param(req.uri().query());
         let purged = state.cache.store.purge(route.as_deref());

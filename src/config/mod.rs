@@ -4,6 +4,7 @@
 //! [`Config`] that passed [`Config::from_yaml`] (which runs validation and expands `${VARS}`).
 
 mod postgres;
+pub mod redact;
 mod units;
 mod validate;
 
@@ -123,15 +124,20 @@ impl Config {
     }
 
     /// The effective config as YAML for `/config`: defaults filled in, `${VARS}` shown as written,
-    /// and literal values of secret headers replaced.
+    /// and whatever may be a secret redacted (see [`redact`]).
     pub fn redacted_yaml(&self) -> String {
         let mut shown = self.clone();
         shown.postgres.redact();
+        if let Some(token) = &mut shown.admin.token {
+            *token = redact::secret(token);
+        }
         for upstream in &mut shown.upstreams {
+            for endpoint in upstream.endpoints.iter_mut() {
+                *endpoint = redact::url(endpoint);
+            }
             for (name, value) in upstream.headers.iter_mut() {
-                if !value.uses_env() && self.is_secret_header(name) {
-                    *value = EnvString::literal("<redacted>");
-                }
+                let plain = redact::is_plain_header(name) && !self.is_secret_header(name);
+                *value = redact::header_value(value, plain);
             }
         }
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

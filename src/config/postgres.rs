@@ -279,13 +279,9 @@ impl PostgresConfig {
         errs
     }
 
-    /// Literal passwords replaced for `/config` (`${VAR}` templates are shown as written).
+    /// Passwords redacted for `/config` (`${VAR}` references are shown, their defaults not).
     pub fn redact(&mut self) {
-        let hide = |s: &mut EnvString| {
-            if !s.uses_env() && !s.template.is_empty() {
-                *s = EnvString::literal("<redacted>");
-            }
-        };
+        let hide = |s: &mut EnvString| *s = super::redact::secret(s);
         for u in &mut self.users {
             hide(&mut u.password);
         }

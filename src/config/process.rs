@@ -16,6 +16,20 @@ pub struct AdminConfig {
     /// Loopback by default: metrics and `/config` are for the pod, not the network.
     #[serde(default = "default_admin_address")]
     pub address: SocketAddr,
+    /// When set (`${ADMIN_TOKEN}`), every admin path but `/healthz` and `/readyz` needs
+    /// `Authorization: Bearer <token>`. Empty (an unset `${ADMIN_TOKEN:-}`) means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<EnvString>,
+}
+
+impl AdminConfig {
+    /// The token admin requests must carry, if one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token
+            .as_ref()
+            .map(|t| t.value.as_str())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -66,6 +80,11 @@ pub struct LimitsConfig {
     /// takes an upstream connection (0: off).
     #[serde(default = "default_request_buffering")]
     pub request_buffering_bytes: ByteSize,
+    /// Request headers with `_` in their names (`Transfer_Encoding`) are dropped unless this is
+    /// set (nginx's `underscores_in_headers off`): a server that reads `_` as `-` would otherwise
+    /// see a header sidelight never checked.
+    #[serde(default)]
+    pub allow_underscores_in_headers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,6 +117,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: default_admin_address(),
+            token: None,
         }
     }
 }
@@ -122,6 +142,7 @@ impl Default for LimitsConfig {
             max_client_connections: default_max_client_connections(),
             client_body_timeout: default_client_body_timeout(),
             request_buffering_bytes: default_request_buffering(),
+            allow_underscores_in_headers: false,
         }
     }
 }

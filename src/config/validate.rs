@@ -53,6 +53,20 @@ pub(super) fn validate(
     let mut errs = Errors(Vec::new());
     check_listeners(config, &mut errs);
     check_log(config, &mut errs);
+    if let Some(token) = &mut config.admin.token {
+        if let Err(e) = expand(token, env) {
+            errs.add("admin.token", e);
+        } else if token
+            .value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            errs.add(
+                "admin.token",
+                "must not contain spaces or control characters",
+            );
+        }
+    }
     check_upstreams(config, env, &mut errs);
     check_routes(config, &mut errs);
     errs.0
@@ -136,6 +150,16 @@ fn check_upstreams(config: &mut Config, env: &dyn Fn(&str) -> Option<String>, er
                 errs.add(path, e);
             } else if let Err(e) = check_endpoint_url(&endpoint.value) {
                 errs.add(path, e);
+            } else if has_credentials(&endpoint.value)
+                && up
+                    .headers
+                    .keys()
+                    .any(|h| h.eq_ignore_ascii_case("authorization"))
+            {
+                errs.add(
+                    path,
+                    format!("has credentials (sent as Basic auth) and {at}.headers sets authorization too: keep one"),
+                );
             }
         }
         for (name, value) in up.headers.iter_mut() {
@@ -234,10 +258,21 @@ fn expand(s: &mut EnvString, env: &dyn Fn(&str) -> Option<String>) -> Result<(),
     s.expand(env)
 }
 
+/// `user:password@` in a URL's authority.
+fn has_credentials(url: &str) -> bool {
+    url.parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+        .unwrap_or(false)
+}
+
 fn check_endpoint_url(url: &str) -> Result<(), String> {
+    // Messages name the URL, never with its password.
+    let shown = super::redact::url_password(url);
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        .map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
+    let url = shown.as_str();
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err(format!("URL {url:?} must start with http:// or https://")),
@@ -481,6 +516,54 @@ mod tests {
             Err(ConfigError::Invalid(list)) => list.iter().map(ToString::to_string).collect(),
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    #[test]
+    fn url_credentials_next_to_an_authorization_header_are_refused() {
+        let errs = errors(
+            "upstreams: [{ name: u, endpoints: [\"http://me:hunter2@127.0.0.1:1\"], headers: { Authorization: \"Bearer x\" } }]\nroutes: [{ upstream: u }]\n",
+        );
+        assert_eq!(
+            errs,
+            ["upstreams[0].endpoints[0]: has credentials (sent as Basic auth) and upstreams[0].headers sets authorization too: keep one"]
+        );
+        let errs = errors(
+            "upstreams: [{ name: u, endpoints: [\"ftp://me:hunter2@h\"] }]\nroutes: [{ upstream: u }]\n",
+        );
+        assert!(
+            errs.len() == 1 && !errs[0].contains("hunter2") && errs[0].contains("<redacted>"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn admin_token() {
+        let base = "upstreams: [{ name: u, endpoints: [\"http://127.0.0.1:1\"] }]\nroutes: [{ upstream: u }]\n";
+        let errs = errors(&format!(
+            "{base}admin: {{ token: \"${{NO_SUCH_TOKEN}}\" }}\n"
+        ));
+        assert!(
+            errs.len() == 1
+                && errs[0]
+                    .starts_with("admin.token: environment variable NO_SUCH_TOKEN is not set"),
+            "{errs:?}"
+        );
+        let errs = errors(&format!("{base}admin: {{ token: \"two words\" }}\n"));
+        assert_eq!(
+            errs,
+            ["admin.token: must not contain spaces or control characters"]
+        );
+        // An empty optional token is no token.
+        let config = Config::from_yaml(
+            &format!("{base}admin: {{ token: \"${{T:-}}\" }}\n"),
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.admin.token(), None);
+        let config = Config::from_yaml(&format!("{base}admin: {{ token: hunter2 }}\n"), &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.admin.token(), Some("hunter2"));
+        assert!(!config.redacted_yaml().contains("hunter2"));
     }
 
     #[test]

@@ -176,6 +176,10 @@ async fn check(upstream: &Upstream, i: usize, probe: &Probe) -> Verdict {
         for (name, value) in &upstream.headers {
             req.headers_mut().insert(name.clone(), value.clone());
         }
+        if let Some(credentials) = &endpoint.authorization {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, credentials.clone());
+        }
     }
     let req = match req {
         Ok(req) => req,

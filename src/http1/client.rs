@@ -253,10 +253,15 @@ impl Conn {
             if flushed || !progress {
                 match self.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => {
+                        // A close inside the head is a dropped connection, not a malformed
+                        // answer: a reset.
                         let e = if self.buf.is_empty() {
                             H1Error::Closed
                         } else {
-                            H1Error::Invalid("connection closed inside the response head".into())
+                            H1Error::Io(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed inside the response head",
+                            ))
                         };
                         return Poll::Ready(Err(e));
                     }

@@ -9,6 +9,7 @@ pub struct ListenerFamily {
     open: IntGaugeVec,
     refused: IntCounterVec,
     protocol_errors: IntCounterVec,
+    headers_dropped: IntCounterVec,
 }
 
 impl ListenerFamily {
@@ -18,6 +19,7 @@ impl ListenerFamily {
             open: gauge(r, "sidelight_downstream_connections_open", "Client connections currently open.", &["listener"]),
             refused: counter(r, "sidelight_downstream_connections_refused_total", "Client connections closed on arrival because limits.max_client_connections were open on the listener.", &["listener"]),
             protocol_errors: counter(r, "sidelight_downstream_protocol_errors_total", "Client connections closed for a malformed or oversized request head, or none within limits.header_read_timeout.", &["listener", "kind"]),
+            headers_dropped: counter(r, "sidelight_request_headers_dropped_total", "Request header fields dropped because their names have an underscore (limits.allow_underscores_in_headers is off).", &["listener"]),
         }
     }
 
@@ -29,6 +31,7 @@ impl ListenerFamily {
             accepted: self.accepted.with_label_values(&[listener]),
             open: self.open.with_label_values(&[listener]),
             refused: self.refused.with_label_values(&[listener]),
+            headers_dropped: self.headers_dropped.with_label_values(&[listener]),
             errors: ProtocolErrors {
                 bad_request,
                 headers_too_large,
@@ -43,6 +46,7 @@ pub struct ListenerMetrics {
     pub accepted: IntCounter,
     pub open: IntGauge,
     pub refused: IntCounter,
+    pub headers_dropped: IntCounter,
     pub errors: ProtocolErrors,
 }
 

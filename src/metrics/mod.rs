@@ -72,7 +72,7 @@ pub const CONNECT_ERROR_KINDS: [&str; 4] = ["refused", "dns", "tls", "other"];
 /// Timeout kinds: a closed set.
 pub const TIMEOUT_KINDS: &[&str] = &["connect", "first_byte", "idle", "total"];
 /// Failures of an established upstream exchange: a closed set.
-pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "body"];
+pub const UPSTREAM_FAILURE_KINDS: &[&str] = &["reset", "protocol", "body"];
 /// Why sidelight closed a client connection without handing a request to a route.
 pub const PROTOCOL_ERROR_KINDS: [&str; 3] = ["bad_request", "headers_too_large", "header_timeout"];
 

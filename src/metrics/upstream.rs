@@ -33,7 +33,7 @@ impl UpstreamFamily {
             open: gauge(r, "sidelight_upstream_connections_open", "Upstream connections currently open (idle in the pool or busy).", &["upstream"]),
             connect_errors: counter(r, "sidelight_upstream_connect_errors_total", "Failed attempts to connect to an upstream, by kind (refused, dns, tls, other).", &["upstream", "kind"]),
             timeouts: counter(r, "sidelight_upstream_timeouts_total", "Upstream timeouts, by kind (connect, first_byte, idle, total).", &["upstream", "kind"]),
-            failures: counter(r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, or body error after.", &["upstream", "kind"]),
+            failures: counter(r, "sidelight_upstream_failures_total", "Upstream exchanges that broke: reset before headers, an invalid response head (protocol), or body error after.", &["upstream", "kind"]),
             retries: counter(r, "sidelight_retries_total", "Requests sent again, by reason: connect_failure, reset, first_token_timeout, or the upstream status (429, 502, ...).", &["upstream", "reason"]),
             retry_budget_exhausted: counter(r, "sidelight_retry_budget_exhausted_total", "Retries not made because the upstream's retry budget was spent.", &["upstream"]),
             in_flight: gauge(r, "sidelight_upstream_requests_in_flight", "Requests holding a concurrency slot of an upstream (with upstreams[].concurrency).", &["upstream"]),
@@ -55,6 +55,7 @@ impl UpstreamFamily {
         UpstreamMetrics {
             response_time: self.response.with_label_values(&[upstream]),
             reset: self.failures.with_label_values(&[upstream, "reset"]),
+            protocol_errors: self.failures.with_label_values(&[upstream, "protocol"]),
             body_errors: self.failures.with_label_values(&[upstream, "body"]),
             first_byte_timeouts: timeout("first_byte"),
             idle_timeouts: timeout("idle"),
@@ -112,6 +113,8 @@ impl UpstreamFamily {
 pub struct UpstreamMetrics {
     pub response_time: Histogram,
     pub reset: IntCounter,
+    /// A response head that is not valid HTTP.
+    pub protocol_errors: IntCounter,
     pub body_errors: IntCounter,
     pub first_byte_timeouts: IntCounter,
     pub idle_timeouts: IntCounter,

@@ -4,6 +4,7 @@ use crate::error::ProxyError;
 use crate::http::body::BodyObserver;
 use crate::http::headers;
 use crate::http::RequestMeta;
+use crate::http1::client::H1Error;
 use crate::service::{ProxyFuture, ProxyRequest, ProxyResponse};
 use crate::upstream::balance::{backoff_from, EndpointInFlight, EndpointOutcome, TriedEndpoints};
 use crate::upstream::{find_connect_failure, ConnectFailure, Endpoint, SendError, Upstream};
@@ -134,6 +135,10 @@ impl Service<ProxyRequest> for Forward {
             &endpoint.host_header,
             &upstream.headers,
         );
+        if let Some(credentials) = &endpoint.authorization {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, credentials.clone());
+        }
 
         Box::pin(async move {
             let sent = Instant::now();
@@ -209,6 +214,13 @@ fn classify(upstream: &Upstream, err: SendError) -> ProxyError {
         SendError::Http1(_) => None,
         SendError::Request(message) => return ProxyError::BadRequest(message.clone()),
     };
+    if failure.is_none() && is_protocol_error(&err) {
+        upstream.metrics.protocol_errors.inc();
+        return ProxyError::UpstreamProtocol {
+            upstream: name,
+            detail: crate::error::chain(&err),
+        };
+    }
     match failure {
         Some(ConnectFailure::Timeout(timeout)) => ProxyError::ConnectTimeout {
             upstream: name,
@@ -228,6 +240,26 @@ fn classify(upstream: &Upstream, err: SendError) -> ProxyError {
     }
 }
 
+/// An answer that is not valid HTTP, as opposed to a connection that went away.
+fn is_protocol_error(err: &SendError) -> bool {
+    match err {
+        SendError::Http1(H1Error::Invalid(_)) => true,
+        SendError::Client(e) => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            while let Some(e) = cur {
+                if e.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_parse)
+                {
+                    return true;
+                }
+                cur = e.source();
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +270,7 @@ mod tests {
             authority: "up:80".parse().unwrap(),
             base_path: base.into(),
             host_header: HeaderValue::from_static("up"),
+            authorization: None,
         }
     }
 

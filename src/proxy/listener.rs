@@ -42,6 +42,7 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         open,
         refused,
         errors,
+        ..
     } = metrics.listeners.listener(&name);
     // The connections' own stop signal, so that their idle waits register with a channel of
     // this thread's only, not with the one all workers share.

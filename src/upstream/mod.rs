@@ -48,6 +48,9 @@ pub struct Endpoint {
     pub base_path: String,
     /// The `Host` header for this endpoint (the port only when not the scheme's default).
     pub host_header: HeaderValue,
+    /// `Basic` credentials from the URL's `user:password@`, sent with every request to the
+    /// endpoint (as curl does); validation refuses them next to an `authorization` header.
+    pub authorization: Option<HeaderValue>,
 }
 
 pub struct Upstream {
@@ -221,13 +224,21 @@ enum Transport {
 fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
     let bad = |message: String| BuildError::Endpoint {
         upstream: upstream.into(),
-        endpoint: url.into(),
+        endpoint: crate::config::redact::url_password(url),
         message,
     };
     let uri: http::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
     let parts = uri.into_parts();
     let scheme = parts.scheme.ok_or_else(|| bad("no scheme".into()))?;
     let authority = parts.authority.ok_or_else(|| bad("no host".into()))?;
+    // The credentials leave the authority: it is dialled, logged and sent as `:authority`.
+    let (authority, authorization) = match authority.as_str().rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let host: Authority = host.parse().map_err(|e| bad(format!("{e}")))?;
+            (host, Some(basic_auth(userinfo).map_err(bad)?))
+        }
+        None => (authority, None),
+    };
     let base_path = parts
         .path_and_query
         .map(|p| p.path().trim_end_matches('/').to_string())
@@ -243,7 +254,37 @@ fn parse_endpoint(upstream: &str, url: &str) -> Result<Endpoint, BuildError> {
         authority,
         base_path,
         host_header,
+        authorization,
     })
+}
+
+/// `Authorization: Basic` for a URL's `user:password`, percent-decoded as curl does.
+fn basic_auth(userinfo: &str) -> Result<HeaderValue, String> {
+    use base64::Engine;
+    let decoded = percent_decode(userinfo.as_bytes())
+        .ok_or_else(|| "invalid percent-encoding in the URL's credentials".to_string())?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(decoded);
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+        .map_err(|_| "cannot encode the URL's credentials".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// `%XX` decoded (the `:` between user and password stays, being literal in the URL).
+fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
