@@ -95,7 +95,7 @@ pub async fn serve<H: Handler>(
             buf: BytesMut::new(),
         }),
         write,
-        out: Vec::with_capacity(1024),
+        out: Vec::new(),
         client,
         stop,
         stopped: Some(stopped),
@@ -201,7 +201,9 @@ impl<H: Handler> H1<H> {
             let head = match self.read_head(first).await {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
-                Err(HeadError::H2) => return self.into_h2().await,
+                // Boxed, as the cold paths below: a task's allocation is as large as its
+                // future's largest state, and every idle connection pays for it.
+                Err(HeadError::H2) => return Box::pin(self.into_h2()).await,
                 Err(HeadError::Bad(e)) => {
                     let errors = &self.client.errors;
                     match e {
@@ -209,18 +211,17 @@ impl<H: Handler> H1<H> {
                         _ => errors.bad_request.inc(),
                     }
                     tracing::debug!(client = %self.client.peer.addr, error = %e, "unusable request head");
-                    let _ = self
-                        .respond(
-                            e.to_response(None),
-                            Answering::new(AnswerTo {
-                                head_method: false,
-                                http10: false,
-                                keep_alive: false,
-                            }),
-                        )
-                        .await;
+                    let _ = Box::pin(self.respond(
+                        e.to_response(None),
+                        Answering::new(AnswerTo {
+                            head_method: false,
+                            http10: false,
+                            keep_alive: false,
+                        }),
+                    ))
+                    .await;
                     self.unread = true;
-                    return self.close().await;
+                    return Box::pin(self.close()).await;
                 }
             };
             first = false;
@@ -259,9 +260,9 @@ impl<H: Handler> H1<H> {
                 // The client hung up: dropping the response future cancels the request.
                 return;
             };
-            match self.respond(response, answering).await {
+            match Box::pin(self.respond(response, answering)).await {
                 Ok(true) => {}
-                Ok(false) => return self.close().await,
+                Ok(false) => return Box::pin(self.close()).await,
                 Err(e) => {
                     tracing::debug!(client = %self.client.peer.addr, error = %e, "writing a response failed");
                     return;
@@ -295,10 +296,17 @@ impl<H: Handler> H1<H> {
                 *started.get_or_insert_with(Instant::now) + self.client.header_read_timeout;
             let stopped = &mut self.stopped;
             let timer = &mut self.head_timer;
+            let out = &mut self.out;
             let waited = poll_fn(|cx| {
                 match reader.poll_fill(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Waited::Closed),
                     Poll::Ready(Ok(_)) => return Poll::Ready(Waited::Data),
+                    // An idle keep-alive connection holds no buffers while it waits: the next
+                    // read allocates them again (issue 13: 22 KiB per idle connection before).
+                    Poll::Pending if idle => {
+                        reader.buf = BytesMut::new();
+                        *out = Vec::new();
+                    }
                     Poll::Pending => {}
                 }
                 if idle {
@@ -370,6 +378,9 @@ impl<H: Handler> H1<H> {
         }
         let mut keep_alive = answering.keep_alive && !self.stopping;
         self.out.clear();
+        if self.out.capacity() == 0 {
+            self.out.reserve(1024);
+        }
         let framing = encode_head(
             &mut self.out,
             &parts,

@@ -54,6 +54,9 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
         let (stream, peer) = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break,
+            // A finished task keeps its whole allocation (as large as the connection's future)
+            // until it is joined: reap them as they end, not only at the next accept.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
