@@ -9,6 +9,7 @@
 //! Flush) keep the connection attached too (`unsynced`).
 
 use super::auth::{self, AuthError};
+use super::cancel::{CancelCounters, ClientKey};
 use super::errors::{sqlstate, PgError};
 use super::messages::{self, FrameError, Startup};
 use super::pool::{AcquireError, Lease, Pool};
@@ -45,7 +46,7 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let pg = &shared.metrics.pg;
-    let params = match startup(&mut stream).await {
+    let params = match startup(&mut stream, &shared).await {
         Ok(Some(p)) => p,
         Ok(None) => return,
         Err(e) => {
@@ -102,28 +103,30 @@ pub async fn serve(
     for (k, v) in pool.params() {
         messages::parameter_status(&mut out, &k, &v);
     }
-    let key = uuid::Uuid::new_v4();
-    let key = key.as_bytes();
-    messages::backend_key(
-        &mut out,
-        i32::from_be_bytes([key[0], key[1], key[2], key[3]]) & i32::MAX,
-        i32::from_be_bytes([key[4], key[5], key[6], key[7]]),
-    );
+    // sidelight's own key: a CancelRequest with it reaches whichever server connection the
+    // client holds at the time.
+    let key = shared.cancels.register(CancelCounters::of(&pool.metrics));
+    messages::backend_key(&mut out, key.pid(), key.secret());
     messages::ready_for_query(&mut out, b'I');
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    let mut session = Session::new(&pool, stream, shared.max_message, stop);
+    let mut session = Session::new(&pool, stream, shared.max_message, stop, key);
     let result = session.run().await;
     session.finish(result, &listener, pg).await;
 }
 
-async fn startup(stream: &mut TcpStream) -> Result<Option<Vec<(String, String)>>, FrameError> {
+async fn startup(
+    stream: &mut TcpStream,
+    shared: &PgShared,
+) -> Result<Option<Vec<(String, String)>>, FrameError> {
     for _ in 0..3 {
         match messages::read_startup(stream).await {
             Ok(Startup::Ssl) | Ok(Startup::GssEnc) => stream.write_all(b"N").await?,
-            // Cancel requests are forwarded in a later step; for now they are dropped.
-            Ok(Startup::Cancel { .. }) => return Ok(None),
+            Ok(Startup::Cancel { pid, key }) => {
+                shared.cancel(pid, key).await;
+                return Ok(None);
+            }
             Ok(Startup::Start { params }) => return Ok(Some(params)),
             Err(FrameError::Closed) => return Ok(None),
             Err(e) => return Err(e),
@@ -194,6 +197,8 @@ struct Session<'a> {
     draining: bool,
     gauge: ClientGauge<'a>,
     server: Option<Lease>,
+    /// This client's cancel key; points at `server` while it holds one.
+    key: ClientKey,
     /// Client bytes read; the first `c_ready` are scanned and go to the server next.
     cbuf: BytesMut,
     c_ready: usize,
@@ -227,6 +232,7 @@ impl<'a> Session<'a> {
         client: TcpStream,
         max_message: usize,
         stop: watch::Receiver<bool>,
+        key: ClientKey,
     ) -> Self {
         let draining = *stop.borrow();
         Session {
@@ -237,6 +243,7 @@ impl<'a> Session<'a> {
             stop,
             gauge: ClientGauge::new(&pool.metrics),
             server: None,
+            key,
             cbuf: BytesMut::with_capacity(8 * 1024),
             c_ready: 0,
             c_rest: 0,
@@ -269,8 +276,9 @@ impl<'a> Session<'a> {
             if self.server.is_some()
                 && self.pool.mode() == PoolMode::Transaction
                 && self.releasable()
+                && !self.key.in_flight()
             {
-                if let Some(lease) = self.server.take() {
+                if let Some(lease) = self.take_server() {
                     self.pool.release(lease);
                     self.gauge.set(2);
                 }
@@ -298,6 +306,7 @@ impl<'a> Session<'a> {
                     self.gauge.set(1);
                     match self.pool.acquire().await {
                         Ok(lease) => {
+                            self.key.attach(&lease.conn);
                             self.server = Some(lease);
                             self.gauge.set(0);
                         }
@@ -370,6 +379,8 @@ impl<'a> Session<'a> {
                 _ = self.stop.changed(), if !self.draining => {
                     self.draining = true;
                 }
+                // A cancel was delivered: the connection may be given back now.
+                _ = self.key.settled(), if self.server.is_some() && self.key.in_flight() => {}
             }
         }
     }
@@ -590,8 +601,17 @@ impl<'a> Session<'a> {
         None
     }
 
+    /// Gives up the server connection: cancels stop pointing at it first.
+    fn take_server(&mut self) -> Option<Lease> {
+        let lease = self.server.take();
+        if lease.is_some() {
+            self.key.detach();
+        }
+        lease
+    }
+
     fn server_lost(&mut self) -> End {
-        if let Some(lease) = self.server.take() {
+        if let Some(lease) = self.take_server() {
             self.pool.discard(lease, "server_closed");
             self.gauge.set(2);
         }
@@ -621,7 +641,17 @@ impl<'a> Session<'a> {
                 )
             }
         };
-        if let Some(lease) = self.server.take() {
+        if self.server.is_some() && self.key.in_flight() {
+            // A cancel on its way must not reach the connection's next client.
+            let key = &self.key;
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                while key.in_flight() {
+                    key.settled().await;
+                }
+            })
+            .await;
+        }
+        if let Some(lease) = self.take_server() {
             self.return_server(lease, error.is_some() && reason == "timeout", reason)
                 .await;
         }

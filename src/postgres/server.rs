@@ -40,8 +40,10 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// ParameterStatus values from the server's startup, passed on to clients.
     pub params: Vec<(String, String)>,
+    /// The server's BackendKeyData, and where to send a CancelRequest with it.
     pub backend_pid: i32,
     pub backend_key: i32,
+    pub addr: Option<std::net::SocketAddr>,
     /// The worker thread whose runtime watches this socket: clients on that worker get it
     /// first, so its wake-ups stay on one thread.
     pub home: std::thread::ThreadId,
@@ -158,6 +160,7 @@ impl ServerConn {
                 b'E' => return Err(ServerError::Refused(messages::error_message(&buf))),
                 b'Z' => {
                     let now = Instant::now();
+                    let addr = stream.peer_addr().ok();
                     return Ok(ServerConn {
                         stream,
                         created: now,
@@ -165,6 +168,7 @@ impl ServerConn {
                         params,
                         backend_pid: pid,
                         backend_key: key,
+                        addr,
                         home: std::thread::current().id(),
                     });
                 }
