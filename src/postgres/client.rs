@@ -28,6 +28,9 @@ use tokio::sync::watch;
 const BUFFER_HIGH: usize = 64 * 1024;
 /// An ErrorResponse up to this size is read whole for its SQLSTATE.
 const MAX_ERROR_SCAN: usize = 8 * 1024;
+/// After query_timeout's cancel, how long the server has to answer it before sidelight closes
+/// the server connection instead.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -214,6 +217,10 @@ struct Session<'a> {
     /// The server's last transaction status: I, T or E.
     status: u8,
     txn_start: Option<Instant>,
+    /// When sidelight cancelled the running request for query_timeout (until its answer).
+    timeout_cancel: Option<Instant>,
+    /// The last ReadyForQuery: a pipelined request's query_timeout runs from here.
+    last_answer: Instant,
     last_client_activity: Instant,
     client_done: bool,
 }
@@ -254,6 +261,8 @@ impl<'a> Session<'a> {
             unsynced: false,
             status: b'I',
             txn_start: None,
+            timeout_cancel: None,
+            last_answer: Instant::now(),
             last_client_activity: Instant::now(),
             client_done: false,
         }
@@ -322,7 +331,7 @@ impl<'a> Session<'a> {
                     return End::ClientLeft;
                 }
                 // Most writes succeed at once: no trip through the select for them.
-                if self.c_ready > 0 {
+                if self.c_ready > 0 && !self.cancel_hold() {
                     if let Err(end) = self.write_server() {
                         return end;
                     }
@@ -369,7 +378,7 @@ impl<'a> Session<'a> {
                         Err(_) => return self.server_lost(),
                     }
                 }
-                r = writable(server), if server.is_some() && self.c_ready > 0 => {
+                r = writable(server), if server.is_some() && self.c_ready > 0 && !self.cancel_hold() => {
                     if r.is_err() { return self.server_lost(); }
                     if let Err(end) = self.write_server() { return end; }
                 }
@@ -383,6 +392,14 @@ impl<'a> Session<'a> {
                 _ = self.key.settled(), if self.server.is_some() && self.key.in_flight() => {}
             }
         }
+    }
+
+    /// While a cancel is in flight no more client bytes go to the server (a few milliseconds):
+    /// the next request cannot be hit by a late signal. (PostgreSQL signals a backend twice,
+    /// itself and its process group, and the second can come after the query it was meant
+    /// for has ended.)
+    fn cancel_hold(&self) -> bool {
+        self.key.in_flight()
     }
 
     /// Writes what the client is owed, as far as the socket takes it now.
@@ -509,6 +526,8 @@ impl<'a> Session<'a> {
                         return;
                     }
                     self.status = self.sbuf[at + 5];
+                    self.timeout_cancel = None;
+                    self.last_answer = Instant::now();
                     if let Some(sent) = self.pending.pop_front() {
                         self.pool
                             .metrics
@@ -531,9 +550,14 @@ impl<'a> Session<'a> {
                         return;
                     }
                     let body = &self.sbuf[at + 5..at + 5 + len];
-                    self.pool
-                        .metrics
-                        .error(messages::error_code(body).unwrap_or(b"??"));
+                    let code = messages::error_code(body).unwrap_or(b"??");
+                    self.pool.metrics.error(code);
+                    if self.timeout_cancel.is_some() && code == sqlstate::QUERY_CANCELED.as_bytes()
+                    {
+                        // The server's "due to user request" becomes what happened.
+                        self.replace_server_message(at, 5 + len, &self.query_timeout_error());
+                        continue;
+                    }
                 }
                 _ => {}
             }
@@ -542,14 +566,44 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Puts `with` (a whole message) in place of the scanned-to-be server message at `at`.
+    /// Rare (a timeout's error): the copy of what follows does not matter.
+    fn replace_server_message(&mut self, at: usize, len: usize, with: &[u8]) {
+        let tail = self.sbuf.split_off(at + len);
+        self.sbuf.truncate(at);
+        self.sbuf.extend_from_slice(with);
+        self.sbuf.extend_from_slice(&tail);
+        self.s_ready += with.len();
+    }
+
+    fn query_timeout_error(&self) -> BytesMut {
+        PgError::new(
+            "ERROR",
+            sqlstate::QUERY_CANCELED,
+            format!(
+                "canceling statement due to query_timeout ({:?})",
+                self.pool.config.query_timeout
+            ),
+        )
+        .bytes()
+    }
+
+    /// When the oldest unanswered request hits query_timeout (or, once cancelled, the grace).
+    fn query_deadline(&self) -> Option<Instant> {
+        let timeout = self.pool.config.query_timeout;
+        if timeout.is_zero() {
+            return None;
+        }
+        if let Some(cancelled) = self.timeout_cancel {
+            return Some(cancelled + CANCEL_GRACE);
+        }
+        let first = self.pending.front()?;
+        Some((*first).max(self.last_answer) + timeout)
+    }
+
     fn deadline(&self) -> Option<Instant> {
         let cfg = &self.pool.config;
-        let mut d: Option<Instant> = None;
-        if !cfg.query_timeout.is_zero() {
-            if let Some(first) = self.pending.front() {
-                d = Some(*first + cfg.query_timeout);
-            }
-        }
+        let mut d = self.query_deadline();
         if !cfg.idle_transaction_timeout.is_zero()
             && self.server.is_some()
             && self.pending.is_empty()
@@ -564,22 +618,27 @@ impl<'a> Session<'a> {
     fn timed_out(&mut self) -> Option<End> {
         let now = Instant::now();
         let cfg = &self.pool.config;
-        if !cfg.query_timeout.is_zero() {
-            if let Some(first) = self.pending.front() {
-                if now >= *first + cfg.query_timeout {
-                    self.pool.metrics.timeout("query");
-                    return Some(End::Fatal(
-                        PgError::fatal(
-                            sqlstate::QUERY_CANCELED,
-                            format!(
-                                "canceling statement due to query_timeout ({:?})",
-                                cfg.query_timeout
-                            ),
-                        ),
-                        "timeout",
-                    ));
+        if self.query_deadline().is_some_and(|d| now >= d) {
+            if self.timeout_cancel.is_none() {
+                // Like statement_timeout: the server cancels the query, the session goes on.
+                self.pool.metrics.timeout("query");
+                if self.key.cancel_current() {
+                    tracing::info!(pool = %self.pool.name, "query_timeout: cancelling the query");
+                    self.timeout_cancel = Some(now);
+                    return None;
                 }
             }
+            return Some(End::Fatal(
+                PgError::fatal(
+                    sqlstate::QUERY_CANCELED,
+                    format!(
+                        "canceling statement due to query_timeout ({:?}); the server did not \
+                         answer the cancel within {CANCEL_GRACE:?}, its connection was closed",
+                        cfg.query_timeout
+                    ),
+                ),
+                "timeout",
+            ));
         }
         if !cfg.idle_transaction_timeout.is_zero()
             && self.pending.is_empty()
