@@ -118,3 +118,71 @@ async fn cancel_reaches_only_the_clients_own_query() {
         1.0
     );
 }
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| format!("{} {}", d.message(), d.hint().unwrap_or("")))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn listen_is_refused_in_transaction_mode() {
+    use tokio::io::AsyncWriteExt;
+    pg().create_db("t_listen", "app_scram");
+    let pools = format!(
+        "{}{}",
+        pool("listen", "t_listen", ", pool_size: 1, auth_type: trust"),
+        pool("listen_s", "t_listen", ", pool_mode: session")
+    );
+    let p = pooler(&pools).await;
+    let c = connect(&p, "listen").await;
+    let e = c
+        .simple_query("/* a comment */ listen jobs")
+        .await
+        .expect_err("LISTEN refused");
+    assert_eq!(code(&e), "0A000", "{e:?}");
+    assert!(db_message(&e).contains("session"), "{}", db_message(&e));
+    assert_eq!(one(&c, "select 'next'").await, "next");
+    // Inside a transaction: the transaction is aborted, as by any failing statement.
+    c.batch_execute("BEGIN").await.expect("begin");
+    let e = c.batch_execute("LISTEN jobs").await.expect_err("refused");
+    assert_eq!(code(&e), "0A000");
+    let e = c.batch_execute("select 1").await.expect_err("aborted");
+    assert_eq!(code(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    // Extended protocol, in a pipeline: the error, then skip to Sync and ReadyForQuery; the
+    // statements before and after run.
+    let (mut s, _) = raw_client(&p, "listen").await;
+    let mut batch = Vec::new();
+    for sql in ["select 'before'", "LISTEN jobs", "select 'skipped'"] {
+        batch.extend(msg(b'P', format!("\0{sql}\0\0\0").as_bytes()));
+        batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    }
+    batch.extend(msg(b'S', b""));
+    batch.extend(msg(b'P', b"\0select 'after'\0\0\0"));
+    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(msg(b'S', b""));
+    s.write_all(&batch).await.expect("write");
+    let mut got = read_until_tag(&mut s, b'Z').await;
+    while messages(&got).iter().filter(|(t, _)| *t == b'Z').count() < 2 {
+        got.extend(read_until_tag(&mut s, b'Z').await);
+    }
+    let tags: String = messages(&got).iter().map(|(t, _)| *t as char).collect();
+    // before: ParseComplete, BindComplete, DataRow, CommandComplete; LISTEN: its
+    // ParseComplete and BindComplete, then the error at Execute; skipped to Sync.
+    assert_eq!(tags, "12DC12EZ12DCZ", "{got:?}");
+    let error = messages(&got)
+        .into_iter()
+        .find(|(t, _)| *t == b'E')
+        .map(|(_, b)| error_code(&b));
+    assert_eq!(error.as_deref(), Some("0A000"));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("before") && text.contains("after") && !text.contains("skipped"));
+    // Session mode: LISTEN works.
+    let sess = connect(&p, "listen_s").await;
+    sess.batch_execute("LISTEN jobs")
+        .await
+        .expect("LISTEN in session mode");
+}

@@ -11,6 +11,7 @@
 use super::auth::{self, AuthError};
 use super::cancel::{CancelCounters, ClientKey};
 use super::errors::{sqlstate, PgError};
+use super::listen;
 use super::messages::{self, FrameError, Startup};
 use super::pool::{AcquireError, Lease, Pool};
 use super::PgShared;
@@ -207,6 +208,8 @@ struct Session<'a> {
     c_ready: usize,
     /// Body bytes of the current client message not yet scanned.
     c_rest: usize,
+    /// Bytes still to come of a client message that was replaced (LISTEN), dropped on arrival.
+    c_drop: usize,
     /// Server bytes read; the first `s_ready` are scanned and go to the client next.
     sbuf: BytesMut,
     s_ready: usize,
@@ -254,6 +257,7 @@ impl<'a> Session<'a> {
             cbuf: BytesMut::with_capacity(8 * 1024),
             c_ready: 0,
             c_rest: 0,
+            c_drop: 0,
             sbuf: BytesMut::with_capacity(16 * 1024),
             s_ready: 0,
             s_rest: 0,
@@ -274,6 +278,7 @@ impl<'a> Session<'a> {
             && !self.unsynced
             && self.c_ready == 0
             && self.c_rest == 0
+            && self.c_drop == 0
             // Nothing of a server message half read: the next server's bytes start afresh.
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready
@@ -453,6 +458,16 @@ impl<'a> Session<'a> {
     fn scan_client(&mut self) -> Result<(), End> {
         loop {
             let avail = self.cbuf.len() - self.c_ready;
+            if self.c_drop > 0 {
+                let take = self.c_drop.min(avail);
+                if take == 0 {
+                    return Ok(());
+                }
+                let at = self.c_ready;
+                self.splice_client(at, take, &[]);
+                self.c_drop -= take;
+                continue;
+            }
             if self.c_rest > 0 {
                 let take = self.c_rest.min(avail);
                 self.c_ready += take;
@@ -466,6 +481,19 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
             let (len, tag) = self.check_header()?;
+            if matches!(tag, b'Q' | b'P') && self.pool.mode() == PoolMode::Transaction {
+                match listen::check(tag, &self.cbuf[self.c_ready + 5..], len) {
+                    listen::Check::NeedMore => return Ok(()),
+                    listen::Check::Pass => {}
+                    listen::Check::Refuse(with) => {
+                        // The replacement is scanned (and counted) next, like any message.
+                        let (at, have) = (self.c_ready, avail.min(5 + len));
+                        self.c_drop = 5 + len - have;
+                        self.splice_client(at, have, &with);
+                        continue;
+                    }
+                }
+            }
             match tag {
                 b'X' => {
                     // Terminate is ours to handle; nothing after it counts.
@@ -492,6 +520,14 @@ impl<'a> Session<'a> {
             self.c_ready += 5;
             self.c_rest = len;
         }
+    }
+
+    /// Replaces `len` unscanned client bytes at `at` with `with` (rare: LISTEN refusals).
+    fn splice_client(&mut self, at: usize, len: usize, with: &[u8]) {
+        let tail = self.cbuf.split_off(at + len);
+        self.cbuf.truncate(at);
+        self.cbuf.extend_from_slice(with);
+        self.cbuf.extend_from_slice(&tail);
     }
 
     /// Moves server bytes into the to-client part of `sbuf`, watching ReadyForQuery and
@@ -728,6 +764,7 @@ impl<'a> Session<'a> {
             && !self.unsynced
             && self.c_ready == 0
             && self.c_rest == 0
+            && self.c_drop == 0
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready;
         if timed_out || !idle_clean {

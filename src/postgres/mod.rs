@@ -7,16 +7,19 @@
 //! - `pool`: server connections of one pool, `pool_size` process-wide, health.
 //! - `cancel`: sidelight's own BackendKeyData per client; CancelRequests forwarded.
 //! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
+//! - `listen`: LISTEN refused in transaction mode; `sql`: a statement's first keyword.
 //! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
 
 pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod errors;
+pub mod listen;
 pub mod listener;
 pub mod messages;
 pub mod pool;
 pub mod server;
+pub mod sql;
 
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
