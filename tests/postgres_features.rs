@@ -186,3 +186,91 @@ async fn listen_is_refused_in_transaction_mode() {
         .await
         .expect("LISTEN in session mode");
 }
+
+#[tokio::test]
+async fn copy_in_and_out_and_a_copy_that_fails() {
+    use futures_util::{SinkExt, TryStreamExt};
+    pg().create_db("t_copy", "app_scram");
+    pg().psql(
+        "t_copy",
+        "CREATE TABLE items (n int, s text); ALTER TABLE items OWNER TO app_scram",
+    );
+    let p = pooler(&pool("copy", "t_copy", ", pool_size: 1, auth_type: trust")).await;
+    let c = connect(&p, "copy").await;
+    // A bad row mid-way: the server's error, then the session goes on.
+    let sink = c.copy_in("COPY items FROM STDIN").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(
+        b"1\tone\nnot a number\ttwo\n3\tthree\n",
+    ))
+    .await
+    .expect("send");
+    let e = sink.finish().await.expect_err("bad row");
+    assert_eq!(code(&e), "22P02", "{e:?}");
+    assert_eq!(one(&c, "select count(*) from items").await, "0");
+    // A good one, in and out; the server connection is not given back mid-COPY, so another
+    // client waits for it (pool_size 1).
+    let sink = c.copy_in("COPY items FROM STDIN").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\tone\n"))
+        .await
+        .expect("send");
+    let other = connect(&p, "copy").await;
+    let waiting = tokio::spawn(async move { one(&other, "select count(*) from items").await });
+    p.assert_metric_eventually(
+        "sidelight_pg_client_connections",
+        &[("pool", "copy"), ("state", "waiting")],
+        1.0,
+    )
+    .await;
+    sink.send(bytes::Bytes::from_static(b"2\ttwo\n"))
+        .await
+        .expect("send");
+    assert_eq!(sink.finish().await.expect("copy done"), 2);
+    assert_eq!(waiting.await.expect("join"), "2");
+    let out: Vec<bytes::Bytes> = c
+        .copy_out("COPY items TO STDOUT")
+        .await
+        .expect("copy out")
+        .try_collect()
+        .await
+        .expect("rows");
+    assert_eq!(out.concat(), b"1\tone\n2\ttwo\n");
+    // Simple-protocol COPY, as psql runs it, with a failing row.
+    let (mut s, _) = raw_client(&p, "copy").await;
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&msg(b'Q', b"COPY items FROM STDIN\0"))
+        .await
+        .expect("write");
+    read_until_tag(&mut s, b'G').await;
+    let mut data = msg(b'd', b"7\tseven\nbad\n");
+    data.extend(msg(b'c', b""));
+    s.write_all(&data).await.expect("write");
+    let got = read_until_tag(&mut s, b'Z').await;
+    let error = messages(&got)
+        .into_iter()
+        .find(|(t, _)| *t == b'E')
+        .map(|(_, b)| error_code(&b));
+    assert_eq!(error.as_deref(), Some("22P02"), "{got:?}");
+    s.write_all(&msg(b'Q', b"select count(*) from items\0"))
+        .await
+        .expect("write");
+    let got = read_until_tag(&mut s, b'Z').await;
+    assert!(String::from_utf8_lossy(&got).contains('2'), "{got:?}");
+    assert_eq!(
+        p.metric(
+            "sidelight_pg_copy_bytes_total",
+            &[("pool", "copy"), ("direction", "out")]
+        )
+        .await,
+        12.0
+    );
+    assert!(
+        p.metric(
+            "sidelight_pg_copy_bytes_total",
+            &[("pool", "copy"), ("direction", "in")]
+        )
+        .await
+            >= 12.0
+    );
+}

@@ -215,7 +215,12 @@ struct Session<'a> {
     s_ready: usize,
     s_rest: usize,
     /// When each request still awaiting its ReadyForQuery was sent.
-    pending: VecDeque<Instant>,
+    pending: VecDeque<Request>,
+    /// Between the server's CopyInResponse (or CopyBothResponse) and the client's CopyDone or
+    /// CopyFail: the server ignores Sync and Flush then, so they are not counted.
+    client_in_copy: bool,
+    /// That COPY came from the extended protocol: after CopyDone the server waits for a Sync.
+    copy_extended: bool,
     unsynced: bool,
     /// The server's last transaction status: I, T or E.
     status: u8,
@@ -226,6 +231,21 @@ struct Session<'a> {
     last_answer: Instant,
     last_client_activity: Instant,
     client_done: bool,
+}
+
+/// A request awaiting its ReadyForQuery: a simple Query or FunctionCall, or a Sync.
+struct Request {
+    sent: Instant,
+    sync: bool,
+}
+
+impl Request {
+    fn new(sync: bool) -> Request {
+        Request {
+            sent: Instant::now(),
+            sync,
+        }
+    }
 }
 
 enum End {
@@ -262,6 +282,8 @@ impl<'a> Session<'a> {
             s_ready: 0,
             s_rest: 0,
             pending: VecDeque::with_capacity(16),
+            client_in_copy: false,
+            copy_extended: false,
             unsynced: false,
             status: b'I',
             txn_start: None,
@@ -276,6 +298,7 @@ impl<'a> Session<'a> {
         self.status == b'I'
             && self.pending.is_empty()
             && !self.unsynced
+            && !self.client_in_copy
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
@@ -502,13 +525,21 @@ impl<'a> Session<'a> {
                     return Ok(());
                 }
                 b'Q' | b'F' => {
-                    self.pending.push_back(Instant::now());
+                    self.pending.push_back(Request::new(false));
                     self.txn_start.get_or_insert_with(Instant::now);
                 }
+                // Ignored by the server in copy-in mode.
+                b'S' if self.client_in_copy => {}
                 b'S' => {
-                    self.pending.push_back(Instant::now());
+                    self.pending.push_back(Request::new(true));
                     self.unsynced = false;
                     self.txn_start.get_or_insert_with(Instant::now);
+                }
+                b'd' => self.pool.metrics.copy_in.inc_by(len as u64),
+                b'c' | b'f' if self.client_in_copy => {
+                    self.client_in_copy = false;
+                    // An extended-protocol COPY ends with the client's next Sync.
+                    self.unsynced |= self.copy_extended;
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     self.unsynced = true;
@@ -564,11 +595,13 @@ impl<'a> Session<'a> {
                     self.status = self.sbuf[at + 5];
                     self.timeout_cancel = None;
                     self.last_answer = Instant::now();
-                    if let Some(sent) = self.pending.pop_front() {
+                    // Any COPY is over once the server is ready again.
+                    self.client_in_copy = false;
+                    if let Some(request) = self.pending.pop_front() {
                         self.pool
                             .metrics
                             .query
-                            .observe(sent.elapsed().as_secs_f64());
+                            .observe(request.sent.elapsed().as_secs_f64());
                         self.pool.metrics.queries.inc();
                     }
                     if self.status == b'I' && self.pending.is_empty() && !self.unsynced {
@@ -595,6 +628,15 @@ impl<'a> Session<'a> {
                         continue;
                     }
                 }
+                // CopyInResponse, CopyBothResponse: the server reads COPY data now. The request
+                // that started it is in front; Syncs sent since (tokio-postgres sends one
+                // right after Execute) are ignored by the server and answered by nothing.
+                b'G' | b'W' => {
+                    self.client_in_copy = true;
+                    self.copy_extended = self.pending.front().is_none_or(|r| r.sync);
+                    self.pending.retain(|r| !r.sync);
+                }
+                b'd' => self.pool.metrics.copy_out.inc_by(len as u64),
                 _ => {}
             }
             self.s_ready += 5;
@@ -634,7 +676,7 @@ impl<'a> Session<'a> {
             return Some(cancelled + CANCEL_GRACE);
         }
         let first = self.pending.front()?;
-        Some((*first).max(self.last_answer) + timeout)
+        Some(first.sent.max(self.last_answer) + timeout)
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -762,6 +804,7 @@ impl<'a> Session<'a> {
     async fn return_server(&mut self, mut lease: Lease, timed_out: bool, reason: &'static str) {
         let idle_clean = self.pending.is_empty()
             && !self.unsynced
+            && !self.client_in_copy
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
