@@ -274,3 +274,84 @@ async fn copy_in_and_out_and_a_copy_that_fails() {
             >= 12.0
     );
 }
+
+#[tokio::test]
+async fn startup_parameters_follow_each_client_across_a_shared_connection() {
+    pg().create_db("t_params", "app_scram");
+    let p = pooler(&pool(
+        "params",
+        "t_params",
+        ", pool_size: 1, auth_type: trust",
+    ))
+    .await;
+    let a = connect_watched(&p, "params", "application_name=alpha")
+        .await
+        .0;
+    let b = connect_watched(&p, "params", "application_name=beta")
+        .await
+        .0;
+    let (mut r, greeting) = raw_client_with(
+        &p,
+        "params",
+        &[("TimeZone", "Asia/Tokyo"), ("application_name", "raw")],
+    )
+    .await;
+    // The greeting has what a direct connection sends, with the client's own values.
+    let status = parameter_status(&greeting);
+    for name in [
+        "server_version",
+        "server_encoding",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "standard_conforming_strings",
+        "integer_datetimes",
+        "IntervalStyle",
+        "is_superuser",
+        "session_authorization",
+        "application_name",
+    ] {
+        assert!(status.iter().any(|(k, _)| k == name), "{name}: {status:?}");
+    }
+    let get = |name: &str| {
+        status
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("TimeZone").as_deref(), Some("Asia/Tokyo"));
+    assert_eq!(get("application_name").as_deref(), Some("raw"));
+    assert!(get("server_version").is_some_and(|v| v.starts_with("15")));
+    let default_tz = pg().psql("t_params", "show timezone");
+    assert_ne!(default_tz, "Asia/Tokyo");
+
+    let app = "select current_setting('application_name')";
+    for _ in 0..2 {
+        assert_eq!(one(&a, app).await, "alpha");
+        assert_eq!(raw_one(&mut r, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(raw_one(&mut r, app).await, "raw");
+        assert_eq!(one(&b, app).await, "beta");
+        assert_eq!(one(&b, "SHOW TimeZone").await, default_tz);
+    }
+    // A client's own SET of a tracked parameter follows it too (the server reports it).
+    a.batch_execute("SET TimeZone = 'America/New_York'")
+        .await
+        .expect("set");
+    assert_eq!(one(&b, "SHOW TimeZone").await, default_tz);
+    assert_eq!(one(&a, "SHOW TimeZone").await, "America/New_York");
+    assert_eq!(raw_one(&mut r, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(
+        p.metric(
+            "sidelight_pg_server_connects_total",
+            &[("pool", "params"), ("result", "ok")]
+        )
+        .await,
+        1.0,
+        "one shared server connection"
+    );
+    // A value the server refuses: the client's first query ends with FATAL 22023, as
+    // PostgreSQL refuses such a connection; other clients go on.
+    let (mut bad, _) = raw_client_with(&p, "params", &[("TimeZone", "Mars/Olympus")]).await;
+    assert_eq!(raw_one(&mut bad, "select 1").await, "ERROR 22023");
+    assert_eq!(one(&b, app).await, "beta");
+}

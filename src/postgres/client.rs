@@ -13,6 +13,7 @@ use super::cancel::{CancelCounters, ClientKey};
 use super::errors::{sqlstate, PgError};
 use super::listen;
 use super::messages::{self, FrameError, Startup};
+use super::params::Values;
 use super::pool::{AcquireError, Lease, Pool};
 use super::PgShared;
 use crate::config::PoolMode;
@@ -102,9 +103,11 @@ pub async fn serve(
             }
         }
     }
+    let server_params = pool.params();
+    let want = Values::for_client(&params, &server_params);
     let mut out = BytesMut::with_capacity(512);
     messages::auth_request(&mut out, 0, &[]);
-    for (k, v) in pool.params() {
+    for (k, v) in want.startup_status(&server_params) {
         messages::parameter_status(&mut out, &k, &v);
     }
     // sidelight's own key: a CancelRequest with it reaches whichever server connection the
@@ -115,7 +118,7 @@ pub async fn serve(
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    let mut session = Session::new(&pool, stream, shared.max_message, stop, key);
+    let mut session = Session::new(&pool, stream, shared.max_message, stop, key, want);
     let result = session.run().await;
     session.finish(result, &listener, pg).await;
 }
@@ -203,6 +206,11 @@ struct Session<'a> {
     server: Option<Lease>,
     /// This client's cancel key; points at `server` while it holds one.
     key: ClientKey,
+    /// The client's tracked startup parameters, applied on each server connection it gets.
+    want: Values,
+    /// Answers to sidelight's own parameter query still to be swallowed (ReadyForQuerys).
+    swallow: u32,
+    param_error: Option<String>,
     /// Client bytes read; the first `c_ready` are scanned and go to the server next.
     cbuf: BytesMut,
     c_ready: usize,
@@ -263,6 +271,7 @@ impl<'a> Session<'a> {
         max_message: usize,
         stop: watch::Receiver<bool>,
         key: ClientKey,
+        want: Values,
     ) -> Self {
         let draining = *stop.borrow();
         Session {
@@ -274,6 +283,9 @@ impl<'a> Session<'a> {
             gauge: ClientGauge::new(&pool.metrics),
             server: None,
             key,
+            want,
+            swallow: 0,
+            param_error: None,
             cbuf: BytesMut::with_capacity(8 * 1024),
             c_ready: 0,
             c_rest: 0,
@@ -299,6 +311,7 @@ impl<'a> Session<'a> {
             && self.pending.is_empty()
             && !self.unsynced
             && !self.client_in_copy
+            && self.swallow == 0
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
@@ -345,6 +358,7 @@ impl<'a> Session<'a> {
                         Ok(lease) => {
                             self.key.attach(&lease.conn);
                             self.server = Some(lease);
+                            self.apply_params();
                             self.gauge.set(0);
                         }
                         Err(e) => return End::Fatal(acquire_error(&e), ""),
@@ -396,6 +410,15 @@ impl<'a> Session<'a> {
                         Ok(0) => return self.server_lost(),
                         Ok(_) => {
                             self.scan_server();
+                            if let Some(e) = self.param_error.take() {
+                                return End::Fatal(
+                                    PgError::fatal(
+                                        sqlstate::INVALID_PARAMETER_VALUE,
+                                        format!("a startup parameter cannot be applied on the server: {e}"),
+                                    ),
+                                    "",
+                                );
+                            }
                             if self.s_ready > 0 {
                                 if let Err(end) = self.write_client() {
                                     return end;
@@ -561,10 +584,98 @@ impl<'a> Session<'a> {
         self.cbuf.extend_from_slice(&tail);
     }
 
+    /// A server connection just attached whose tracked parameters differ from the client's
+    /// gets one query ahead of the client's bytes; its answer is swallowed.
+    fn apply_params(&mut self) {
+        let Some(lease) = self.server.as_ref() else {
+            return;
+        };
+        let Some(sql) = self.want.sync_sql(&lease.conn.tracked) else {
+            return;
+        };
+        let mut q = BytesMut::with_capacity(sql.len() + 6);
+        messages::query(&mut q, &sql);
+        // Nothing scanned is waiting (c_ready is 0 between server connections).
+        let rest = self.cbuf.split_off(self.c_ready);
+        self.cbuf.extend_from_slice(&q);
+        self.cbuf.extend_from_slice(&rest);
+        self.c_ready += q.len();
+        self.swallow += 1;
+    }
+
+    /// One whole message of the answer to `apply_params`' query, taken out of `sbuf`. False
+    /// when more bytes are needed, or when the query failed (nothing more is scanned).
+    fn swallow_one(&mut self) -> bool {
+        let at = self.s_ready;
+        let avail = self.sbuf.len() - at;
+        if avail < 5 {
+            return false;
+        }
+        let len = match messages::body_len(&self.sbuf[at..at + 5]) {
+            Ok(len) if len <= MAX_ERROR_SCAN => len,
+            _ => {
+                self.param_error = Some("unexpected answer".into());
+                self.swallow = 0;
+                return true;
+            }
+        };
+        if avail < 5 + len {
+            return false;
+        }
+        let body = &self.sbuf[at + 5..at + 5 + len];
+        match self.sbuf[at] {
+            b'S' => {
+                if let Ok((k, rest)) = messages::cstr(body) {
+                    if let Ok((v, _)) = messages::cstr(rest) {
+                        self.want.note(k, v);
+                        if let Some(lease) = self.server.as_mut() {
+                            lease.conn.tracked.note(k, v);
+                        }
+                    }
+                }
+            }
+            b'E' => self.param_error = Some(messages::error_message(body)),
+            b'Z' => {
+                self.swallow -= 1;
+                if self.param_error.is_none() {
+                    if let Some(lease) = self.server.as_mut() {
+                        lease.conn.tracked = self.want.clone();
+                    }
+                }
+            }
+            _ => {}
+        }
+        let tail = self.sbuf.split_off(at + 5 + len);
+        self.sbuf.truncate(at);
+        self.sbuf.extend_from_slice(&tail);
+        // After a refused value the client gets its FATAL, not the answers that follow.
+        self.swallow > 0 || self.param_error.is_none()
+    }
+
+    /// A ParameterStatus for the client (after its own SET, say): both sides track it.
+    fn note_status(&mut self, at: usize, len: usize) {
+        let body = &self.sbuf[at + 5..at + 5 + len];
+        if let Ok((k, rest)) = messages::cstr(body) {
+            if let Ok((v, _)) = messages::cstr(rest) {
+                if self.want.note(k, v) {
+                    if let Some(lease) = self.server.as_mut() {
+                        lease.conn.tracked.note(k, v);
+                    }
+                }
+            }
+        }
+    }
+
     /// Moves server bytes into the to-client part of `sbuf`, watching ReadyForQuery and
     /// ErrorResponse.
     fn scan_server(&mut self) {
         loop {
+            if self.swallow > 0 && self.s_rest == 0 {
+                if !self.swallow_one() {
+                    return;
+                }
+                continue;
+            }
             let avail = self.sbuf.len() - self.s_ready;
             if self.s_rest > 0 {
                 let take = self.s_rest.min(avail);
@@ -637,6 +748,12 @@ impl<'a> Session<'a> {
                     self.pending.retain(|r| !r.sync);
                 }
                 b'd' => self.pool.metrics.copy_out.inc_by(len as u64),
+                b'S' if len <= MAX_ERROR_SCAN => {
+                    if avail < 5 + len {
+                        return;
+                    }
+                    self.note_status(at, len);
+                }
                 _ => {}
             }
             self.s_ready += 5;
@@ -805,6 +922,7 @@ impl<'a> Session<'a> {
         let idle_clean = self.pending.is_empty()
             && !self.unsynced
             && !self.client_in_copy
+            && self.swallow == 0
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
@@ -830,6 +948,9 @@ impl<'a> Session<'a> {
             if !matches!(done, Ok(Ok(b'I'))) {
                 self.pool.discard(lease, "client_gone");
                 return;
+            }
+            if *sql == "DISCARD ALL" {
+                lease.conn.tracked = Values::from_server(&lease.conn.params);
             }
         }
         self.pool.release(lease);

@@ -8,6 +8,7 @@
 //! - `cancel`: sidelight's own BackendKeyData per client; CancelRequests forwarded.
 //! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
 //! - `listen`: LISTEN refused in transaction mode; `sql`: a statement's first keyword.
+//! - `params`: client startup parameters applied on the server connections they use.
 //! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod errors;
 pub mod listen;
 pub mod listener;
 pub mod messages;
+pub mod params;
 pub mod pool;
 pub mod server;
 pub mod sql;

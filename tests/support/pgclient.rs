@@ -82,15 +82,28 @@ pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
 /// Authenticates a raw socket to a trust pool and returns it after the first ReadyForQuery,
 /// with the startup answer (ParameterStatus, BackendKeyData) read.
 pub async fn raw_client(p: &Proxy, db: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    raw_client_with(p, db, &[]).await
+}
+
+/// `raw_client` with more startup parameters.
+pub async fn raw_client_with(
+    p: &Proxy,
+    db: &str,
+    params: &[(&str, &str)],
+) -> (tokio::net::TcpStream, Vec<u8>) {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(pg_addr(p))
         .await
         .expect("connect");
     let mut startup = Vec::new();
     startup.extend_from_slice(&196608i32.to_be_bytes());
-    for kv in ["user", "alice", "database", db] {
-        startup.extend_from_slice(kv.as_bytes());
-        startup.push(0);
+    let mut kvs = vec![("user", "alice"), ("database", db)];
+    kvs.extend_from_slice(params);
+    for (k, v) in kvs {
+        for s in [k, v] {
+            startup.extend_from_slice(s.as_bytes());
+            startup.push(0);
+        }
     }
     startup.push(0);
     let mut m = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
@@ -134,6 +147,24 @@ pub async fn read_until_tag(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
     }
 }
 
+/// Like `read_until_tag`, but the peer may close first (after a FATAL).
+pub async fn read_until_tag_or_close(s: &mut tokio::net::TcpStream, tag: u8) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !messages(&out).iter().any(|(t, _)| *t == tag) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
 /// The SQLSTATE (`C` field) of an ErrorResponse body.
 pub fn error_code(body: &[u8]) -> String {
     let mut rest = body;
@@ -146,6 +177,41 @@ pub fn error_code(body: &[u8]) -> String {
             break;
         }
         rest = &after[end + 1..];
+    }
+    String::new()
+}
+
+/// The ParameterStatus values in a startup answer.
+pub fn parameter_status(bytes: &[u8]) -> Vec<(String, String)> {
+    messages(bytes)
+        .into_iter()
+        .filter(|(t, _)| *t == b'S')
+        .filter_map(|(_, b)| {
+            let mut parts = b.split(|&c| c == 0);
+            let k = String::from_utf8_lossy(parts.next()?).into_owned();
+            let v = String::from_utf8_lossy(parts.next()?).into_owned();
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// A simple query on a raw client: the first column of the first DataRow, or the SQLSTATE of
+/// the error as `ERROR <code>`.
+pub async fn raw_one(s: &mut tokio::net::TcpStream, sql: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut q = sql.as_bytes().to_vec();
+    q.push(0);
+    s.write_all(&msg(b'Q', &q)).await.expect("write");
+    let got = read_until_tag_or_close(s, b'Z').await;
+    for (t, b) in messages(&got) {
+        match t {
+            b'E' => return format!("ERROR {}", error_code(&b)),
+            b'D' if b.len() >= 6 => {
+                let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]) as usize;
+                return String::from_utf8_lossy(&b[6..6 + len]).into_owned();
+            }
+            _ => {}
+        }
     }
     String::new()
 }
