@@ -20,6 +20,7 @@ use crate::metrics::postgres::PoolMetrics;
 use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -42,7 +43,6 @@ struct Target {
 struct SlotState {
     target: Option<Target>,
     generation: u64,
-    in_flight: u32,
 }
 
 /// Per pool, the outcomes of client cancel requests.
@@ -66,6 +66,8 @@ impl CancelCounters {
 struct Slot {
     secret: i32,
     state: Mutex<SlotState>,
+    /// Cancels under way; read without the lock on every turn of the session loop.
+    in_flight: AtomicU32,
     settled: Notify,
     counters: CancelCounters,
 }
@@ -102,6 +104,7 @@ impl Registry {
         let slot = Arc::new(Slot {
             secret: random_i32(),
             state: Mutex::new(SlotState::default()),
+            in_flight: AtomicU32::new(0),
             settled: Notify::new(),
             counters,
         });
@@ -144,9 +147,9 @@ impl Registry {
 
 /// The slot's current server connection, with a cancel counted in flight from now on.
 fn begin(slot: &Slot) -> Option<(Target, u64)> {
-    let mut st = lock(&slot.state);
+    let st = lock(&slot.state);
     let target = st.target?;
-    st.in_flight += 1;
+    slot.in_flight.fetch_add(1, Ordering::AcqRel);
     Some((target, st.generation))
 }
 
@@ -188,9 +191,7 @@ struct InFlight<'a>(&'a Slot);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut st = lock(&self.0.state);
-        st.in_flight = st.in_flight.saturating_sub(1);
-        drop(st);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.0.settled.notify_one();
     }
 }
@@ -231,7 +232,7 @@ impl ClientKey {
 
     /// A cancel for this client's connection is on its way.
     pub fn in_flight(&self) -> bool {
-        lock(&self.slot.state).in_flight > 0
+        self.slot.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Resolves after a cancel in flight has been delivered (or given up).

@@ -704,15 +704,16 @@ impl<'a> Session<'a> {
                         return;
                     }
                     self.status = self.sbuf[at + 5];
+                    let now = Instant::now();
                     self.timeout_cancel = None;
-                    self.last_answer = Instant::now();
+                    self.last_answer = now;
                     // Any COPY is over once the server is ready again.
                     self.client_in_copy = false;
                     if let Some(request) = self.pending.pop_front() {
                         self.pool
                             .metrics
                             .query
-                            .observe(request.sent.elapsed().as_secs_f64());
+                            .observe((now - request.sent).as_secs_f64());
                         self.pool.metrics.queries.inc();
                     }
                     if self.status == b'I' && self.pending.is_empty() && !self.unsynced {
