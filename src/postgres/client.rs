@@ -13,7 +13,7 @@ use super::cancel::{CancelCounters, ClientKey};
 use super::errors::{sqlstate, PgError};
 use super::listen;
 use super::messages::{self, FrameError, Startup};
-use super::params::Values;
+use super::params::{ParamSync, Values};
 use super::pool::{AcquireError, Lease, Pool};
 use super::PgShared;
 use crate::config::PoolMode;
@@ -207,10 +207,7 @@ struct Session<'a> {
     /// This client's cancel key; points at `server` while it holds one.
     key: ClientKey,
     /// The client's tracked startup parameters, applied on each server connection it gets.
-    want: Values,
-    /// Answers to sidelight's own parameter query still to be swallowed (ReadyForQuerys).
-    swallow: u32,
-    param_error: Option<String>,
+    params: ParamSync,
     /// Client bytes read; the first `c_ready` are scanned and go to the server next.
     cbuf: BytesMut,
     c_ready: usize,
@@ -283,9 +280,7 @@ impl<'a> Session<'a> {
             gauge: ClientGauge::new(&pool.metrics),
             server: None,
             key,
-            want,
-            swallow: 0,
-            param_error: None,
+            params: ParamSync::new(want),
             cbuf: BytesMut::with_capacity(8 * 1024),
             c_ready: 0,
             c_rest: 0,
@@ -311,7 +306,7 @@ impl<'a> Session<'a> {
             && self.pending.is_empty()
             && !self.unsynced
             && !self.client_in_copy
-            && self.swallow == 0
+            && !self.params.swallowing()
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
@@ -410,7 +405,7 @@ impl<'a> Session<'a> {
                         Ok(0) => return self.server_lost(),
                         Ok(_) => {
                             self.scan_server();
-                            if let Some(e) = self.param_error.take() {
+                            if let Some(e) = self.params.take_error() {
                                 return End::Fatal(
                                     PgError::fatal(
                                         sqlstate::INVALID_PARAMETER_VALUE,
@@ -585,84 +580,17 @@ impl<'a> Session<'a> {
     }
 
     /// A server connection just attached whose tracked parameters differ from the client's
-    /// gets one query ahead of the client's bytes; its answer is swallowed.
+    /// gets one query ahead of the client's bytes (nothing scanned waits between server
+    /// connections: c_ready is 0).
     fn apply_params(&mut self) {
         let Some(lease) = self.server.as_ref() else {
             return;
         };
-        let Some(sql) = self.want.sync_sql(&lease.conn.tracked) else {
-            return;
-        };
-        let mut q = BytesMut::with_capacity(sql.len() + 6);
-        messages::query(&mut q, &sql);
-        // Nothing scanned is waiting (c_ready is 0 between server connections).
-        let rest = self.cbuf.split_off(self.c_ready);
-        self.cbuf.extend_from_slice(&q);
-        self.cbuf.extend_from_slice(&rest);
-        self.c_ready += q.len();
-        self.swallow += 1;
-    }
-
-    /// One whole message of the answer to `apply_params`' query, taken out of `sbuf`. False
-    /// when more bytes are needed, or when the query failed (nothing more is scanned).
-    fn swallow_one(&mut self) -> bool {
-        let at = self.s_ready;
-        let avail = self.sbuf.len() - at;
-        if avail < 5 {
-            return false;
-        }
-        let len = match messages::body_len(&self.sbuf[at..at + 5]) {
-            Ok(len) if len <= MAX_ERROR_SCAN => len,
-            _ => {
-                self.param_error = Some("unexpected answer".into());
-                self.swallow = 0;
-                return true;
-            }
-        };
-        if avail < 5 + len {
-            return false;
-        }
-        let body = &self.sbuf[at + 5..at + 5 + len];
-        match self.sbuf[at] {
-            b'S' => {
-                if let Ok((k, rest)) = messages::cstr(body) {
-                    if let Ok((v, _)) = messages::cstr(rest) {
-                        self.want.note(k, v);
-                        if let Some(lease) = self.server.as_mut() {
-                            lease.conn.tracked.note(k, v);
-                        }
-                    }
-                }
-            }
-            b'E' => self.param_error = Some(messages::error_message(body)),
-            b'Z' => {
-                self.swallow -= 1;
-                if self.param_error.is_none() {
-                    if let Some(lease) = self.server.as_mut() {
-                        lease.conn.tracked = self.want.clone();
-                    }
-                }
-            }
-            _ => {}
-        }
-        let tail = self.sbuf.split_off(at + 5 + len);
-        self.sbuf.truncate(at);
-        self.sbuf.extend_from_slice(&tail);
-        // After a refused value the client gets its FATAL, not the answers that follow.
-        self.swallow > 0 || self.param_error.is_none()
-    }
-
-    /// A ParameterStatus for the client (after its own SET, say): both sides track it.
-    fn note_status(&mut self, at: usize, len: usize) {
-        let body = &self.sbuf[at + 5..at + 5 + len];
-        if let Ok((k, rest)) = messages::cstr(body) {
-            if let Ok((v, _)) = messages::cstr(rest) {
-                if self.want.note(k, v) {
-                    if let Some(lease) = self.server.as_mut() {
-                        lease.conn.tracked.note(k, v);
-                    }
-                }
-            }
+        if let Some(q) = self.params.query_for(&lease.conn.tracked) {
+            let rest = self.cbuf.split_off(self.c_ready);
+            self.cbuf.extend_from_slice(&q);
+            self.cbuf.extend_from_slice(&rest);
+            self.c_ready += q.len();
         }
     }
 
@@ -670,8 +598,9 @@ impl<'a> Session<'a> {
     /// ErrorResponse.
     fn scan_server(&mut self) {
         loop {
-            if self.swallow > 0 && self.s_rest == 0 {
-                if !self.swallow_one() {
+            if self.params.swallowing() && self.s_rest == 0 {
+                let tracked = self.server.as_mut().map(|l| &mut l.conn.tracked);
+                if !self.params.swallow(&mut self.sbuf, self.s_ready, tracked) {
                     return;
                 }
                 continue;
@@ -753,7 +682,9 @@ impl<'a> Session<'a> {
                     if avail < 5 + len {
                         return;
                     }
-                    self.note_status(at, len);
+                    let tracked = self.server.as_mut().map(|l| &mut l.conn.tracked);
+                    self.params
+                        .note_status(&self.sbuf[at + 5..at + 5 + len], tracked);
                 }
                 _ => {}
             }
@@ -923,7 +854,7 @@ impl<'a> Session<'a> {
         let idle_clean = self.pending.is_empty()
             && !self.unsynced
             && !self.client_in_copy
-            && self.swallow == 0
+            && !self.params.swallowing()
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0

@@ -7,6 +7,12 @@
 //! after a client's own `SET`) update both sides, so they are tracked as the server spells
 //! them. Other startup parameters (`options`, custom GUCs) are not applied.
 
+use super::messages;
+use bytes::BytesMut;
+
+/// sidelight's parameter query is answered with a few small messages.
+const MAX_ANSWER: usize = 8 * 1024;
+
 /// Canonical names, case-insensitive on input as in PostgreSQL.
 pub const TRACKED: [&str; 7] = [
     "application_name",
@@ -115,6 +121,97 @@ impl Values {
             }
         }
         out
+    }
+}
+
+/// One client's side: the values it wants, and the answer to sidelight's query being
+/// swallowed.
+pub struct ParamSync {
+    want: Values,
+    /// ReadyForQuerys of sidelight's own queries still to come.
+    swallow: u32,
+    error: Option<String>,
+}
+
+impl ParamSync {
+    pub fn new(want: Values) -> ParamSync {
+        ParamSync {
+            want,
+            swallow: 0,
+            error: None,
+        }
+    }
+
+    pub fn swallowing(&self) -> bool {
+        self.swallow > 0
+    }
+
+    /// The server refused a value: the client is ended with this.
+    pub fn take_error(&mut self) -> Option<String> {
+        self.error.take()
+    }
+
+    /// The Query that makes a server connection with `have` match, if they differ; its
+    /// answer is then swallowed.
+    pub fn query_for(&mut self, have: &Values) -> Option<BytesMut> {
+        let sql = self.want.sync_sql(have)?;
+        let mut q = BytesMut::with_capacity(sql.len() + 6);
+        messages::query(&mut q, &sql);
+        self.swallow += 1;
+        Some(q)
+    }
+
+    /// Takes one whole message of the answer out of `buf` at `at`, noting reported values on
+    /// both sides. False when more bytes are needed, or when the query failed (the client
+    /// gets its FATAL, not what follows).
+    pub fn swallow(&mut self, buf: &mut BytesMut, at: usize, tracked: Option<&mut Values>) -> bool {
+        let avail = buf.len() - at;
+        if avail < 5 {
+            return false;
+        }
+        let len = match messages::body_len(&buf[at..at + 5]) {
+            Ok(len) if len <= MAX_ANSWER => len,
+            _ => {
+                self.error = Some("unexpected answer".into());
+                self.swallow = 0;
+                return false;
+            }
+        };
+        if avail < 5 + len {
+            return false;
+        }
+        let body = &buf[at + 5..at + 5 + len];
+        match buf[at] {
+            b'S' => self.note_status(body, tracked),
+            b'E' => self.error = Some(messages::error_message(body)),
+            b'Z' => {
+                self.swallow -= 1;
+                if let (None, Some(t)) = (&self.error, tracked) {
+                    *t = self.want.clone();
+                }
+            }
+            _ => {}
+        }
+        let tail = buf.split_off(at + 5 + len);
+        buf.truncate(at);
+        buf.extend_from_slice(&tail);
+        self.swallow > 0 || self.error.is_none()
+    }
+
+    /// A ParameterStatus body from the server (after the client's own SET, say): both sides
+    /// track the value.
+    pub fn note_status(&mut self, body: &[u8], tracked: Option<&mut Values>) {
+        let Ok((k, rest)) = messages::cstr(body) else {
+            return;
+        };
+        let Ok((v, _)) = messages::cstr(rest) else {
+            return;
+        };
+        if self.want.note(k, v) {
+            if let Some(t) = tracked {
+                t.note(k, v);
+            }
+        }
     }
 }
 
