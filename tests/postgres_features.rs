@@ -355,3 +355,77 @@ async fn startup_parameters_follow_each_client_across_a_shared_connection() {
     assert_eq!(raw_one(&mut bad, "select 1").await, "ERROR 22023");
     assert_eq!(one(&b, app).await, "beta");
 }
+
+/// A stand-in PostgreSQL server that authenticates anyone, then never answers a query and
+/// ignores cancels (it counts them): what query_timeout's fallback is for.
+async fn deaf_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancels = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = cancels.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 8];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                let mut body = vec![0u8; len.saturating_sub(8)];
+                let _ = s.read_exact(&mut body).await;
+                if i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 80877102 {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let mut hello = msg(b'R', &0i32.to_be_bytes());
+                hello.extend(msg(b'S', b"server_version\x0015.0\x00"));
+                hello.extend(msg(b'K', &[0, 0, 0, 7, 0, 0, 0, 9]));
+                hello.extend(msg(b'Z', b"I"));
+                let _ = s.write_all(&hello).await;
+                let mut sink = [0u8; 1024];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, cancels)
+}
+
+#[tokio::test]
+async fn query_timeout_falls_back_to_closing_when_the_cancel_goes_unanswered() {
+    let (addr, cancels) = deaf_server().await;
+    let p = pooler(&format!(
+        "    - {{ name: deaf, servers: [\"{addr}\"], user: u, auth_type: trust, query_timeout: 200ms }}\n"
+    ))
+    .await;
+    let (c, conn) = connect_watched(&p, "deaf", "").await;
+    let started = Instant::now();
+    let e = c.simple_query("select 1").await.expect_err("timed out");
+    let waited = started.elapsed();
+    assert_eq!(code(&e), "57014", "{e:?}");
+    let text = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(text.contains("did not answer the cancel"), "{text}");
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    assert_eq!(cancels.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(c.is_closed(), "FATAL ends the client");
+    p.assert_metric_eventually(
+        "sidelight_pg_server_disconnects_total",
+        &[("pool", "deaf"), ("reason", "timeout")],
+        1.0,
+    )
+    .await;
+}
