@@ -358,6 +358,7 @@ async fn pool_exhaustion_ends_with_the_wait_timeout() {
         .await
         .expect_err("no connection free");
     assert_eq!(code(&e), "53300");
+    assert!(db_message(&e).contains("query_wait_timeout"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     a.batch_execute("COMMIT").await.expect("commit");
     let c = connect(&p, "wait").await;
