@@ -6,7 +6,12 @@
 //! (`ReadyForQuery 'I'`) **and** every request the client sent has been answered: each simple
 //! Query, FunctionCall and Sync expects one ReadyForQuery, counted in `pending`; Parse, Bind,
 //! Describe, Execute and Close sent after the last Sync (answered only on a later Sync or
-//! Flush) keep the connection attached too (`unsynced`).
+//! Flush) keep the connection attached too (`unsynced`), and so does a COPY until its
+//! ReadyForQuery (`client_in_copy`).
+//!
+//! Also looked into: the start of each Query and Parse (LISTEN is refused, see `listen`),
+//! ParameterStatus (tracked startup parameters, see `params`), CopyInResponse (Syncs the server
+//! will ignore), and a 57014 ErrorResponse after sidelight's own query_timeout cancel.
 
 use super::auth::{self, AuthError};
 use super::cancel::{CancelCounters, ClientKey};
