@@ -23,6 +23,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
+# Python drivers for tests/postgres_drivers.rs (psycopg 3, asyncpg), pinned, in a virtual
+# environment of their own; never installed into the system Python.
+PY_VENV="${SIDELIGHT_PY_VENV:-target/py-drivers}"
+PY_PACKAGES=("psycopg[binary]==3.2.3" "asyncpg==0.30.0")
+if ! command -v python3 >/dev/null; then
+    echo "error: python3 not found; install it with: sudo apt-get install python3 python3-venv" >&2
+    exit 1
+fi
+if [ ! -x "$PY_VENV/bin/python" ] || ! "$PY_VENV/bin/python" -c "import psycopg, asyncpg" 2>/dev/null; then
+    if ! python3 -m venv "$PY_VENV"; then
+        echo "error: python3 -m venv failed; install it with: sudo apt-get install python3-venv" >&2
+        exit 1
+    fi
+    "$PY_VENV/bin/pip" install -q "${PY_PACKAGES[@]}"
+fi
+export SIDELIGHT_PY_VENV="$PY_VENV"
+
 if ! command -v cargo >/dev/null; then
     echo "error: cargo not found; install Rust from https://rustup.rs" >&2
     exit 1

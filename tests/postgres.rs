@@ -358,6 +358,7 @@ async fn pool_exhaustion_ends_with_the_wait_timeout() {
         .await
         .expect_err("no connection free");
     assert_eq!(code(&e), "53300");
+    assert!(db_message(&e).contains("query_wait_timeout"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     a.batch_execute("COMMIT").await.expect("commit");
     let c = connect(&p, "wait").await;
@@ -378,32 +379,83 @@ async fn pool_exhaustion_ends_with_the_wait_timeout() {
     );
 }
 
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn query_and_idle_transaction_timeouts() {
     pg().create_db("t_tmo", "app_scram");
     let p = pooler(&pool(
         "tmo",
         "t_tmo",
-        ", query_timeout: 300ms, idle_transaction_timeout: 300ms",
+        ", pool_size: 1, query_timeout: 300ms, idle_transaction_timeout: 300ms",
     ))
     .await;
+    // query_timeout works like statement_timeout: the query is cancelled, the session goes on,
+    // and the server connection too.
     let a = connect(&p, "tmo").await;
+    let started = std::time::Instant::now();
     let e = a
         .simple_query("select pg_sleep(5)")
         .await
         .expect_err("query_timeout");
     assert_eq!(code(&e), "57014");
-    let b = connect(&p, "tmo").await;
-    b.batch_execute("BEGIN").await.expect("begin");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let e = b
-        .simple_query("select 1")
-        .await
-        .expect_err("idle in transaction");
+    assert!(db_message(&e).contains("query_timeout"), "{e:?}");
     assert!(
-        e.code().map(|c| c.code()) == Some("25P03") || e.is_closed(),
-        "{e:?}"
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
     );
+    let e = a
+        .query_typed("select pg_sleep(5)", &[])
+        .await
+        .expect_err("query_timeout, extended protocol");
+    assert_eq!(code(&e), "57014");
+    assert!(db_message(&e).contains("query_timeout"), "{e:?}");
+    assert_eq!(
+        a.query_one("select 3", &[])
+            .await
+            .expect("the session goes on")
+            .get::<_, i32>(0),
+        3
+    );
+    assert_eq!(
+        p.metric(
+            "sidelight_pg_timeouts_total",
+            &[("pool", "tmo"), ("kind", "query")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        p.metric(
+            "sidelight_pg_server_connects_total",
+            &[("pool", "tmo"), ("result", "ok")]
+        )
+        .await,
+        1.0,
+        "the cancelled server connection is reused"
+    );
+    // Idle in transaction: PostgreSQL's own FATAL 25P03, sent to the idle client.
+    let conf = format!(
+        "host=127.0.0.1 port={} dbname=tmo user=alice password=alice-pw",
+        pg_addr(&p).port()
+    );
+    let (b, conn) = tokio_postgres::connect(&conf, NoTls)
+        .await
+        .expect("connect");
+    let conn = tokio::spawn(conn);
+    b.batch_execute("BEGIN").await.expect("begin");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("ended by idle_transaction_timeout")
+        .expect("join");
+    let e = ended.expect_err("an error from sidelight");
+    assert_eq!(code(&e), "25P03", "{e}");
+    assert!(db_message(&e).contains("idle_transaction_timeout"), "{e:?}");
     let c = connect(&p, "tmo").await;
     assert_eq!(
         c.query_one("select 3", &[])

@@ -90,7 +90,9 @@ pub struct PgPoolConfig {
     /// A client waiting longer than this for a server connection gets SQLSTATE 53300.
     #[serde(default = "default_query_wait", with = "humantime_serde")]
     pub query_wait_timeout: Duration,
-    /// A request (query or sync) unanswered for this long ends the client with 57014; 0s: off.
+    /// A request (query or sync) unanswered for this long is cancelled like statement_timeout
+    /// (ERROR 57014, the session goes on); if the server does not answer the cancel within 3 s
+    /// its connection is closed and the client gets FATAL 57014. 0s: off.
     #[serde(default, with = "humantime_serde")]
     pub query_timeout: Duration,
     /// A client idle inside a transaction for this long is ended with 25P03; 0s: off.

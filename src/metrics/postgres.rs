@@ -36,6 +36,8 @@ pub const PG_PROTOCOL_ERROR_KINDS: [&str; 4] =
     ["malformed", "oversized", "unknown_message", "startup"];
 /// SQLSTATE classes are two characters from a fixed alphabet; anything else counts as `other`.
 pub const PG_AUTH_METHODS: [&str; 3] = ["scram-sha-256", "md5", "trust"];
+/// What became of a client's CancelRequest; `unknown_key` has `pool=""` (the key names no client).
+pub const PG_CANCEL_RESULTS: [&str; 4] = ["forwarded", "no_server", "error", "unknown_key"];
 
 pub struct PgMetrics {
     pub client_connections: IntGaugeVec,
@@ -54,6 +56,8 @@ pub struct PgMetrics {
     pub timeouts: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub pool_healthy: IntGaugeVec,
+    pub cancel_requests: IntCounterVec,
+    pub copy_bytes: IntCounterVec,
 }
 
 impl PgMetrics {
@@ -75,6 +79,8 @@ impl PgMetrics {
             timeouts: counter(r, "sidelight_pg_timeouts_total", "PostgreSQL timeouts hit, by kind: query_wait, query, idle_transaction, server_connect.", &["pool", "kind"]),
             protocol_errors: counter(r, "sidelight_pg_protocol_errors_total", "PostgreSQL clients ended for bad input, by kind.", &["listener", "kind"]),
             pool_healthy: gauge(r, "sidelight_pg_pool_healthy", "1 when the pool's server accepts connections (last attempt succeeded), else 0.", &["pool"]),
+            cancel_requests: counter(r, "sidelight_pg_cancel_requests_total", "Client CancelRequests, by result: forwarded (to the server connection running the client's query), no_server (the client held none), error (server unreachable), unknown_key (pool=\"\").", &["pool", "result"]),
+            copy_bytes: counter(r, "sidelight_pg_copy_bytes_total", "COPY data (CopyData payload bytes), by direction: in (COPY FROM STDIN, client to server), out (COPY TO STDOUT).", &["pool", "direction"]),
         }
     }
 
@@ -107,9 +113,23 @@ impl PgMetrics {
             self.timeouts.with_label_values(&[pool, k]);
         }
         self.pool_healthy.with_label_values(&[pool]).set(1);
+        for r in PG_CANCEL_RESULTS {
+            if r != "unknown_key" {
+                self.cancel_requests.with_label_values(&[pool, r]);
+            }
+        }
+        for d in ["in", "out"] {
+            self.copy_bytes.with_label_values(&[pool, d]);
+        }
+    }
+
+    /// A CancelRequest whose key names no live client.
+    pub fn cancel_unknown_key(&self) -> IntCounter {
+        self.cancel_requests.with_label_values(&["", "unknown_key"])
     }
 
     pub fn init_listener(&self, listener: &str) {
+        self.cancel_unknown_key();
         self.clients_accepted.with_label_values(&[listener]);
         for k in PG_PROTOCOL_ERROR_KINDS {
             self.protocol_errors.with_label_values(&[listener, k]);
@@ -133,6 +153,11 @@ impl PgMetrics {
             connect_ok: self.server_connects.with_label_values(&[pool, "ok"]),
             connect_error: self.server_connects.with_label_values(&[pool, "error"]),
             healthy: self.pool_healthy.with_label_values(&[pool]),
+            cancel_forwarded: self.cancel_requests.with_label_values(&[pool, "forwarded"]),
+            cancel_no_server: self.cancel_requests.with_label_values(&[pool, "no_server"]),
+            cancel_error: self.cancel_requests.with_label_values(&[pool, "error"]),
+            copy_in: self.copy_bytes.with_label_values(&[pool, "in"]),
+            copy_out: self.copy_bytes.with_label_values(&[pool, "out"]),
             errors: self.errors.clone(),
             disconnects: self.server_disconnects.clone(),
             auth_failures: self.auth_failures.clone(),
@@ -158,6 +183,11 @@ pub struct PoolMetrics {
     pub connect_ok: IntCounter,
     pub connect_error: IntCounter,
     pub healthy: IntGauge,
+    pub cancel_forwarded: IntCounter,
+    pub cancel_no_server: IntCounter,
+    pub cancel_error: IntCounter,
+    pub copy_in: IntCounter,
+    pub copy_out: IntCounter,
     errors: IntCounterVec,
     disconnects: IntCounterVec,
     auth_failures: IntCounterVec,

@@ -6,11 +6,19 @@
 //! (`ReadyForQuery 'I'`) **and** every request the client sent has been answered: each simple
 //! Query, FunctionCall and Sync expects one ReadyForQuery, counted in `pending`; Parse, Bind,
 //! Describe, Execute and Close sent after the last Sync (answered only on a later Sync or
-//! Flush) keep the connection attached too (`unsynced`).
+//! Flush) keep the connection attached too (`unsynced`), and so does a COPY until its
+//! ReadyForQuery (`client_in_copy`).
+//!
+//! Also looked into: the start of each Query and Parse (LISTEN is refused, see `listen`),
+//! ParameterStatus (tracked startup parameters, see `params`), CopyInResponse (Syncs the server
+//! will ignore), and a 57014 ErrorResponse after sidelight's own query_timeout cancel.
 
 use super::auth::{self, AuthError};
+use super::cancel::{CancelCounters, ClientKey};
 use super::errors::{sqlstate, PgError};
+use super::listen;
 use super::messages::{self, FrameError, Startup};
+use super::params::{ParamSync, Values};
 use super::pool::{AcquireError, Lease, Pool};
 use super::PgShared;
 use crate::config::PoolMode;
@@ -27,6 +35,9 @@ use tokio::sync::watch;
 const BUFFER_HIGH: usize = 64 * 1024;
 /// An ErrorResponse up to this size is read whole for its SQLSTATE.
 const MAX_ERROR_SCAN: usize = 8 * 1024;
+/// After query_timeout's cancel, how long the server has to answer it before sidelight closes
+/// the server connection instead.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -45,7 +56,7 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let pg = &shared.metrics.pg;
-    let params = match startup(&mut stream).await {
+    let params = match startup(&mut stream, &shared).await {
         Ok(Some(p)) => p,
         Ok(None) => return,
         Err(e) => {
@@ -97,33 +108,37 @@ pub async fn serve(
             }
         }
     }
+    let server_params = pool.params();
+    let want = Values::for_client(&params, &server_params);
     let mut out = BytesMut::with_capacity(512);
     messages::auth_request(&mut out, 0, &[]);
-    for (k, v) in pool.params() {
+    for (k, v) in want.startup_status(&server_params) {
         messages::parameter_status(&mut out, &k, &v);
     }
-    let key = uuid::Uuid::new_v4();
-    let key = key.as_bytes();
-    messages::backend_key(
-        &mut out,
-        i32::from_be_bytes([key[0], key[1], key[2], key[3]]) & i32::MAX,
-        i32::from_be_bytes([key[4], key[5], key[6], key[7]]),
-    );
+    // sidelight's own key: a CancelRequest with it reaches whichever server connection the
+    // client holds at the time.
+    let key = shared.cancels.register(CancelCounters::of(&pool.metrics));
+    messages::backend_key(&mut out, key.pid(), key.secret());
     messages::ready_for_query(&mut out, b'I');
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    let mut session = Session::new(&pool, stream, shared.max_message, stop);
+    let mut session = Session::new(&pool, stream, shared.max_message, stop, key, want);
     let result = session.run().await;
     session.finish(result, &listener, pg).await;
 }
 
-async fn startup(stream: &mut TcpStream) -> Result<Option<Vec<(String, String)>>, FrameError> {
+async fn startup(
+    stream: &mut TcpStream,
+    shared: &PgShared,
+) -> Result<Option<Vec<(String, String)>>, FrameError> {
     for _ in 0..3 {
         match messages::read_startup(stream).await {
             Ok(Startup::Ssl) | Ok(Startup::GssEnc) => stream.write_all(b"N").await?,
-            // Cancel requests are forwarded in a later step; for now they are dropped.
-            Ok(Startup::Cancel { .. }) => return Ok(None),
+            Ok(Startup::Cancel { pid, key }) => {
+                shared.cancel(pid, key).await;
+                return Ok(None);
+            }
             Ok(Startup::Start { params }) => return Ok(Some(params)),
             Err(FrameError::Closed) => return Ok(None),
             Err(e) => return Err(e),
@@ -194,23 +209,53 @@ struct Session<'a> {
     draining: bool,
     gauge: ClientGauge<'a>,
     server: Option<Lease>,
+    /// This client's cancel key; points at `server` while it holds one.
+    key: ClientKey,
+    /// The client's tracked startup parameters, applied on each server connection it gets.
+    params: ParamSync,
     /// Client bytes read; the first `c_ready` are scanned and go to the server next.
     cbuf: BytesMut,
     c_ready: usize,
     /// Body bytes of the current client message not yet scanned.
     c_rest: usize,
+    /// Bytes still to come of a client message that was replaced (LISTEN), dropped on arrival.
+    c_drop: usize,
     /// Server bytes read; the first `s_ready` are scanned and go to the client next.
     sbuf: BytesMut,
     s_ready: usize,
     s_rest: usize,
     /// When each request still awaiting its ReadyForQuery was sent.
-    pending: VecDeque<Instant>,
+    pending: VecDeque<Request>,
+    /// Between the server's CopyInResponse (or CopyBothResponse) and the client's CopyDone or
+    /// CopyFail: the server ignores Sync and Flush then, so they are not counted.
+    client_in_copy: bool,
+    /// That COPY came from the extended protocol: after CopyDone the server waits for a Sync.
+    copy_extended: bool,
     unsynced: bool,
     /// The server's last transaction status: I, T or E.
     status: u8,
     txn_start: Option<Instant>,
+    /// When sidelight cancelled the running request for query_timeout (until its answer).
+    timeout_cancel: Option<Instant>,
+    /// The last ReadyForQuery: a pipelined request's query_timeout runs from here.
+    last_answer: Instant,
     last_client_activity: Instant,
     client_done: bool,
+}
+
+/// A request awaiting its ReadyForQuery: a simple Query or FunctionCall, or a Sync.
+struct Request {
+    sent: Instant,
+    sync: bool,
+}
+
+impl Request {
+    fn new(sync: bool) -> Request {
+        Request {
+            sent: Instant::now(),
+            sync,
+        }
+    }
 }
 
 enum End {
@@ -227,6 +272,8 @@ impl<'a> Session<'a> {
         client: TcpStream,
         max_message: usize,
         stop: watch::Receiver<bool>,
+        key: ClientKey,
+        want: Values,
     ) -> Self {
         let draining = *stop.borrow();
         Session {
@@ -237,16 +284,23 @@ impl<'a> Session<'a> {
             stop,
             gauge: ClientGauge::new(&pool.metrics),
             server: None,
+            key,
+            params: ParamSync::new(want),
             cbuf: BytesMut::with_capacity(8 * 1024),
             c_ready: 0,
             c_rest: 0,
+            c_drop: 0,
             sbuf: BytesMut::with_capacity(16 * 1024),
             s_ready: 0,
             s_rest: 0,
             pending: VecDeque::with_capacity(16),
+            client_in_copy: false,
+            copy_extended: false,
             unsynced: false,
             status: b'I',
             txn_start: None,
+            timeout_cancel: None,
+            last_answer: Instant::now(),
             last_client_activity: Instant::now(),
             client_done: false,
         }
@@ -256,8 +310,11 @@ impl<'a> Session<'a> {
         self.status == b'I'
             && self.pending.is_empty()
             && !self.unsynced
+            && !self.client_in_copy
+            && !self.params.swallowing()
             && self.c_ready == 0
             && self.c_rest == 0
+            && self.c_drop == 0
             // Nothing of a server message half read: the next server's bytes start afresh.
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready
@@ -269,8 +326,9 @@ impl<'a> Session<'a> {
             if self.server.is_some()
                 && self.pool.mode() == PoolMode::Transaction
                 && self.releasable()
+                && !self.key.in_flight()
             {
-                if let Some(lease) = self.server.take() {
+                if let Some(lease) = self.take_server() {
                     self.pool.release(lease);
                     self.gauge.set(2);
                 }
@@ -298,7 +356,9 @@ impl<'a> Session<'a> {
                     self.gauge.set(1);
                     match self.pool.acquire().await {
                         Ok(lease) => {
+                            self.key.attach(&lease.conn);
                             self.server = Some(lease);
+                            self.apply_params();
                             self.gauge.set(0);
                         }
                         Err(e) => return End::Fatal(acquire_error(&e), ""),
@@ -313,7 +373,7 @@ impl<'a> Session<'a> {
                     return End::ClientLeft;
                 }
                 // Most writes succeed at once: no trip through the select for them.
-                if self.c_ready > 0 {
+                if self.c_ready > 0 && !self.cancel_hold() {
                     if let Err(end) = self.write_server() {
                         return end;
                     }
@@ -350,6 +410,15 @@ impl<'a> Session<'a> {
                         Ok(0) => return self.server_lost(),
                         Ok(_) => {
                             self.scan_server();
+                            if let Some(e) = self.params.take_error() {
+                                return End::Fatal(
+                                    PgError::fatal(
+                                        sqlstate::INVALID_PARAMETER_VALUE,
+                                        format!("a startup parameter cannot be applied on the server: {e}"),
+                                    ),
+                                    "",
+                                );
+                            }
                             if self.s_ready > 0 {
                                 if let Err(end) = self.write_client() {
                                     return end;
@@ -360,7 +429,7 @@ impl<'a> Session<'a> {
                         Err(_) => return self.server_lost(),
                     }
                 }
-                r = writable(server), if server.is_some() && self.c_ready > 0 => {
+                r = writable(server), if server.is_some() && self.c_ready > 0 && !self.cancel_hold() => {
                     if r.is_err() { return self.server_lost(); }
                     if let Err(end) = self.write_server() { return end; }
                 }
@@ -370,8 +439,18 @@ impl<'a> Session<'a> {
                 _ = self.stop.changed(), if !self.draining => {
                     self.draining = true;
                 }
+                // A cancel was delivered: the connection may be given back now.
+                _ = self.key.settled(), if self.server.is_some() && self.key.in_flight() => {}
             }
         }
+    }
+
+    /// While a cancel is in flight no more client bytes go to the server (a few milliseconds):
+    /// the next request cannot be hit by a late signal. (PostgreSQL signals a backend twice,
+    /// itself and its process group, and the second can come after the query it was meant
+    /// for has ended.)
+    fn cancel_hold(&self) -> bool {
+        self.key.in_flight()
     }
 
     /// Writes what the client is owed, as far as the socket takes it now.
@@ -425,6 +504,16 @@ impl<'a> Session<'a> {
     fn scan_client(&mut self) -> Result<(), End> {
         loop {
             let avail = self.cbuf.len() - self.c_ready;
+            if self.c_drop > 0 {
+                let take = self.c_drop.min(avail);
+                if take == 0 {
+                    return Ok(());
+                }
+                let at = self.c_ready;
+                self.splice_client(at, take, &[]);
+                self.c_drop -= take;
+                continue;
+            }
             if self.c_rest > 0 {
                 let take = self.c_rest.min(avail);
                 self.c_ready += take;
@@ -438,6 +527,19 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
             let (len, tag) = self.check_header()?;
+            if matches!(tag, b'Q' | b'P') && self.pool.mode() == PoolMode::Transaction {
+                match listen::check(tag, &self.cbuf[self.c_ready + 5..], len) {
+                    listen::Check::NeedMore => return Ok(()),
+                    listen::Check::Pass => {}
+                    listen::Check::Refuse(with) => {
+                        // The replacement is scanned (and counted) next, like any message.
+                        let (at, have) = (self.c_ready, avail.min(5 + len));
+                        self.c_drop = 5 + len - have;
+                        self.splice_client(at, have, &with);
+                        continue;
+                    }
+                }
+            }
             match tag {
                 b'X' => {
                     // Terminate is ours to handle; nothing after it counts.
@@ -446,13 +548,21 @@ impl<'a> Session<'a> {
                     return Ok(());
                 }
                 b'Q' | b'F' => {
-                    self.pending.push_back(Instant::now());
+                    self.pending.push_back(Request::new(false));
                     self.txn_start.get_or_insert_with(Instant::now);
                 }
+                // Ignored by the server in copy-in mode.
+                b'S' if self.client_in_copy => {}
                 b'S' => {
-                    self.pending.push_back(Instant::now());
+                    self.pending.push_back(Request::new(true));
                     self.unsynced = false;
                     self.txn_start.get_or_insert_with(Instant::now);
+                }
+                b'd' => self.pool.metrics.copy_in.inc_by(len as u64),
+                b'c' | b'f' if self.client_in_copy => {
+                    self.client_in_copy = false;
+                    // An extended-protocol COPY ends with the client's next Sync.
+                    self.unsynced |= self.copy_extended;
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     self.unsynced = true;
@@ -466,10 +576,40 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Replaces `len` unscanned client bytes at `at` with `with` (rare: LISTEN refusals).
+    fn splice_client(&mut self, at: usize, len: usize, with: &[u8]) {
+        let tail = self.cbuf.split_off(at + len);
+        self.cbuf.truncate(at);
+        self.cbuf.extend_from_slice(with);
+        self.cbuf.extend_from_slice(&tail);
+    }
+
+    /// A server connection just attached whose tracked parameters differ from the client's
+    /// gets one query ahead of the client's bytes (nothing scanned waits between server
+    /// connections: c_ready is 0).
+    fn apply_params(&mut self) {
+        let Some(lease) = self.server.as_ref() else {
+            return;
+        };
+        if let Some(q) = self.params.query_for(&lease.conn.tracked) {
+            let rest = self.cbuf.split_off(self.c_ready);
+            self.cbuf.extend_from_slice(&q);
+            self.cbuf.extend_from_slice(&rest);
+            self.c_ready += q.len();
+        }
+    }
+
     /// Moves server bytes into the to-client part of `sbuf`, watching ReadyForQuery and
     /// ErrorResponse.
     fn scan_server(&mut self) {
         loop {
+            if self.params.swallowing() && self.s_rest == 0 {
+                let tracked = self.server.as_mut().map(|l| &mut l.conn.tracked);
+                if !self.params.swallow(&mut self.sbuf, self.s_ready, tracked) {
+                    return;
+                }
+                continue;
+            }
             let avail = self.sbuf.len() - self.s_ready;
             if self.s_rest > 0 {
                 let take = self.s_rest.min(avail);
@@ -498,11 +638,16 @@ impl<'a> Session<'a> {
                         return;
                     }
                     self.status = self.sbuf[at + 5];
-                    if let Some(sent) = self.pending.pop_front() {
+                    let now = Instant::now();
+                    self.timeout_cancel = None;
+                    self.last_answer = now;
+                    // Any COPY is over once the server is ready again.
+                    self.client_in_copy = false;
+                    if let Some(request) = self.pending.pop_front() {
                         self.pool
                             .metrics
                             .query
-                            .observe(sent.elapsed().as_secs_f64());
+                            .observe((now - request.sent).as_secs_f64());
                         self.pool.metrics.queries.inc();
                     }
                     if self.status == b'I' && self.pending.is_empty() && !self.unsynced {
@@ -520,9 +665,31 @@ impl<'a> Session<'a> {
                         return;
                     }
                     let body = &self.sbuf[at + 5..at + 5 + len];
-                    self.pool
-                        .metrics
-                        .error(messages::error_code(body).unwrap_or(b"??"));
+                    let code = messages::error_code(body).unwrap_or(b"??");
+                    self.pool.metrics.error(code);
+                    if self.timeout_cancel.is_some() && code == sqlstate::QUERY_CANCELED.as_bytes()
+                    {
+                        // The server's "due to user request" becomes what happened.
+                        self.replace_server_message(at, 5 + len, &self.query_timeout_error());
+                        continue;
+                    }
+                }
+                // CopyInResponse, CopyBothResponse: the server reads COPY data now. The request
+                // that started it is in front; Syncs sent since (tokio-postgres sends one
+                // right after Execute) are ignored by the server and answered by nothing.
+                b'G' | b'W' => {
+                    self.client_in_copy = true;
+                    self.copy_extended = self.pending.front().is_none_or(|r| r.sync);
+                    self.pending.retain(|r| !r.sync);
+                }
+                b'd' => self.pool.metrics.copy_out.inc_by(len as u64),
+                b'S' if len <= MAX_ERROR_SCAN => {
+                    if avail < 5 + len {
+                        return;
+                    }
+                    let tracked = self.server.as_mut().map(|l| &mut l.conn.tracked);
+                    self.params
+                        .note_status(&self.sbuf[at + 5..at + 5 + len], tracked);
                 }
                 _ => {}
             }
@@ -531,14 +698,44 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Puts `with` (a whole message) in place of the scanned-to-be server message at `at`.
+    /// Rare (a timeout's error): the copy of what follows does not matter.
+    fn replace_server_message(&mut self, at: usize, len: usize, with: &[u8]) {
+        let tail = self.sbuf.split_off(at + len);
+        self.sbuf.truncate(at);
+        self.sbuf.extend_from_slice(with);
+        self.sbuf.extend_from_slice(&tail);
+        self.s_ready += with.len();
+    }
+
+    fn query_timeout_error(&self) -> BytesMut {
+        PgError::new(
+            "ERROR",
+            sqlstate::QUERY_CANCELED,
+            format!(
+                "canceling statement due to query_timeout ({:?})",
+                self.pool.config.query_timeout
+            ),
+        )
+        .bytes()
+    }
+
+    /// When the oldest unanswered request hits query_timeout (or, once cancelled, the grace).
+    fn query_deadline(&self) -> Option<Instant> {
+        let timeout = self.pool.config.query_timeout;
+        if timeout.is_zero() {
+            return None;
+        }
+        if let Some(cancelled) = self.timeout_cancel {
+            return Some(cancelled + CANCEL_GRACE);
+        }
+        let first = self.pending.front()?;
+        Some(first.sent.max(self.last_answer) + timeout)
+    }
+
     fn deadline(&self) -> Option<Instant> {
         let cfg = &self.pool.config;
-        let mut d: Option<Instant> = None;
-        if !cfg.query_timeout.is_zero() {
-            if let Some(first) = self.pending.front() {
-                d = Some(*first + cfg.query_timeout);
-            }
-        }
+        let mut d = self.query_deadline();
         if !cfg.idle_transaction_timeout.is_zero()
             && self.server.is_some()
             && self.pending.is_empty()
@@ -553,22 +750,27 @@ impl<'a> Session<'a> {
     fn timed_out(&mut self) -> Option<End> {
         let now = Instant::now();
         let cfg = &self.pool.config;
-        if !cfg.query_timeout.is_zero() {
-            if let Some(first) = self.pending.front() {
-                if now >= *first + cfg.query_timeout {
-                    self.pool.metrics.timeout("query");
-                    return Some(End::Fatal(
-                        PgError::fatal(
-                            sqlstate::QUERY_CANCELED,
-                            format!(
-                                "canceling statement due to query_timeout ({:?})",
-                                cfg.query_timeout
-                            ),
-                        ),
-                        "timeout",
-                    ));
+        if self.query_deadline().is_some_and(|d| now >= d) {
+            if self.timeout_cancel.is_none() {
+                // Like statement_timeout: the server cancels the query, the session goes on.
+                self.pool.metrics.timeout("query");
+                if self.key.cancel_current() {
+                    tracing::info!(pool = %self.pool.name, "query_timeout: cancelling the query");
+                    self.timeout_cancel = Some(now);
+                    return None;
                 }
             }
+            return Some(End::Fatal(
+                PgError::fatal(
+                    sqlstate::QUERY_CANCELED,
+                    format!(
+                        "canceling statement due to query_timeout ({:?}); the server did not \
+                         answer the cancel within {CANCEL_GRACE:?}, its connection was closed",
+                        cfg.query_timeout
+                    ),
+                ),
+                "timeout",
+            ));
         }
         if !cfg.idle_transaction_timeout.is_zero()
             && self.pending.is_empty()
@@ -590,8 +792,17 @@ impl<'a> Session<'a> {
         None
     }
 
+    /// Gives up the server connection: cancels stop pointing at it first.
+    fn take_server(&mut self) -> Option<Lease> {
+        let lease = self.server.take();
+        if lease.is_some() {
+            self.key.detach();
+        }
+        lease
+    }
+
     fn server_lost(&mut self) -> End {
-        if let Some(lease) = self.server.take() {
+        if let Some(lease) = self.take_server() {
             self.pool.discard(lease, "server_closed");
             self.gauge.set(2);
         }
@@ -621,7 +832,17 @@ impl<'a> Session<'a> {
                 )
             }
         };
-        if let Some(lease) = self.server.take() {
+        if self.server.is_some() && self.key.in_flight() {
+            // A cancel on its way must not reach the connection's next client.
+            let key = &self.key;
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                while key.in_flight() {
+                    key.settled().await;
+                }
+            })
+            .await;
+        }
+        if let Some(lease) = self.take_server() {
             self.return_server(lease, error.is_some() && reason == "timeout", reason)
                 .await;
         }
@@ -637,8 +858,11 @@ impl<'a> Session<'a> {
     async fn return_server(&mut self, mut lease: Lease, timed_out: bool, reason: &'static str) {
         let idle_clean = self.pending.is_empty()
             && !self.unsynced
+            && !self.client_in_copy
+            && !self.params.swallowing()
             && self.c_ready == 0
             && self.c_rest == 0
+            && self.c_drop == 0
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready;
         if timed_out || !idle_clean {
@@ -661,6 +885,9 @@ impl<'a> Session<'a> {
             if !matches!(done, Ok(Ok(b'I'))) {
                 self.pool.discard(lease, "client_gone");
                 return;
+            }
+            if *sql == "DISCARD ALL" {
+                lease.conn.tracked = Values::from_server(&lease.conn.params);
             }
         }
         self.pool.release(lease);

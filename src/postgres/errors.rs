@@ -15,6 +15,7 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 

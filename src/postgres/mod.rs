@@ -5,16 +5,23 @@
 //! - `client`: one client session (startup, auth, the transaction-mode loop).
 //! - `server`: one server connection (connect, authenticate).
 //! - `pool`: server connections of one pool, `pool_size` process-wide, health.
+//! - `cancel`: sidelight's own BackendKeyData per client; CancelRequests forwarded.
 //! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
+//! - `listen`: LISTEN refused in transaction mode; `sql`: a statement's first keyword.
+//! - `params`: client startup parameters applied on the server connections they use.
 //! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
 
 pub mod auth;
+pub mod cancel;
 pub mod client;
 pub mod errors;
+pub mod listen;
 pub mod listener;
 pub mod messages;
+pub mod params;
 pub mod pool;
 pub mod server;
+pub mod sql;
 
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
@@ -31,6 +38,7 @@ pub struct PgShared {
     pub users: auth::UserDb,
     pub max_message: usize,
     pub metrics: Arc<Metrics>,
+    pub cancels: Arc<cancel::Registry>,
 }
 
 impl PgShared {
@@ -53,7 +61,18 @@ impl PgShared {
             users: auth::UserDb::new(&config.users),
             max_message: usize::try_from(config.max_client_message_bytes.0).unwrap_or(usize::MAX),
             metrics: metrics.clone(),
+            cancels: Arc::new(cancel::Registry::default()),
         })
+    }
+
+    /// A CancelRequest that arrived on its own connection (no answer goes back, as with
+    /// PostgreSQL).
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let outcome = self.cancels.cancel(pid, secret).await;
+        if outcome == cancel::Outcome::UnknownKey {
+            self.metrics.pg.cancel_unknown_key().inc();
+        }
+        tracing::debug!(pid, ?outcome, "cancel request");
     }
 
     /// One task per pool: idle timeouts, lifetimes, `min_idle` and health probes, every second.

@@ -40,8 +40,12 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// ParameterStatus values from the server's startup, passed on to clients.
     pub params: Vec<(String, String)>,
+    /// The server's BackendKeyData, and where to send a CancelRequest with it.
     pub backend_pid: i32,
     pub backend_key: i32,
+    pub addr: Option<std::net::SocketAddr>,
+    /// The tracked startup parameters' values in this session (see `params`).
+    pub tracked: super::params::Values,
     /// The worker thread whose runtime watches this socket: clients on that worker get it
     /// first, so its wake-ups stay on one thread.
     pub home: std::thread::ThreadId,
@@ -158,6 +162,8 @@ impl ServerConn {
                 b'E' => return Err(ServerError::Refused(messages::error_message(&buf))),
                 b'Z' => {
                     let now = Instant::now();
+                    let addr = stream.peer_addr().ok();
+                    let tracked = super::params::Values::from_server(&params);
                     return Ok(ServerConn {
                         stream,
                         created: now,
@@ -165,6 +171,8 @@ impl ServerConn {
                         params,
                         backend_pid: pid,
                         backend_key: key,
+                        addr,
+                        tracked,
                         home: std::thread::current().id(),
                     });
                 }
@@ -195,6 +203,14 @@ impl ServerConn {
         loop {
             match messages::read_message(&mut self.stream, &mut buf, MAX_SERVER_CONTROL).await? {
                 b'E' => failed = Some(messages::error_message(&buf)),
+                // A ROLLBACK can put a SET LOCAL value back.
+                b'S' => {
+                    if let Ok((k, rest)) = messages::cstr(&buf) {
+                        if let Ok((v, _)) = messages::cstr(rest) {
+                            self.tracked.note(k, v);
+                        }
+                    }
+                }
                 b'Z' => {
                     let status = buf.first().copied().unwrap_or(b'?');
                     return match failed {

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod pg;
+pub mod pgclient;
 pub mod proxy;
 pub mod server;
 
