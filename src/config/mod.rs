@@ -21,6 +21,7 @@ pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset, ReadMethod};
 pub use llm::*;
 pub use postgres::{
     AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
+    DEFAULT_MAX_PREPARED_STATEMENTS,
 };
 pub use process::*;
 pub use rate::{Rate, RateLimitKey, RatePeriod};

@@ -20,6 +20,10 @@ pub struct PostgresConfig {
     /// Client messages larger than this end that client with a protocol error.
     #[serde(default = "default_max_message")]
     pub max_client_message_bytes: ByteSize,
+    /// Named prepared statements kept per server connection in transaction mode (PgBouncer's
+    /// name and default); 0: named Parse/Bind pass through untouched. Pools may override it.
+    #[serde(default = "default_max_prepared")]
+    pub max_prepared_statements: usize,
     /// Pools by the database name clients connect with.
     #[serde(default)]
     pub pools: Vec<PgPoolConfig>,
@@ -107,6 +111,9 @@ pub struct PgPoolConfig {
     /// A connection idle longer than this is checked with an empty query before reuse.
     #[serde(default = "default_check_delay", with = "humantime_serde")]
     pub server_check_delay: Duration,
+    /// This pool's `max_prepared_statements` (default: the `postgres:` section's).
+    #[serde(default)]
+    pub max_prepared_statements: Option<usize>,
 }
 
 impl PgPoolConfig {
@@ -121,6 +128,7 @@ impl Default for PostgresConfig {
             listeners: Vec::new(),
             users: Vec::new(),
             max_client_message_bytes: default_max_message(),
+            max_prepared_statements: default_max_prepared(),
             pools: Vec::new(),
         }
     }
@@ -128,6 +136,13 @@ impl Default for PostgresConfig {
 
 fn default_max_message() -> ByteSize {
     ByteSize::mib(64)
+}
+/// PgBouncer 1.22+'s default.
+pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 200;
+/// Each is a few hundred bytes per server connection at least; past this, a typo.
+const MAX_PREPARED_STATEMENTS: usize = 100_000;
+fn default_max_prepared() -> usize {
+    DEFAULT_MAX_PREPARED_STATEMENTS
 }
 fn default_pg_listener_name() -> String {
     "postgres".into()
@@ -207,8 +222,25 @@ impl PostgresConfig {
                 "at least 1KiB".into(),
             );
         }
+        if self.max_prepared_statements > MAX_PREPARED_STATEMENTS {
+            add(
+                "postgres.max_prepared_statements".into(),
+                format!("at most {MAX_PREPARED_STATEMENTS} (0 turns the rewriting off)"),
+            );
+        }
         let mut pools = HashSet::new();
         for (i, p) in self.pools.iter_mut().enumerate() {
+            match p.max_prepared_statements {
+                Some(n) if n > MAX_PREPARED_STATEMENTS => add(
+                    format!(
+                        "{at}.max_prepared_statements",
+                        at = format_args!("postgres.pools[{i}]")
+                    ),
+                    format!("at most {MAX_PREPARED_STATEMENTS} (0 turns the rewriting off)"),
+                ),
+                Some(_) => {}
+                None => p.max_prepared_statements = Some(self.max_prepared_statements),
+            }
             let at = format!("postgres.pools[{i}]");
             if p.name.is_empty() {
                 add(format!("{at}.name"), "must not be empty".into());

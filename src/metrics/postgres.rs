@@ -54,6 +54,10 @@ pub struct PgMetrics {
     pub timeouts: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub pool_healthy: IntGaugeVec,
+    pub prepared_client_parses: IntCounterVec,
+    pub prepared_server_parses: IntCounterVec,
+    pub prepared_cache_hits: IntCounterVec,
+    pub prepared_cache_evictions: IntCounterVec,
 }
 
 impl PgMetrics {
@@ -75,6 +79,10 @@ impl PgMetrics {
             timeouts: counter(r, "sidelight_pg_timeouts_total", "PostgreSQL timeouts hit, by kind: query_wait, query, idle_transaction, server_connect.", &["pool", "kind"]),
             protocol_errors: counter(r, "sidelight_pg_protocol_errors_total", "PostgreSQL clients ended for bad input, by kind.", &["listener", "kind"]),
             pool_healthy: gauge(r, "sidelight_pg_pool_healthy", "1 when the pool's server accepts connections (last attempt succeeded), else 0.", &["pool"]),
+            prepared_client_parses: counter(r, "sidelight_pg_prepared_client_parses_total", "Named Parse messages from clients (transaction mode).", &["pool"]),
+            prepared_server_parses: counter(r, "sidelight_pg_prepared_server_parses_total", "Parse messages sidelight sent to servers for named statements (prepares actually run).", &["pool"]),
+            prepared_cache_hits: counter(r, "sidelight_pg_prepared_cache_hits_total", "Named statements a client's Parse, Bind or Describe found already prepared on its server connection.", &["pool"]),
+            prepared_cache_evictions: counter(r, "sidelight_pg_prepared_cache_evictions_total", "Named statements closed on a server connection to stay within max_prepared_statements.", &["pool"]),
         }
     }
 
@@ -107,6 +115,14 @@ impl PgMetrics {
             self.timeouts.with_label_values(&[pool, k]);
         }
         self.pool_healthy.with_label_values(&[pool]).set(1);
+        for c in [
+            &self.prepared_client_parses,
+            &self.prepared_server_parses,
+            &self.prepared_cache_hits,
+            &self.prepared_cache_evictions,
+        ] {
+            c.with_label_values(&[pool]);
+        }
     }
 
     pub fn init_listener(&self, listener: &str) {
@@ -133,6 +149,10 @@ impl PgMetrics {
             connect_ok: self.server_connects.with_label_values(&[pool, "ok"]),
             connect_error: self.server_connects.with_label_values(&[pool, "error"]),
             healthy: self.pool_healthy.with_label_values(&[pool]),
+            ps_client_parses: self.prepared_client_parses.with_label_values(&[pool]),
+            ps_server_parses: self.prepared_server_parses.with_label_values(&[pool]),
+            ps_hits: self.prepared_cache_hits.with_label_values(&[pool]),
+            ps_evictions: self.prepared_cache_evictions.with_label_values(&[pool]),
             errors: self.errors.clone(),
             disconnects: self.server_disconnects.clone(),
             auth_failures: self.auth_failures.clone(),
@@ -158,6 +178,10 @@ pub struct PoolMetrics {
     pub connect_ok: IntCounter,
     pub connect_error: IntCounter,
     pub healthy: IntGauge,
+    pub ps_client_parses: IntCounter,
+    pub ps_server_parses: IntCounter,
+    pub ps_hits: IntCounter,
+    pub ps_evictions: IntCounter,
     errors: IntCounterVec,
     disconnects: IntCounterVec,
     auth_failures: IntCounterVec,

@@ -5,6 +5,7 @@
 //! - `client`: one client session (startup, auth, the transaction-mode loop).
 //! - `server`: one server connection (connect, authenticate).
 //! - `pool`: server connections of one pool, `pool_size` process-wide, health.
+//! - `prepared`: named prepared statements in transaction mode (rewrites, per-connection LRU).
 //! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
 //! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
 
@@ -14,6 +15,7 @@ pub mod errors;
 pub mod listener;
 pub mod messages;
 pub mod pool;
+pub mod prepared;
 pub mod server;
 
 use crate::config::PostgresConfig;
