@@ -371,6 +371,35 @@ mod tests {
     }
 
     #[test]
+    fn max_prepared_statements_is_checked_and_inherited() {
+        let errs = errors(
+            "postgres:\n  max_prepared_statements: 200000\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  pools:\n    - { name: db, servers: [\"h:5432\"], user: u, max_prepared_statements: 100001 }\n",
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.max_prepared_statements")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.pools[0].max_prepared_statements")),
+            "{errs:?}"
+        );
+        let config = Config::from_yaml(
+            "postgres:\n  max_prepared_statements: 7\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  pools:\n    - { name: a, servers: [\"h:5432\"], user: u }\n    - { name: b, servers: [\"h:5432\"], user: u, max_prepared_statements: 0 }\n",
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<_> = config
+            .postgres
+            .pools
+            .iter()
+            .map(|p| p.max_prepared_statements)
+            .collect();
+        assert_eq!(got, [Some(7), Some(0)]);
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         let config = Config::from_yaml(
             "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: hunter2 }, { name: b, password: \"${PW}\" }]\n  pools:\n    - { name: db, servers: [\"127.0.0.1:5432\"], user: u, password: topsecret }\n",

@@ -681,3 +681,117 @@ pub fn remove_at(buf: &mut BytesMut, at: usize, n: usize) {
         buf.truncate(buf.len() - n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> PoolMetrics {
+        let m = crate::metrics::Metrics::new();
+        m.pg.init_pool("t");
+        m.pg.pool("t")
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn step(
+        c: &mut ClientStatements,
+        s: &mut ServerStatements,
+        r: &Registry,
+        m: &PoolMetrics,
+        bytes: &[u8],
+    ) -> (usize, Vec<u8>) {
+        let len = bytes.len() - 5;
+        match c.client_message(bytes[0], bytes, len, s, r, m) {
+            Ok(ClientStep::Replace(n)) => {
+                let out = c.scratch.to_vec();
+                c.scratch.clear();
+                (n, out)
+            }
+            Ok(ClientStep::Need(_)) => panic!("whole message given"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn bind_is_rewritten_and_prepared_first() {
+        let (r, m) = (Registry::default(), metrics());
+        let mut s = ServerStatements::default();
+        let mut c = ClientStatements::new(10);
+        let (n, out) = step(&mut c, &mut s, &r, &m, &msg(b'P', b"s0\0select 1\0\0\0"));
+        assert_eq!(n, 19);
+        assert_eq!(out, msg(b'P', b"_sl1\0select 1\0\0\0"));
+        // Bind: only the names are taken; parameters stream after the rewritten prefix.
+        let bind = msg(b'B', b"\0s0\0\0\0\0\0\0\0");
+        let (n, out) = step(&mut c, &mut s, &r, &m, &bind);
+        assert_eq!(n, 5 + 1 + 3);
+        let mut want = msg(b'B', b"\0_sl1\0\0\0\0\0\0\0");
+        want.truncate(5 + 1 + 5);
+        assert_eq!(out, want);
+        // Another client's Parse of the same text on this connection is answered by us.
+        let mut c2 = ClientStatements::new(10);
+        let (n, out) = step(&mut c2, &mut s, &r, &m, &msg(b'P', b"x\0select 1\0\0\0"));
+        assert_eq!((n, out.len()), (18, 0));
+        assert!(c2.fakes_due());
+        assert_eq!(c2.take_fakes(), &[b'1', 0, 0, 0, 4]);
+        c2.scratch.clear();
+        // A fresh server connection: the Bind brings its Parse along, whose answer is ours.
+        let mut s2 = ServerStatements::default();
+        let (_, out) = step(&mut c2, &mut s2, &r, &m, &msg(b'B', b"\0x\0\0\0\0\0\0\0"));
+        assert!(out.starts_with(&msg(b'P', b"_sl1\0select 1\0\0\0")));
+        assert!(
+            c2.server_message(b'1', b"", &mut s2),
+            "injected ParseComplete swallowed"
+        );
+        assert!(
+            !c2.server_message(b'2', b"", &mut s2),
+            "BindComplete passed on"
+        );
+        assert!(c2.settled());
+    }
+
+    #[test]
+    fn errors_roll_back_skipped_parses() {
+        let (r, m) = (Registry::default(), metrics());
+        let mut s = ServerStatements::default();
+        let mut c = ClientStatements::new(10);
+        step(&mut c, &mut s, &r, &m, &msg(b'P', b"a\0selec\0\0\0"));
+        step(&mut c, &mut s, &r, &m, &msg(b'S', b""));
+        assert_eq!(s.len(), 1, "optimistic");
+        assert!(!c.server_message(b'E', b"C42601\0\0", &mut s));
+        assert!(!c.server_message(b'Z', b"I", &mut s));
+        assert!(c.settled());
+        assert_eq!(s.len(), 0, "the failed statement is not on the server");
+        assert!(c.names.is_empty(), "the name is free again");
+    }
+
+    #[test]
+    fn evictions_close_the_least_recent_at_sync() {
+        let (r, m) = (Registry::default(), metrics());
+        let mut s = ServerStatements::default();
+        let mut c = ClientStatements::new(1);
+        step(&mut c, &mut s, &r, &m, &msg(b'P', b"a\0select 1\0\0\0"));
+        step(&mut c, &mut s, &r, &m, &msg(b'P', b"b\0select 2\0\0\0"));
+        let (n, out) = step(&mut c, &mut s, &r, &m, &msg(b'S', b""));
+        assert_eq!(n, 0);
+        assert_eq!(out, msg(b'C', b"S_sl1\0"));
+        assert_eq!(s.len(), 1);
+        assert_eq!(m.ps_evictions.get(), 1);
+    }
+
+    #[test]
+    fn splicing_helpers() {
+        let mut b = BytesMut::from(&b"abcdef"[..]);
+        insert_at(&mut b, 2, b"XY");
+        assert_eq!(&b[..], b"abXYcdef");
+        remove_at(&mut b, 2, 2);
+        assert_eq!(&b[..], b"abcdef");
+        remove_at(&mut b, 0, 1);
+        assert_eq!(&b[..], b"bcdef");
+    }
+}
