@@ -209,6 +209,12 @@ async fn two_clients_same_name_different_queries() {
         metric(&p, "sidelight_pg_prepared_server_parses_total", "names_raw").await,
         2.0
     );
+    let status = support::get(&p.admin_url("/status")).await.json();
+    assert_eq!(
+        status["postgres"]["names"]["prepared_statements"], 2,
+        "{status}"
+    );
+    assert_eq!(status["postgres"]["names"]["max_prepared_statements"], 200);
 }
 
 /// With room for 2 statements per server connection, 6 statements used round robin (also in

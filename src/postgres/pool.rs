@@ -311,6 +311,8 @@ impl Pool {
             "waiting": self.waiting.load(Ordering::Relaxed),
             "healthy": self.healthy(),
             "last_error": lock(&self.last_error).clone(),
+            "max_prepared_statements": self.max_prepared_statements(),
+            "prepared_statements": self.statements.len(),
         })
     }
 }
