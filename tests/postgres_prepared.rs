@@ -582,6 +582,25 @@ async fn raw_protocol_answers_match_postgresql() {
             cat(&[parse("a", "select 6"), bind("a"), execute(), sync()]),
             1,
         ),
+        // A name already taken: PostgreSQL's 42P05 (or the parse error it finds first), the
+        // old statement stays, and in a transaction block the transaction is aborted.
+        (
+            cat(&[parse("a", "select 2"), bind("a"), execute(), sync()]),
+            1,
+        ),
+        (cat(&[parse("a", "selec"), sync()]), 1),
+        (cat(&[bind("a"), execute(), sync()]), 1),
+        (
+            cat(&[
+                query("BEGIN"),
+                parse("a", "select 9"),
+                sync(),
+                query("select 1"),
+                query("ROLLBACK"),
+            ]),
+            4,
+        ),
+        (cat(&[bind("a"), execute(), sync()]), 1),
         // In a transaction block, an error aborts it until ROLLBACK.
         (
             cat(&[
@@ -640,6 +659,21 @@ async fn raw_protocol_answers_match_postgresql() {
             vec!["3", "ZI", "1", "ZI"],
         ]
     );
+    // The placeholders that made the server answer 42P05 itself are gone again: the server
+    // connection holds sidelight's statements only.
+    let c = connect(&p, "raw").await;
+    let names = c
+        .simple_query("select name from pg_prepared_statements where name not like '\\_sl%'")
+        .await
+        .expect("pg_prepared_statements");
+    let rows: Vec<String> = names
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert!(rows.is_empty(), "{rows:?}");
     // The first client's statements are untouched by the other's Close.
     let got = run_script(&mut via, &[(cat(&[bind("f"), execute(), sync()]), 1)]).await;
     assert_eq!(got, vec![vec!["2", "D", "C", "ZI"]]);

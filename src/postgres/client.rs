@@ -270,6 +270,7 @@ impl<'a> Session<'a> {
             && self.c_ready == 0
             && self.c_rest == 0
             && self.obuf.is_empty()
+            && !self.ps.as_ref().is_some_and(ClientStatements::busy)
             // Nothing of a server message half read: the next server's bytes start afresh.
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready
@@ -533,10 +534,6 @@ impl<'a> Session<'a> {
             }
             Ok(ClientStep::Replace(n)) => n,
             Err(PreparedError::Frame(e)) => return Err(End::ProtocolError(e, "malformed")),
-            Err(e @ PreparedError::Duplicate(_)) => {
-                let code = sqlstate::DUPLICATE_PREPARED_STATEMENT;
-                return Err(End::Fatal(PgError::fatal(code, e.to_string()), ""));
-            }
             Err(e @ PreparedError::Reserved(_)) => {
                 let code = sqlstate::INVALID_SQL_STATEMENT_NAME;
                 return Err(End::Fatal(PgError::fatal(code, e.to_string()), ""));

@@ -34,10 +34,6 @@ const CACHED_PLAN_CHANGED: &[u8] = b"0A000";
 pub enum PreparedError {
     #[error("{0}")]
     Frame(#[from] FrameError),
-    /// PostgreSQL answers 42P05 and goes on; sidelight cannot do that inside a pipeline the
-    /// server has not seen fail, so the client is ended (as PgBouncer does).
-    #[error("prepared statement \"{0}\" already exists")]
-    Duplicate(String),
     #[error("prepared statement \"{0}\" does not exist")]
     Reserved(String),
 }
@@ -232,6 +228,9 @@ pub struct ClientStatements {
     copy_in: bool,
     /// An answer that matched no slot: the bookkeeping cannot be trusted any more.
     desync: bool,
+    /// Placeholders under client names to close after the next Sync (see the Parse of a
+    /// name the client already has).
+    placeholders: Vec<Box<[u8]>>,
     /// Bytes to send to the server in place of the message just scanned.
     pub scratch: BytesMut,
 }
@@ -263,6 +262,7 @@ impl ClientStatements {
             failed: false,
             copy_in: false,
             desync: false,
+            placeholders: Vec::new(),
             scratch: BytesMut::with_capacity(256),
         }
     }
@@ -271,6 +271,11 @@ impl ClientStatements {
     /// connection can go to another client.
     pub fn settled(&self) -> bool {
         self.slots.is_empty() && !self.desync
+    }
+
+    /// Answers are still owed (and can be trusted to come).
+    pub fn busy(&self) -> bool {
+        !self.slots.is_empty() && !self.desync
     }
 
     /// Forgets what was owed on a server connection that is being given up.
@@ -311,7 +316,20 @@ impl ClientStatements {
                 }
                 m.ps_client_parses.inc();
                 if self.names.contains_key(name) {
-                    return Err(PreparedError::Duplicate(name_string(name)));
+                    // PostgreSQL parses first, then finds the name taken (42P05), and then
+                    // skips to Sync. The server does exactly that when a placeholder holds
+                    // the client's own name; the placeholder is closed after the Sync.
+                    put_message(&mut self.scratch, b'P', |b| {
+                        put_bytes_cstr(b, name);
+                        b.put_slice(b"SELECT NULL\0\0\0");
+                    });
+                    self.slots.push_back(Slot {
+                        action: Action::Skip,
+                        ..Slot::plain(b'P')
+                    });
+                    self.slots.push_back(Slot::plain(b'P'));
+                    self.placeholders.push(name.into());
+                    return Ok(ClientStep::Replace(0));
                 }
                 let stmt = registry.get_or_insert(tail);
                 self.names.insert(name.into(), stmt.clone());
@@ -419,6 +437,9 @@ impl ClientStatements {
                 Ok(ClientStep::Replace(whole))
             }
             b'S' => {
+                if !complete {
+                    return Ok(ClientStep::Need(whole));
+                }
                 // Evicted statements are closed at the end of the pipeline, so no portal of
                 // the pipeline loses its statement before it runs.
                 while server.len() > self.max {
@@ -432,7 +453,24 @@ impl ClientStatements {
                     self.close_on_server(&c.stmt, c.epoch);
                 }
                 self.slots.push_back(Slot::plain(b'S'));
-                Ok(ClientStep::Replace(0))
+                if self.placeholders.is_empty() {
+                    return Ok(ClientStep::Replace(0));
+                }
+                // The Sync, then the placeholders' Close (run whatever failed before) and a
+                // Flush so their answers come now.
+                self.scratch.put_slice(&msg[..whole]);
+                for name in std::mem::take(&mut self.placeholders) {
+                    put_message(&mut self.scratch, b'C', |b| {
+                        b.put_u8(b'S');
+                        put_bytes_cstr(b, &name);
+                    });
+                    self.slots.push_back(Slot {
+                        action: Action::Skip,
+                        ..Slot::plain(b'C')
+                    });
+                }
+                put_message(&mut self.scratch, b'H', |_| {});
+                Ok(ClientStep::Replace(whole))
             }
             b'E' | b'Q' | b'F' | b'c' | b'f' => {
                 self.slots.push_back(Slot::plain(tag));
