@@ -287,8 +287,10 @@ impl<'a> Session<'a> {
                     if self.ps.as_ref().is_none_or(ClientStatements::settled) {
                         self.pool.release(lease);
                     } else {
-                        self.ps.as_mut().map(ClientStatements::reset);
                         self.pool.discard(lease, "error");
+                    }
+                    if let Some(ps) = self.ps.as_mut() {
+                        ps.reset();
                     }
                     self.gauge.set(2);
                 }

@@ -270,12 +270,17 @@ impl ClientStatements {
     /// True when every answer owed has been given and the bookkeeping is sound: the server
     /// connection can go to another client.
     pub fn settled(&self) -> bool {
-        self.slots.is_empty() && !self.desync
+        !self.owed() && !self.desync
     }
 
     /// Answers are still owed (and can be trusted to come).
     pub fn busy(&self) -> bool {
-        !self.slots.is_empty() && !self.desync
+        self.owed() && !self.desync
+    }
+
+    /// A CopyDone/CopyFail left behind a COPY the server already ended gets no answer.
+    fn owed(&self) -> bool {
+        self.slots.iter().any(|s| !matches!(s.tag, b'c' | b'f'))
     }
 
     /// Forgets what was owed on a server connection that is being given up.
@@ -472,6 +477,7 @@ impl ClientStatements {
                 put_message(&mut self.scratch, b'H', |_| {});
                 Ok(ClientStep::Replace(whole))
             }
+            // CopyDone/CopyFail mark where the Syncs PostgreSQL ignores during COPY end.
             b'E' | b'Q' | b'F' | b'c' | b'f' => {
                 self.slots.push_back(Slot::plain(tag));
                 Ok(ClientStep::Replace(0))
