@@ -744,3 +744,42 @@ async fn large_messages_and_copy_with_prepared_statements() {
     let r: i32 = b.query_one(&echo, &[&"abc"]).await.expect("b").get(0);
     assert_eq!(r, 3);
 }
+
+/// `max_prepared_statements: 0` and session mode leave named statements alone: they reach the
+/// server under the client's own names and work while the client keeps its connection.
+#[tokio::test]
+async fn disabled_and_session_mode_pass_through() {
+    pg().create_db("t_ps_off", "app_scram");
+    let p = pooler(&format!(
+        "{}{}",
+        pool(
+            "off",
+            "t_ps_off",
+            ", pool_size: 1, max_prepared_statements: 0"
+        ),
+        pool("sess", "t_ps_off", ", pool_size: 1, pool_mode: session")
+    ))
+    .await;
+    for db in ["off", "sess"] {
+        let c = connect(&p, db).await;
+        let s = c.prepare("select $1::int + 1").await.expect("prepare");
+        let r: i32 = c.query_one(&s, &[&1i32]).await.expect("exec").get(0);
+        assert_eq!(r, 2);
+        // The server holds the statement under tokio-postgres's own name (s<n>).
+        let names = c
+            .simple_query("select name from pg_prepared_statements")
+            .await
+            .expect("names");
+        let found = names.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r
+                .get(0)
+                .is_some_and(|n| n.starts_with('s') && !n.starts_with("_sl")),
+            _ => false,
+        });
+        assert!(found, "{db}: the client's own name on the server");
+        assert_eq!(
+            metric(&p, "sidelight_pg_prepared_client_parses_total", db).await,
+            0.0
+        );
+    }
+}
