@@ -263,9 +263,9 @@ async fn eviction_keeps_answers_correct() {
     assert_eq!(prepared, "1", "one server connection");
 }
 
-/// DDL that changes a statement's result type: the next execution gets PostgreSQL's own
-/// 0A000 (as directly); the statement is prepared again on next use, so re-executing and
-/// re-preparing both work.
+/// DDL that changes a statement's result type: the next executions get PostgreSQL's own
+/// 0A000, exactly as directly (PostgreSQL keeps failing the old statement until it is
+/// prepared again); a new Parse of the same text is planned anew, on every server connection.
 #[tokio::test]
 async fn ddl_changing_the_result_type() {
     pg().create_db("t_ps_ddl", "app_scram");
@@ -284,22 +284,27 @@ async fn ddl_changing_the_result_type() {
         .batch_execute("ALTER TABLE t ADD COLUMN b int DEFAULT 2")
         .await
         .expect("ddl");
-    let e_direct = direct.query(&s_direct, &[]).await.expect_err("0A000");
-    let e_via = via.query(&s_via, &[]).await.expect_err("0A000");
-    assert_eq!(code(&e_direct), "0A000");
-    assert_eq!(code(&e_via), code(&e_direct));
-    assert_eq!(e_via.to_string(), e_direct.to_string());
-    // Re-preparing the same text works (PostgreSQL: a new plan; sidelight: the same).
+    for round in 0..2 {
+        let e_direct = direct.query(&s_direct, &[]).await.expect_err("0A000");
+        let e_via = via.query(&s_via, &[]).await.expect_err("0A000");
+        assert_eq!(code(&e_direct), "0A000", "round {round}");
+        assert_eq!(code(&e_via), code(&e_direct), "round {round}");
+        assert_eq!(e_via.to_string(), e_direct.to_string());
+    }
+    // Re-preparing the same text works, with the new result type.
     let again = via.prepare("select * from t").await.expect("re-prepare");
     assert_eq!(again.columns().len(), 2);
     let row = via.query_one(&again, &[]).await.expect("after re-prepare");
     assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
-    // On every server connection, not only the one that saw the error.
+    // On the other server connection too; the old statement is never prepared again there
+    // (its rows would not match the client's description): the server says it does not exist.
     let hold = connect(&p, "ddl").await;
     hold.batch_execute("BEGIN").await.expect("begin");
     hold.query_one("select 1", &[]).await.expect("hold");
     let row = via.query_one(&again, &[]).await.expect("other connection");
     assert_eq!(row.len(), 2);
+    let e = via.query(&s_via, &[]).await.expect_err("old statement");
+    assert_eq!(code(&e), "26000");
     hold.batch_execute("COMMIT").await.expect("commit");
 }
 

@@ -625,7 +625,8 @@ impl<'a> Session<'a> {
             }
             if let (Some(ps), Some(lease)) = (self.ps.as_mut(), self.server.as_mut()) {
                 let body = &self.sbuf[at + 5..(at + 5 + len).min(self.sbuf.len())];
-                if ps.server_message(tag, body, &mut lease.conn.statements) && len == 0 {
+                let registry = &self.pool.statements;
+                if ps.server_message(tag, body, &mut lease.conn.statements, registry) && len == 0 {
                     // The answer to a message sidelight injected (always bodiless).
                     prepared::remove_at(&mut self.sbuf, at, 5 + len);
                     continue;

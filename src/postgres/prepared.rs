@@ -19,7 +19,7 @@ use super::messages::{self, put_message, FrameError};
 use crate::metrics::postgres::PoolMetrics;
 use bytes::{BufMut, BytesMut};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Server-side names are `_sl<id>`; a client's unknown statement name with this prefix could
@@ -46,14 +46,16 @@ pub struct Stmt {
     name: Box<[u8]>,
     /// The Parse body after the statement name: query, parameter count and types.
     tail: Arc<[u8]>,
-    /// Bumped when the server reports the cached plan changed its result type: copies
-    /// prepared under an older epoch are closed and prepared again on next use.
-    epoch: AtomicU32,
+    /// The server reported `cached plan must not change result type` for it: PostgreSQL
+    /// keeps failing such a statement until it is prepared again, so it is never prepared
+    /// anew under this name (that would answer with rows the client's description does not
+    /// match); a new Parse of the same text gets a new statement.
+    retired: AtomicBool,
 }
 
 impl Stmt {
-    fn epoch(&self) -> u32 {
-        self.epoch.load(Ordering::Relaxed)
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     fn write_parse(&self, out: &mut BytesMut) {
@@ -97,7 +99,7 @@ impl Registry {
             id,
             name: name.into_boxed_slice(),
             tail: tail.clone(),
-            epoch: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
         });
         map.insert(tail, Arc::downgrade(&stmt));
         // Amortised: sweep dead entries whenever the map doubles.
@@ -107,6 +109,18 @@ impl Registry {
             self.swept.store(map.len() as u64, Ordering::Relaxed);
         }
         stmt
+    }
+
+    /// Takes a statement whose result type changed out of the map.
+    fn retire(&self, stmt: &Stmt) {
+        stmt.retired.store(true, Ordering::Relaxed);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&stmt.tail)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), stmt))
+        {
+            map.remove(&stmt.tail);
+        }
     }
 
     /// Distinct statements alive (for tests and `/status`).
@@ -122,8 +136,9 @@ impl Registry {
 
 struct Cached {
     stmt: Arc<Stmt>,
-    epoch: u32,
     used: u64,
+    /// When it was (believed) prepared: a skipped Parse forgets only its own insertion.
+    since: u64,
 }
 
 /// The statements one server connection has prepared, least recently used evicted first.
@@ -136,8 +151,6 @@ pub struct ServerStatements {
 enum Lookup {
     Hit,
     Missing,
-    /// Prepared under an older epoch: close it first.
-    Stale(u32),
 }
 
 impl ServerStatements {
@@ -152,30 +165,31 @@ impl ServerStatements {
     fn lookup(&mut self, stmt: &Stmt) -> Lookup {
         self.tick += 1;
         match self.map.get_mut(&stmt.id) {
-            Some(c) if c.epoch == stmt.epoch() => {
+            Some(c) => {
                 c.used = self.tick;
                 Lookup::Hit
             }
-            Some(c) => Lookup::Stale(c.epoch),
             None => Lookup::Missing,
         }
     }
 
-    fn insert(&mut self, stmt: &Arc<Stmt>, epoch: u32) {
+    fn insert(&mut self, stmt: &Arc<Stmt>) -> u64 {
         self.tick += 1;
         self.map.insert(
             stmt.id,
             Cached {
                 stmt: stmt.clone(),
-                epoch,
                 used: self.tick,
+                since: self.tick,
             },
         );
+        self.tick
     }
 
-    /// A Parse that failed or was skipped: the server does not have it.
-    fn forget(&mut self, stmt: &Stmt, epoch: u32) {
-        if self.map.get(&stmt.id).is_some_and(|c| c.epoch == epoch) {
+    /// A Parse that failed or was skipped: the server does not have it, unless something
+    /// since (a Close that did not run) says otherwise.
+    fn forget(&mut self, stmt: &Stmt, since: u64) {
+        if self.map.get(&stmt.id).is_some_and(|c| c.since == since) {
             self.map.remove(&stmt.id);
         }
     }
@@ -200,9 +214,11 @@ struct Slot {
     tag: u8,
     action: Action,
     stmt: Option<Arc<Stmt>>,
-    epoch: u32,
     /// The client's statement name, for a Parse or Close that must be undone when skipped.
     name: Option<Box<[u8]>>,
+    /// Parse: its insertion into the server's statements. Injected Close: 1 when the server
+    /// surely had the statement (so it still does if the Close is skipped), else 0.
+    token: u64,
 }
 
 impl Slot {
@@ -211,8 +227,8 @@ impl Slot {
             tag,
             action: Action::Forward,
             stmt: None,
-            epoch: 0,
             name: None,
+            token: 0,
         }
     }
 }
@@ -338,7 +354,6 @@ impl ClientStatements {
                 }
                 let stmt = registry.get_or_insert(tail);
                 self.names.insert(name.into(), stmt.clone());
-                let epoch = stmt.epoch();
                 let action = match server.lookup(&stmt) {
                     Lookup::Hit => {
                         m.ps_hits.inc();
@@ -348,22 +363,19 @@ impl ClientStatements {
                         self.close_if_closing(&stmt);
                         Action::Forward
                     }
-                    Lookup::Stale(old) => {
-                        self.close_on_server(&stmt, old);
-                        Action::Forward
-                    }
                 };
+                let mut token = 0;
                 if action == Action::Forward {
                     m.ps_server_parses.inc();
                     stmt.write_parse(&mut self.scratch);
-                    server.insert(&stmt, epoch);
+                    token = server.insert(&stmt);
                 }
                 self.slots.push_back(Slot {
                     tag: b'P',
                     action,
                     stmt: Some(stmt),
-                    epoch,
                     name: Some(name.into()),
+                    token,
                 });
                 Ok(ClientStep::Replace(whole))
             }
@@ -392,9 +404,9 @@ impl ClientStatements {
                 self.slots.push_back(Slot {
                     tag: b'B',
                     action: Action::Forward,
-                    epoch: stmt.epoch(),
                     stmt: Some(stmt),
                     name: None,
+                    token: 0,
                 });
                 Ok(ClientStep::Replace(consumed))
             }
@@ -418,8 +430,8 @@ impl ClientStatements {
                         tag: b'C',
                         action: Action::Fake,
                         stmt,
-                        epoch: 0,
                         name: Some(name.into()),
+                        token: 0,
                     });
                     return Ok(ClientStep::Replace(whole));
                 }
@@ -435,9 +447,9 @@ impl ClientStatements {
                 self.slots.push_back(Slot {
                     tag: b'D',
                     action: Action::Forward,
-                    epoch: stmt.epoch(),
                     stmt: Some(stmt),
                     name: None,
+                    token: 0,
                 });
                 Ok(ClientStep::Replace(whole))
             }
@@ -455,7 +467,7 @@ impl ClientStatements {
                         break;
                     };
                     m.ps_evictions.inc();
-                    self.close_on_server(&c.stmt, c.epoch);
+                    self.close_on_server(&c.stmt, 1);
                 }
                 self.slots.push_back(Slot::plain(b'S'));
                 if self.placeholders.is_empty() {
@@ -502,14 +514,14 @@ impl ClientStatements {
     }
 
     /// Injects a Close of a server statement; its CloseComplete is swallowed.
-    fn close_on_server(&mut self, stmt: &Arc<Stmt>, epoch: u32) {
+    fn close_on_server(&mut self, stmt: &Arc<Stmt>, token: u64) {
         stmt.write_close(&mut self.scratch);
         self.slots.push_back(Slot {
             tag: b'C',
             action: Action::Skip,
             stmt: Some(stmt.clone()),
-            epoch,
             name: None,
+            token,
         });
     }
 
@@ -523,41 +535,48 @@ impl ClientStatements {
                 && s.stmt.as_ref().is_some_and(|c| Arc::ptr_eq(c, stmt))
         });
         if closing {
-            self.close_on_server(stmt, stmt.epoch());
+            self.close_on_server(stmt, 0);
         }
     }
 
-    /// Prepares `stmt` on the server connection first when it does not have it.
+    /// Prepares `stmt` on the server connection first when it does not have it. A retired
+    /// statement is not: the Bind then names a statement the connection lacks, and the
+    /// server's `26000 ... does not exist` tells the client to prepare it again.
     fn ensure_on_server(
         &mut self,
         stmt: &Arc<Stmt>,
         server: &mut ServerStatements,
         m: &PoolMetrics,
     ) {
-        let epoch = stmt.epoch();
         match server.lookup(stmt) {
             Lookup::Hit => {
                 m.ps_hits.inc();
                 return;
             }
+            Lookup::Missing if stmt.retired() => return,
             Lookup::Missing => self.close_if_closing(stmt),
-            Lookup::Stale(old) => self.close_on_server(stmt, old),
         }
         m.ps_server_parses.inc();
         stmt.write_parse(&mut self.scratch);
-        server.insert(stmt, epoch);
+        let token = server.insert(stmt);
         self.slots.push_back(Slot {
             tag: b'P',
             action: Action::Skip,
             stmt: Some(stmt.clone()),
-            epoch,
             name: None,
+            token,
         });
     }
 
     /// Accounts for one server message; `body` is what is buffered of it (whole for
     /// ReadyForQuery, small ErrorResponses and CommandCompletes). True: do not pass it on.
-    pub fn server_message(&mut self, tag: u8, body: &[u8], server: &mut ServerStatements) -> bool {
+    pub fn server_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        server: &mut ServerStatements,
+        registry: &Registry,
+    ) -> bool {
         if !self.copy_in {
             self.drop_copy_markers();
         }
@@ -594,11 +613,12 @@ impl ClientStatements {
                     if let Some(slot) = self.slots.front().filter(|s| matches!(s.tag, b'B' | b'D'))
                     {
                         if let Some(stmt) = &slot.stmt {
-                            // DDL changed its result type: every connection prepares it anew.
-                            stmt.epoch.fetch_add(1, Ordering::Relaxed);
+                            // DDL changed its result type: the next Parse of the text gets a
+                            // fresh statement, planned anew.
+                            registry.retire(stmt);
                             tracing::debug!(
                                 statement = stmt.id,
-                                "cached plan changed; statement will be prepared again"
+                                "cached plan changed; the next Parse prepares it anew"
                             );
                         }
                     }
@@ -662,7 +682,7 @@ impl ClientStatements {
             match (slot.tag, slot.action, &slot.stmt) {
                 (b'P', action, Some(stmt)) => {
                     if action != Action::Fake {
-                        server.forget(stmt, slot.epoch);
+                        server.forget(stmt, slot.token);
                     }
                     if let Some(name) = &slot.name {
                         if self.names.get(name).is_some_and(|s| Arc::ptr_eq(s, stmt)) {
@@ -670,8 +690,10 @@ impl ClientStatements {
                         }
                     }
                 }
-                // An injected Close that did not run: the server still has the statement.
-                (b'C', Action::Skip, Some(stmt)) => server.insert(stmt, slot.epoch),
+                // An eviction Close that did not run: the server still has the statement.
+                (b'C', Action::Skip, Some(stmt)) if slot.token == 1 => {
+                    server.insert(stmt);
+                }
                 // A client's Close that PostgreSQL would have skipped: the name stays.
                 (b'C', Action::Fake, Some(stmt)) => {
                     if let Some(name) = slot.name {
@@ -789,11 +811,11 @@ mod tests {
         let (_, out) = step(&mut c2, &mut s2, &r, &m, &msg(b'B', b"\0x\0\0\0\0\0\0\0"));
         assert!(out.starts_with(&msg(b'P', b"_sl1\0select 1\0\0\0")));
         assert!(
-            c2.server_message(b'1', b"", &mut s2),
+            c2.server_message(b'1', b"", &mut s2, &r),
             "injected ParseComplete swallowed"
         );
         assert!(
-            !c2.server_message(b'2', b"", &mut s2),
+            !c2.server_message(b'2', b"", &mut s2, &r),
             "BindComplete passed on"
         );
         assert!(c2.settled());
@@ -807,8 +829,8 @@ mod tests {
         step(&mut c, &mut s, &r, &m, &msg(b'P', b"a\0selec\0\0\0"));
         step(&mut c, &mut s, &r, &m, &msg(b'S', b""));
         assert_eq!(s.len(), 1, "optimistic");
-        assert!(!c.server_message(b'E', b"C42601\0\0", &mut s));
-        assert!(!c.server_message(b'Z', b"I", &mut s));
+        assert!(!c.server_message(b'E', b"C42601\0\0", &mut s, &r));
+        assert!(!c.server_message(b'Z', b"I", &mut s, &r));
         assert!(c.settled());
         assert_eq!(s.len(), 0, "the failed statement is not on the server");
         assert!(c.names.is_empty(), "the name is free again");
