@@ -7,10 +7,16 @@
 #   ROUNDS=5 DURATION=10 CLIENTS=100 POOL=20 bash benches/pg_bench.sh
 #
 # Knobs: ROUNDS (5), DURATION seconds per run (10), CLIENTS (100), THREADS pgbench -j (2),
-# POOL server connections per pooler (20), SCALE pgbench -s (10), MODES ("simple extended"),
-# SCRIPTS ("select-only tpcb"), PGBOUNCER (path; default Debian's /usr/sbin/pgbouncer),
-# SKIP_BUILD=1 to use target/release/sidelight as it is. Needs Debian's postgresql and
-# pgbouncer packages (installed with apt-get when root and missing).
+# POOL server connections per pooler (20), SCALE pgbench -s (10), MODES ("simple extended
+# prepared"), SCRIPTS ("select-only tpcb"), PGBOUNCER (path; default Debian's
+# /usr/sbin/pgbouncer), SKIP_BUILD=1 to use target/release/sidelight as it is. Needs Debian's
+# postgresql and pgbouncer packages (installed with apt-get when root and missing).
+#
+# -M prepared: PgBouncer gets max_prepared_statements = 200 when it is 1.21 or newer (Debian's
+# 1.18 cannot run it and is left out of that mode; ../shared/anchors/build_pgbouncer.sh builds
+# 1.25.2, use it as PGBOUNCER=...). The TPC-B-like script with -M prepared runs with -j equal
+# to -c: pgbench 15 prepares with a blocking call per thread, which stalls behind any pooler
+# when threads share connections and the pool is smaller than the client count.
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
@@ -18,7 +24,7 @@ CLIENTS=${CLIENTS:-100}
 THREADS=${THREADS:-2}
 POOL=${POOL:-20}
 SCALE=${SCALE:-10}
-MODES=${MODES:-"simple extended"}
+MODES=${MODES:-"simple extended prepared"}
 SCRIPTS=${SCRIPTS:-"select-only tpcb"}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PGBIN=/usr/lib/postgresql/15/bin
@@ -112,6 +118,10 @@ default_pool_size = $POOL
 max_client_conn = $((CLIENTS + 50))
 logfile = $TMP/pgbouncer.log
 INI
+# PgBouncer 1.21+ rewrites named statements (1.18 rejects the setting).
+PB_VERSION=$("$PGBOUNCER" --version | sed -n 's/.*[Pp]g[Bb]ouncer \([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+PB_PREPARED=$(python3 -c "v='${PB_VERSION:-0.0}'.split('.'); print(1 if (int(v[0]), int(v[1])) >= (1, 21) else 0)")
+[[ $PB_PREPARED == 1 ]] && echo "max_prepared_statements = 200" >>"$TMP/pgbouncer.ini"
 echo '"postgres" ""' >"$TMP/userlist.txt"
 [[ $(id -u) -eq 0 ]] && chown nobody:nogroup "$TMP"/pgbouncer.ini "$TMP"/userlist.txt
 as_user "$PGBOUNCER" "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.out.log" 2>&1 &
@@ -123,7 +133,9 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
 RESULTS="$TMP/results.tsv"
 run_one() {  # run_one TARGET PORT PID SCRIPT MODE ROUND
-    local flags=(-n -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$5" -h 127.0.0.1 -p "$2" -U postgres)
+    local threads=$THREADS
+    [[ $4 == tpcb && $5 == prepared ]] && threads=$CLIENTS
+    local flags=(-n -c "$CLIENTS" -j "$threads" -T "$DURATION" -M "$5" -h 127.0.0.1 -p "$2" -U postgres)
     [[ $4 == select-only ]] && flags+=(-S)
     local before=0 after=0
     [[ $3 != - ]] && before=$(cpu_ticks "$3")
@@ -143,9 +155,10 @@ for round in $(seq 1 "$ROUNDS"); do
     for script in $SCRIPTS; do
         for mode in $MODES; do
             # Interleaved, rotating the order each round so no target always runs first.
-            targets=("direct $PG_PORT -" "sidelight $SL_PORT $SL_PID" "pgbouncer $PB_PORT $PB_PID")
-            for i in 0 1 2; do
-                read -r name port pid <<<"${targets[$(( (i + round) % 3 ))]}"
+            targets=("direct $PG_PORT -" "sidelight $SL_PORT $SL_PID")
+            [[ $mode != prepared || $PB_PREPARED == 1 ]] && targets+=("pgbouncer $PB_PORT $PB_PID")
+            for i in "${!targets[@]}"; do
+                read -r name port pid <<<"${targets[$(( (i + round) % ${#targets[@]} ))]}"
                 run_one "$name" "$port" "$pid" "$script" "$mode" "$round"
             done
         done
@@ -167,8 +180,21 @@ print("|---|---|---|---:|---:|---:|---:|")
 for script in dict.fromkeys(k[0] for k in rows):
     for mode in dict.fromkeys(k[1] for k in rows if k[0] == script):
         med = {t: statistics.median(rows[(script, mode, t)]) for t in ("direct", "sidelight", "pgbouncer") if (script, mode, t) in rows}
+        pb = lambda v: f"{v/med['pgbouncer']:.2f}x" if "pgbouncer" in med else "n/a"
         for t, v in med.items():
             c = cpu.get((script, mode, t))
-            print(f"| {script} | {mode} | {t} | {v:,.0f} | {v/med['direct']:.2f}x | {v/med['pgbouncer']:.2f}x | {statistics.median(c):.1f} µs |" if c else
-                  f"| {script} | {mode} | {t} | {v:,.0f} | 1.00x | {v/med['pgbouncer']:.2f}x | (server) |")
+            print(f"| {script} | {mode} | {t} | {v:,.0f} | {v/med['direct']:.2f}x | {pb(v)} | {statistics.median(c):.1f} µs |" if c else
+                  f"| {script} | {mode} | {t} | {v:,.0f} | 1.00x | {pb(v)} | (server) |")
+# The prepared-statement targets: sidelight -M prepared against its own -M simple and against
+# PgBouncer's -M prepared, per script.
+def med(script, mode, target):
+    v = rows.get((script, mode, target))
+    return statistics.median(v) if v else None
+for script in dict.fromkeys(k[0] for k in rows):
+    sp, ss, pp = med(script, "prepared", "sidelight"), med(script, "simple", "sidelight"), med(script, "prepared", "pgbouncer")
+    if sp and ss:
+        line = f"{script}: sidelight -M prepared = {sp/ss:.2f}x sidelight -M simple"
+        if pp:
+            line += f", {sp/pp:.2f}x pgbouncer -M prepared"
+        print(f"\n{line}")
 PY

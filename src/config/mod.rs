@@ -24,6 +24,7 @@ pub use llm::*;
 pub use method::{HttpMethod, ReadMethod};
 pub use postgres::{
     AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
+    DEFAULT_MAX_PREPARED_STATEMENTS,
 };
 pub use process::*;
 pub use rate::{Rate, RateLimitKey, RatePeriod};

@@ -20,6 +20,10 @@ pub struct PostgresConfig {
     /// Client messages larger than this end that client with a protocol error.
     #[serde(default = "default_max_message")]
     pub max_client_message_bytes: ByteSize,
+    /// Named prepared statements kept per server connection in transaction mode (PgBouncer's
+    /// name and default); 0: named Parse/Bind pass through untouched. Pools may override it.
+    #[serde(default = "default_max_prepared")]
+    pub max_prepared_statements: usize,
     /// Pools by the database name clients connect with.
     #[serde(default)]
     pub pools: Vec<PgPoolConfig>,
@@ -109,6 +113,9 @@ pub struct PgPoolConfig {
     /// A connection idle longer than this is checked with an empty query before reuse.
     #[serde(default = "default_check_delay", with = "humantime_serde")]
     pub server_check_delay: Duration,
+    /// This pool's `max_prepared_statements` (default: the `postgres:` section's).
+    #[serde(default)]
+    pub max_prepared_statements: Option<usize>,
 }
 
 impl PgPoolConfig {
@@ -123,6 +130,7 @@ impl Default for PostgresConfig {
             listeners: Vec::new(),
             users: Vec::new(),
             max_client_message_bytes: default_max_message(),
+            max_prepared_statements: default_max_prepared(),
             pools: Vec::new(),
         }
     }
@@ -130,6 +138,13 @@ impl Default for PostgresConfig {
 
 fn default_max_message() -> ByteSize {
     ByteSize::mib(64)
+}
+/// PgBouncer 1.22+'s default.
+pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 200;
+/// Each is a few hundred bytes per server connection at least; past this, a typo.
+const MAX_PREPARED_STATEMENTS: usize = 100_000;
+fn default_max_prepared() -> usize {
+    DEFAULT_MAX_PREPARED_STATEMENTS
 }
 fn default_pg_listener_name() -> String {
     "postgres".into()
@@ -209,8 +224,25 @@ impl PostgresConfig {
                 "at least 1KiB".into(),
             );
         }
+        if self.max_prepared_statements > MAX_PREPARED_STATEMENTS {
+            add(
+                "postgres.max_prepared_statements".into(),
+                format!("at most {MAX_PREPARED_STATEMENTS} (0 turns the rewriting off)"),
+            );
+        }
         let mut pools = HashSet::new();
         for (i, p) in self.pools.iter_mut().enumerate() {
+            match p.max_prepared_statements {
+                Some(n) if n > MAX_PREPARED_STATEMENTS => add(
+                    format!(
+                        "{at}.max_prepared_statements",
+                        at = format_args!("postgres.pools[{i}]")
+                    ),
+                    format!("at most {MAX_PREPARED_STATEMENTS} (0 turns the rewriting off)"),
+                ),
+                Some(_) => {}
+                None => p.max_prepared_statements = Some(self.max_prepared_statements),
+            }
             let at = format!("postgres.pools[{i}]");
             if p.name.is_empty() {
                 add(format!("{at}.name"), "must not be empty".into());
@@ -334,6 +366,35 @@ mod tests {
                 .any(|e| e.starts_with("postgres.pools[0].pool_size")),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn max_prepared_statements_is_checked_and_inherited() {
+        let errs = errors(
+            "postgres:\n  max_prepared_statements: 200000\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  pools:\n    - { name: db, servers: [\"h:5432\"], user: u, max_prepared_statements: 100001 }\n",
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.max_prepared_statements")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.pools[0].max_prepared_statements")),
+            "{errs:?}"
+        );
+        let config = Config::from_yaml(
+            "postgres:\n  max_prepared_statements: 7\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  pools:\n    - { name: a, servers: [\"h:5432\"], user: u }\n    - { name: b, servers: [\"h:5432\"], user: u, max_prepared_statements: 0 }\n",
+            &|_| None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got: Vec<_> = config
+            .postgres
+            .pools
+            .iter()
+            .map(|p| p.max_prepared_statements)
+            .collect();
+        assert_eq!(got, [Some(7), Some(0)]);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct PgMetrics {
     pub pool_healthy: IntGaugeVec,
     pub cancel_requests: IntCounterVec,
     pub copy_bytes: IntCounterVec,
+    pub prepared_client_parses: IntCounterVec,
+    pub prepared_server_parses: IntCounterVec,
+    pub prepared_cache_hits: IntCounterVec,
+    pub prepared_cache_evictions: IntCounterVec,
 }
 
 impl PgMetrics {
@@ -81,6 +85,10 @@ impl PgMetrics {
             pool_healthy: gauge(r, "sidelight_pg_pool_healthy", "1 when the pool's server accepts connections (last attempt succeeded), else 0.", &["pool"]),
             cancel_requests: counter(r, "sidelight_pg_cancel_requests_total", "Client CancelRequests, by result: forwarded (to the server connection running the client's query), no_server (the client held none), error (server unreachable), unknown_key (pool=\"\").", &["pool", "result"]),
             copy_bytes: counter(r, "sidelight_pg_copy_bytes_total", "COPY data (CopyData payload bytes), by direction: in (COPY FROM STDIN, client to server), out (COPY TO STDOUT).", &["pool", "direction"]),
+            prepared_client_parses: counter(r, "sidelight_pg_prepared_client_parses_total", "Named Parse messages from clients (transaction mode).", &["pool"]),
+            prepared_server_parses: counter(r, "sidelight_pg_prepared_server_parses_total", "Parse messages sidelight sent to servers for named statements (prepares actually run).", &["pool"]),
+            prepared_cache_hits: counter(r, "sidelight_pg_prepared_cache_hits_total", "Named statements a client's Parse, Bind or Describe found already prepared on its server connection.", &["pool"]),
+            prepared_cache_evictions: counter(r, "sidelight_pg_prepared_cache_evictions_total", "Named statements closed on a server connection to stay within max_prepared_statements.", &["pool"]),
         }
     }
 
@@ -121,6 +129,14 @@ impl PgMetrics {
         for d in ["in", "out"] {
             self.copy_bytes.with_label_values(&[pool, d]);
         }
+        for c in [
+            &self.prepared_client_parses,
+            &self.prepared_server_parses,
+            &self.prepared_cache_hits,
+            &self.prepared_cache_evictions,
+        ] {
+            c.with_label_values(&[pool]);
+        }
     }
 
     /// A CancelRequest whose key names no live client.
@@ -158,6 +174,10 @@ impl PgMetrics {
             cancel_error: self.cancel_requests.with_label_values(&[pool, "error"]),
             copy_in: self.copy_bytes.with_label_values(&[pool, "in"]),
             copy_out: self.copy_bytes.with_label_values(&[pool, "out"]),
+            ps_client_parses: self.prepared_client_parses.with_label_values(&[pool]),
+            ps_server_parses: self.prepared_server_parses.with_label_values(&[pool]),
+            ps_hits: self.prepared_cache_hits.with_label_values(&[pool]),
+            ps_evictions: self.prepared_cache_evictions.with_label_values(&[pool]),
             errors: self.errors.clone(),
             disconnects: self.server_disconnects.clone(),
             auth_failures: self.auth_failures.clone(),
@@ -188,6 +208,10 @@ pub struct PoolMetrics {
     pub cancel_error: IntCounter,
     pub copy_in: IntCounter,
     pub copy_out: IntCounter,
+    pub ps_client_parses: IntCounter,
+    pub ps_server_parses: IntCounter,
+    pub ps_hits: IntCounter,
+    pub ps_evictions: IntCounter,
     errors: IntCounterVec,
     disconnects: IntCounterVec,
     auth_failures: IntCounterVec,

@@ -20,6 +20,7 @@ use super::listen;
 use super::messages::{self, FrameError, Startup};
 use super::params::{ParamSync, Values};
 use super::pool::{AcquireError, Lease, Pool};
+use super::prepared::{self, ClientStatements, ClientStep, PreparedError};
 use super::PgShared;
 use crate::config::PoolMode;
 use crate::metrics::postgres::PoolMetrics;
@@ -241,6 +242,12 @@ struct Session<'a> {
     last_answer: Instant,
     last_client_activity: Instant,
     client_done: bool,
+    /// Named prepared statements (transaction mode; see prepared.rs). With them, rewritten
+    /// and injected messages go to the server from `obuf`, ahead of `cbuf[..c_ready]`.
+    ps: Option<ClientStatements>,
+    obuf: BytesMut,
+    /// Bytes of the current client message that must be buffered before it is scanned.
+    c_need: usize,
 }
 
 /// A request awaiting its ReadyForQuery: a simple Query or FunctionCall, or a Sync.
@@ -303,6 +310,10 @@ impl<'a> Session<'a> {
             last_answer: Instant::now(),
             last_client_activity: Instant::now(),
             client_done: false,
+            ps: (pool.mode() == PoolMode::Transaction && pool.max_prepared_statements() > 0)
+                .then(|| ClientStatements::new(pool.max_prepared_statements())),
+            obuf: BytesMut::new(),
+            c_need: 0,
         }
     }
 
@@ -315,6 +326,8 @@ impl<'a> Session<'a> {
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
+            && self.obuf.is_empty()
+            && !self.ps.as_ref().is_some_and(ClientStatements::busy)
             // Nothing of a server message half read: the next server's bytes start afresh.
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready
@@ -329,7 +342,14 @@ impl<'a> Session<'a> {
                 && !self.key.in_flight()
             {
                 if let Some(lease) = self.take_server() {
-                    self.pool.release(lease);
+                    if self.ps.as_ref().is_none_or(ClientStatements::settled) {
+                        self.pool.release(lease);
+                    } else {
+                        self.pool.discard(lease, "error");
+                    }
+                    if let Some(ps) = self.ps.as_mut() {
+                        ps.reset();
+                    }
                     self.gauge.set(2);
                 }
             }
@@ -369,11 +389,14 @@ impl<'a> Session<'a> {
                 if let Err(e) = self.scan_client() {
                     return e;
                 }
+                if self.ps.as_ref().is_some_and(ClientStatements::fakes_due) {
+                    self.scan_server();
+                }
                 if self.client_done && self.s_ready == 0 {
                     return End::ClientLeft;
                 }
                 // Most writes succeed at once: no trip through the select for them.
-                if self.c_ready > 0 && !self.cancel_hold() {
+                if self.to_server() && !self.cancel_hold() {
                     if let Err(end) = self.write_server() {
                         return end;
                     }
@@ -382,7 +405,8 @@ impl<'a> Session<'a> {
 
             let deadline = self.deadline();
             let server = self.server.as_ref().map(|l| &l.conn.stream);
-            let want_client_read = !self.client_done && self.cbuf.len() < BUFFER_HIGH;
+            let want_client_read = !self.client_done
+                && (self.cbuf.len() < BUFFER_HIGH || self.cbuf.len() < self.c_ready + self.c_need);
             let want_server_read = server.is_some() && self.sbuf.len() < BUFFER_HIGH;
             tokio::select! {
                 r = self.client.readable(), if want_client_read => {
@@ -429,7 +453,7 @@ impl<'a> Session<'a> {
                         Err(_) => return self.server_lost(),
                     }
                 }
-                r = writable(server), if server.is_some() && self.c_ready > 0 && !self.cancel_hold() => {
+                r = writable(server), if server.is_some() && self.to_server() && !self.cancel_hold() => {
                     if r.is_err() { return self.server_lost(); }
                     if let Err(end) = self.write_server() { return end; }
                 }
@@ -467,13 +491,29 @@ impl<'a> Session<'a> {
         }
     }
 
+    fn to_server(&self) -> bool {
+        self.c_ready > 0 || !self.obuf.is_empty()
+    }
+
     /// Writes scanned client messages to the server, as far as the socket takes them now.
     fn write_server(&mut self) -> Result<(), End> {
         let Some(lease) = self.server.as_ref() else {
             return Ok(());
         };
-        match lease.conn.stream.try_write(&self.cbuf[..self.c_ready]) {
-            Ok(n) => {
+        let bufs = [
+            std::io::IoSlice::new(&self.obuf),
+            std::io::IoSlice::new(&self.cbuf[..self.c_ready]),
+        ];
+        let parts = if self.obuf.is_empty() {
+            &bufs[1..]
+        } else {
+            &bufs[..]
+        };
+        match lease.conn.stream.try_write_vectored(parts) {
+            Ok(mut n) => {
+                let from_obuf = n.min(self.obuf.len());
+                self.obuf.advance(from_obuf);
+                n -= from_obuf;
                 self.cbuf.advance(n);
                 self.c_ready -= n;
                 Ok(())
@@ -540,6 +580,10 @@ impl<'a> Session<'a> {
                     }
                 }
             }
+            let taken = match self.prepared_client(tag, len)? {
+                Some(n) => n,
+                None => return Ok(()),
+            };
             match tag {
                 b'X' => {
                     // Terminate is ours to handle; nothing after it counts.
@@ -571,8 +615,8 @@ impl<'a> Session<'a> {
                 // Flush and COPY data: answered within the request they belong to.
                 _ => {}
             }
-            self.c_ready += 5;
-            self.c_rest = len;
+            // What prepared statements did not take passes on as it is.
+            self.c_rest = 5 + len - taken;
         }
     }
 
@@ -599,6 +643,50 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Named prepared statements: rewrites the client message at `c_ready` when it carries a
+    /// statement name. Some(n): its first n bytes were replaced by what went to `obuf`;
+    /// None: it must be buffered whole first.
+    fn prepared_client(&mut self, tag: u8, len: usize) -> Result<Option<usize>, End> {
+        let (Some(ps), Some(lease)) = (self.ps.as_mut(), self.server.as_mut()) else {
+            return Ok(Some(0));
+        };
+        if tag == b'X' {
+            return Ok(Some(0));
+        }
+        let msg = &self.cbuf[self.c_ready..];
+        let step = ps.client_message(
+            tag,
+            msg,
+            len,
+            &mut lease.conn.statements,
+            &self.pool.statements,
+            &self.pool.metrics,
+        );
+        let taken = match step {
+            Ok(ClientStep::Need(n)) => {
+                self.c_need = n;
+                return Ok(None);
+            }
+            Ok(ClientStep::Replace(n)) => n,
+            Err(PreparedError::Frame(e)) => return Err(End::ProtocolError(e, "malformed")),
+            Err(e @ PreparedError::Reserved(_)) => {
+                let code = sqlstate::INVALID_SQL_STATEMENT_NAME;
+                return Err(End::Fatal(PgError::fatal(code, e.to_string()), ""));
+            }
+        };
+        self.c_need = 0;
+        if taken > 0 || !ps.scratch.is_empty() {
+            // Order to the server: obuf, then cbuf[..c_ready]; so scanned bytes join obuf first.
+            self.obuf.extend_from_slice(&self.cbuf[..self.c_ready]);
+            self.cbuf.advance(self.c_ready);
+            self.c_ready = 0;
+            self.obuf.extend_from_slice(&ps.scratch);
+            ps.scratch.clear();
+            self.cbuf.advance(taken);
+        }
+        Ok(Some(taken))
+    }
+
     /// Moves server bytes into the to-client part of `sbuf`, watching ReadyForQuery and
     /// ErrorResponse.
     fn scan_server(&mut self) {
@@ -618,6 +706,14 @@ impl<'a> Session<'a> {
                 if self.s_rest > 0 {
                     return;
                 }
+                continue;
+            }
+            // Between messages: answers sidelight gives itself, when their turn has come.
+            if let Some(ps) = self.ps.as_mut().filter(|ps| ps.fakes_due()) {
+                let fakes = ps.take_fakes();
+                prepared::insert_at(&mut self.sbuf, self.s_ready, fakes);
+                self.s_ready += fakes.len();
+                ps.scratch.clear();
                 continue;
             }
             if avail < 5 {
@@ -670,7 +766,10 @@ impl<'a> Session<'a> {
                     if self.timeout_cancel.is_some() && code == sqlstate::QUERY_CANCELED.as_bytes()
                     {
                         // The server's "due to user request" becomes what happened.
-                        self.replace_server_message(at, 5 + len, &self.query_timeout_error());
+                        let with = self.query_timeout_error();
+                        self.replace_server_message(at, 5 + len, &with);
+                        // Still an error the prepared-statement books must see.
+                        self.prepared_server(tag, at, with.len() - 5);
                         continue;
                     }
                 }
@@ -691,7 +790,11 @@ impl<'a> Session<'a> {
                     self.params
                         .note_status(&self.sbuf[at + 5..at + 5 + len], tracked);
                 }
+                b'C' if self.ps.is_some() && len <= 64 && avail < 5 + len => return,
                 _ => {}
+            }
+            if self.prepared_server(tag, at, len) {
+                continue;
             }
             self.s_ready += 5;
             self.s_rest = len;
@@ -700,6 +803,21 @@ impl<'a> Session<'a> {
 
     /// Puts `with` (a whole message) in place of the scanned-to-be server message at `at`.
     /// Rare (a timeout's error): the copy of what follows does not matter.
+    /// The prepared-statement books of the server message at `at`. True: it answered a
+    /// message sidelight injected (always bodiless) and was removed.
+    fn prepared_server(&mut self, tag: u8, at: usize, len: usize) -> bool {
+        let (Some(ps), Some(lease)) = (self.ps.as_mut(), self.server.as_mut()) else {
+            return false;
+        };
+        let body = &self.sbuf[at + 5..(at + 5 + len).min(self.sbuf.len())];
+        let registry = &self.pool.statements;
+        if ps.server_message(tag, body, &mut lease.conn.statements, registry) && len == 0 {
+            prepared::remove_at(&mut self.sbuf, at, 5 + len);
+            return true;
+        }
+        false
+    }
+
     fn replace_server_message(&mut self, at: usize, len: usize, with: &[u8]) {
         let tail = self.sbuf.split_off(at + len);
         self.sbuf.truncate(at);
@@ -863,6 +981,8 @@ impl<'a> Session<'a> {
             && self.c_ready == 0
             && self.c_rest == 0
             && self.c_drop == 0
+            && self.obuf.is_empty()
+            && self.ps.as_ref().is_none_or(ClientStatements::settled)
             && self.s_rest == 0
             && self.sbuf.len() == self.s_ready;
         if timed_out || !idle_clean {

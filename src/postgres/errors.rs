@@ -17,6 +17,7 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 }
 
 /// One ErrorResponse: severity (`ERROR`, `FATAL`), SQLSTATE, message.

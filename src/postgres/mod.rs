@@ -6,6 +6,7 @@
 //! - `server`: one server connection (connect, authenticate).
 //! - `pool`: server connections of one pool, `pool_size` process-wide, health.
 //! - `cancel`: sidelight's own BackendKeyData per client; CancelRequests forwarded.
+//! - `prepared`: named prepared statements in transaction mode (rewrites, per-connection LRU).
 //! - `auth`: client authentication (SCRAM-SHA-256, md5, trust).
 //! - `listen`: LISTEN refused in transaction mode; `sql`: a statement's first keyword.
 //! - `params`: client startup parameters applied on the server connections they use.
@@ -20,6 +21,7 @@ pub mod listener;
 pub mod messages;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 pub mod server;
 pub mod sql;
 

@@ -2,6 +2,7 @@
 //! semaphore of that many permits is the right to hold a server connection, and a connection is
 //! only opened when no idle one is left, so open connections never exceed it.
 
+use super::prepared::Registry;
 use super::server::{Credentials, ServerConn, ServerError};
 use crate::config::{PgPoolConfig, PoolMode};
 use crate::metrics::postgres::PoolMetrics;
@@ -35,6 +36,8 @@ pub struct Pool {
     last_error: Mutex<Option<String>>,
     /// The server's ParameterStatus values, sent to clients at their startup.
     params: Mutex<Vec<(String, String)>>,
+    /// Named prepared statements of this pool's clients, by query text and parameter types.
+    pub statements: Registry,
 }
 
 /// A server connection attached to a client, with its share of `pool_size`.
@@ -61,11 +64,19 @@ impl Pool {
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
             params: Mutex::new(Vec::new()),
+            statements: Registry::default(),
         }
     }
 
     pub fn mode(&self) -> PoolMode {
         self.config.pool_mode
+    }
+
+    /// Named prepared statements kept per server connection; 0: they pass through untouched.
+    pub fn max_prepared_statements(&self) -> usize {
+        self.config
+            .max_prepared_statements
+            .unwrap_or(crate::config::DEFAULT_MAX_PREPARED_STATEMENTS)
     }
 
     pub fn healthy(&self) -> bool {
@@ -300,6 +311,8 @@ impl Pool {
             "waiting": self.waiting.load(Ordering::Relaxed),
             "healthy": self.healthy(),
             "last_error": lock(&self.last_error).clone(),
+            "max_prepared_statements": self.max_prepared_statements(),
+            "prepared_statements": self.statements.len(),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! the pool runs itself (health check, `ROLLBACK`, `DISCARD ALL`).
 
 use super::messages::{self, FrameError};
+use super::prepared::ServerStatements;
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use std::time::Instant;
@@ -49,6 +50,8 @@ pub struct ServerConn {
     /// The worker thread whose runtime watches this socket: clients on that worker get it
     /// first, so its wake-ups stay on one thread.
     pub home: std::thread::ThreadId,
+    /// The named statements sidelight prepared on this connection (transaction mode).
+    pub statements: ServerStatements,
 }
 
 /// Server messages in the startup phase and in our own exchanges are small.
@@ -174,6 +177,7 @@ impl ServerConn {
                         addr,
                         tracked,
                         home: std::thread::current().id(),
+                        statements: ServerStatements::default(),
                     });
                 }
                 other => return Err(ServerError::Unexpected(char::from(other))),
