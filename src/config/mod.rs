@@ -23,7 +23,8 @@ pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset};
 pub use llm::*;
 pub use method::{HttpMethod, ReadMethod};
 pub use postgres::{
-    AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
+    AuthType, ClientSslMode, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode,
+    PostgresConfig, ServerSslMode,
 };
 pub use process::*;
 pub use rate::{Rate, RateLimitKey, RatePeriod};

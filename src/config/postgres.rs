@@ -6,6 +6,7 @@ use super::{ByteSize, EnvString, FieldError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -31,6 +32,58 @@ pub struct PgListenerConfig {
     #[serde(default = "default_pg_listener_name")]
     pub name: String,
     pub address: SocketAddr,
+    /// PEM certificate chain for client TLS (with `client_tls_key_file`).
+    #[serde(default)]
+    pub client_tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_tls_key_file: Option<PathBuf>,
+    /// Default: `prefer` when a certificate is set, else `disable`.
+    #[serde(default)]
+    pub client_tls_sslmode: Option<ClientSslMode>,
+}
+
+impl PgListenerConfig {
+    pub fn client_sslmode(&self) -> ClientSslMode {
+        match (self.client_tls_sslmode, &self.client_tls_cert_file) {
+            (Some(m), _) => m,
+            (None, Some(_)) => ClientSslMode::Prefer,
+            (None, None) => ClientSslMode::Disable,
+        }
+    }
+}
+
+/// How a listener answers clients' SSLRequest.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientSslMode {
+    /// SSLRequest is answered `N`: plain connections only.
+    Disable,
+    /// TLS for clients that ask, plain for the others.
+    Prefer,
+    /// Plain clients are refused with `FATAL 28000 SSL required`.
+    Require,
+}
+
+/// How sidelight secures its server connections, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plain TCP; no SSLRequest.
+    Disable,
+    /// TLS when the server offers it (not verified), plain when it answers `N`.
+    Prefer,
+    /// TLS or fail; the certificate is not verified (libpq's `require`).
+    Require,
+    /// TLS, the certificate chain verified against `server_tls_ca_file`, any host name.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the server's host (or IP address).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerSslMode::VerifyCa | ServerSslMode::VerifyFull)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -107,6 +160,11 @@ pub struct PgPoolConfig {
     /// A connection idle longer than this is checked with an empty query before reuse.
     #[serde(default = "default_check_delay", with = "humantime_serde")]
     pub server_check_delay: Duration,
+    #[serde(default = "default_server_sslmode")]
+    pub server_tls_sslmode: ServerSslMode,
+    /// PEM CA certificates for `verify-ca` and `verify-full` (required by them).
+    #[serde(default)]
+    pub server_tls_ca_file: Option<PathBuf>,
 }
 
 impl PgPoolConfig {
@@ -159,6 +217,9 @@ fn default_server_lifetime() -> Duration {
 fn default_check_delay() -> Duration {
     Duration::from_secs(30)
 }
+fn default_server_sslmode() -> ServerSslMode {
+    ServerSslMode::Prefer
+}
 
 impl PostgresConfig {
     /// Checks and expands `${VARS}`; every problem by its path under `postgres`.
@@ -182,6 +243,40 @@ impl PostgresConfig {
                     format!("postgres.listeners[{i}].address"),
                     format!("{} is also an HTTP listener", l.address),
                 );
+            }
+            let at = format!("postgres.listeners[{i}]");
+            let (cert, key) = (&l.client_tls_cert_file, &l.client_tls_key_file);
+            match (cert, key) {
+                (Some(c), Some(k)) => {
+                    check_pem(
+                        &mut add,
+                        format!("{at}.client_tls_cert_file"),
+                        c,
+                        "CERTIFICATE",
+                    );
+                    check_pem(
+                        &mut add,
+                        format!("{at}.client_tls_key_file"),
+                        k,
+                        "PRIVATE KEY",
+                    );
+                }
+                (Some(_), None) => add(
+                    format!("{at}.client_tls_key_file"),
+                    "required with client_tls_cert_file".into(),
+                ),
+                (None, Some(_)) => add(
+                    format!("{at}.client_tls_cert_file"),
+                    "required with client_tls_key_file".into(),
+                ),
+                (None, None) => {
+                    if l.client_sslmode() != ClientSslMode::Disable {
+                        add(
+                            format!("{at}.client_tls_sslmode"),
+                            "needs client_tls_cert_file and client_tls_key_file".into(),
+                        );
+                    }
+                }
             }
         }
         let mut users = HashSet::new();
@@ -256,6 +351,19 @@ impl PostgresConfig {
                     add(format!("{at}.{field}"), "must be more than 0s".into());
                 }
             }
+            match (&p.server_tls_ca_file, p.server_tls_sslmode.verifies()) {
+                (Some(ca), _) => check_pem(
+                    &mut add,
+                    format!("{at}.server_tls_ca_file"),
+                    ca,
+                    "CERTIFICATE",
+                ),
+                (None, true) => add(
+                    format!("{at}.server_tls_ca_file"),
+                    "required with server_tls_sslmode verify-ca or verify-full".into(),
+                ),
+                (None, false) => {}
+            }
             if p.auth_type == AuthType::Md5 {
                 for (k, u) in self.users.iter().enumerate() {
                     if u.password.value.starts_with("SCRAM-SHA-256$") {
@@ -287,6 +395,22 @@ impl PostgresConfig {
         }
         for p in &mut self.pools {
             hide(&mut p.password);
+        }
+    }
+}
+
+/// A readable file with at least one PEM block whose label ends with `label`.
+fn check_pem(add: &mut impl FnMut(String, String), path: String, file: &Path, label: &str) {
+    match std::fs::read_to_string(file) {
+        Err(e) => add(path, format!("cannot read {}: {e}", file.display())),
+        Ok(text) => {
+            let found = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+                .any(|l| l.trim_end_matches('-').ends_with(label));
+            if !found {
+                add(path, format!("{} has no PEM {label} block", file.display()));
+            }
         }
     }
 }

@@ -35,6 +35,13 @@ pub const PG_TIMEOUT_KINDS: [&str; 4] =
 pub const PG_PROTOCOL_ERROR_KINDS: [&str; 4] =
     ["malformed", "oversized", "unknown_message", "startup"];
 /// SQLSTATE classes are two characters from a fixed alphabet; anything else counts as `other`.
+/// How a client connection ended up: tls (handshake done), plain, rejected (a plain client
+/// refused by `client_tls_sslmode: require`), error (the handshake failed).
+pub const PG_CLIENT_TLS_RESULTS: [&str; 4] = ["tls", "plain", "rejected", "error"];
+/// How a server connection attempt ended up: tls, plain (`disable`, or `prefer` and the server
+/// answered `N`), refused (the server answered `N` to a mode that requires TLS), error (the
+/// handshake or the certificate check failed).
+pub const PG_SERVER_TLS_RESULTS: [&str; 4] = ["tls", "plain", "refused", "error"];
 pub const PG_AUTH_METHODS: [&str; 3] = ["scram-sha-256", "md5", "trust"];
 
 pub struct PgMetrics {
@@ -54,6 +61,8 @@ pub struct PgMetrics {
     pub timeouts: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     pub pool_healthy: IntGaugeVec,
+    pub client_tls: IntCounterVec,
+    pub server_tls: IntCounterVec,
 }
 
 impl PgMetrics {
@@ -75,6 +84,8 @@ impl PgMetrics {
             timeouts: counter(r, "sidelight_pg_timeouts_total", "PostgreSQL timeouts hit, by kind: query_wait, query, idle_transaction, server_connect.", &["pool", "kind"]),
             protocol_errors: counter(r, "sidelight_pg_protocol_errors_total", "PostgreSQL clients ended for bad input, by kind.", &["listener", "kind"]),
             pool_healthy: gauge(r, "sidelight_pg_pool_healthy", "1 when the pool's server accepts connections (last attempt succeeded), else 0.", &["pool"]),
+            client_tls: counter(r, "sidelight_pg_client_tls_total", "PostgreSQL client connections past SSLRequest negotiation, by result: tls, plain, rejected (plain refused by client_tls_sslmode: require), error (handshake failed).", &["listener", "result"]),
+            server_tls: counter(r, "sidelight_pg_server_tls_total", "Server connection attempts past TLS negotiation, by result: tls, plain, refused (server without TLS, sslmode requires it), error (handshake or certificate check failed).", &["pool", "result"]),
         }
     }
 
@@ -107,12 +118,18 @@ impl PgMetrics {
             self.timeouts.with_label_values(&[pool, k]);
         }
         self.pool_healthy.with_label_values(&[pool]).set(1);
+        for r in PG_SERVER_TLS_RESULTS {
+            self.server_tls.with_label_values(&[pool, r]);
+        }
     }
 
     pub fn init_listener(&self, listener: &str) {
         self.clients_accepted.with_label_values(&[listener]);
         for k in PG_PROTOCOL_ERROR_KINDS {
             self.protocol_errors.with_label_values(&[listener, k]);
+        }
+        for r in PG_CLIENT_TLS_RESULTS {
+            self.client_tls.with_label_values(&[listener, r]);
         }
     }
 
@@ -137,6 +154,7 @@ impl PgMetrics {
             disconnects: self.server_disconnects.clone(),
             auth_failures: self.auth_failures.clone(),
             timeouts: self.timeouts.clone(),
+            server_tls: self.server_tls.clone(),
             pool: pool.to_string(),
         }
     }
@@ -162,6 +180,7 @@ pub struct PoolMetrics {
     disconnects: IntCounterVec,
     auth_failures: IntCounterVec,
     timeouts: IntCounterVec,
+    server_tls: IntCounterVec,
     pool: String,
 }
 
@@ -186,6 +205,12 @@ impl PoolMetrics {
     pub fn auth_failure(&self, method: &'static str) {
         self.auth_failures
             .with_label_values(&[&self.pool, method])
+            .inc();
+    }
+    /// One of `PG_SERVER_TLS_RESULTS`.
+    pub fn server_tls(&self, result: &'static str) {
+        self.server_tls
+            .with_label_values(&[&self.pool, result])
             .inc();
     }
     pub fn timeout(&self, kind: &'static str) {
