@@ -459,6 +459,50 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_are_checked_by_path() {
+        let dir = std::env::temp_dir().join(format!("sidelight-tlscfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap_or_else(|e| panic!("{e}"));
+        let errs = errors(&format!(
+            "postgres:\n  listeners:\n    - {{ name: a, address: \"127.0.0.1:6432\", client_tls_cert_file: /nonexistent/c.pem, client_tls_key_file: {np} }}\n    - {{ name: b, address: \"127.0.0.1:6433\", client_tls_cert_file: {np} }}\n    - {{ name: c, address: \"127.0.0.1:6434\", client_tls_sslmode: require }}\n  pools:\n    - {{ name: db, servers: [\"h:5432\"], user: u, server_tls_sslmode: verify-full }}\n    - {{ name: db2, servers: [\"h:5432\"], user: u, server_tls_sslmode: verify-ca, server_tls_ca_file: {np} }}\n",
+            np = not_pem.display()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, text) in [
+            (
+                "postgres.listeners[0].client_tls_cert_file",
+                "cannot read /nonexistent/c.pem",
+            ),
+            (
+                "postgres.listeners[0].client_tls_key_file",
+                "no PEM PRIVATE KEY block",
+            ),
+            (
+                "postgres.listeners[1].client_tls_key_file",
+                "required with client_tls_cert_file",
+            ),
+            (
+                "postgres.listeners[2].client_tls_sslmode",
+                "needs client_tls_cert_file",
+            ),
+            (
+                "postgres.pools[0].server_tls_ca_file",
+                "required with server_tls_sslmode",
+            ),
+            (
+                "postgres.pools[1].server_tls_ca_file",
+                "no PEM CERTIFICATE block",
+            ),
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(path) && e.contains(text)),
+                "{path}: {text} not in {errs:?}"
+            );
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         let config = Config::from_yaml(
             "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: hunter2 }, { name: b, password: \"${PW}\" }]\n  pools:\n    - { name: db, servers: [\"127.0.0.1:5432\"], user: u, password: topsecret }\n",
