@@ -28,6 +28,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Most plaintext one `try_read_buf` takes on TLS (a few TLS records).
+const TLS_READ_CHUNK: usize = 64 * 1024;
+
 pub enum PgStream {
     Plain(TcpStream),
     Tls(Box<TlsStream>),
@@ -42,6 +45,8 @@ struct TlsState {
     conn: rustls::Connection,
     /// The socket reported end of file.
     eof: bool,
+    /// rustls failed (bad record, alert): every later read fails too, never busy-loops.
+    broken: bool,
     close_sent: bool,
 }
 
@@ -88,6 +93,9 @@ impl TlsState {
     /// Decrypted plaintext, reading records from the socket as needed; `Ok(0)` at the peer's
     /// close (close_notify or a bare end of file), `WouldBlock` when the socket has no more.
     fn read(&mut self, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        if self.broken {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS failed"));
+        }
         loop {
             match self.conn.reader().read(buf) {
                 Ok(n) => return Ok(n),
@@ -102,6 +110,7 @@ impl TlsState {
                 self.eof = true;
             }
             if let Err(e) = self.conn.process_new_packets() {
+                self.broken = true;
                 // The alert rustls queued tells the peer why.
                 let _ = self.flush(tcp);
                 return Err(tls_error(e));
@@ -125,11 +134,16 @@ impl TlsState {
 
     /// Something for `read` to return without the socket: plaintext, the close, or an error.
     fn ready_to_read(&mut self) -> bool {
-        self.eof
-            || match self.conn.process_new_packets() {
-                Ok(s) => s.plaintext_bytes_to_read() > 0 || s.peer_has_closed(),
-                Err(_) => true,
+        if self.eof || self.broken {
+            return true;
+        }
+        match self.conn.process_new_packets() {
+            Ok(s) => s.plaintext_bytes_to_read() > 0 || s.peer_has_closed(),
+            Err(_) => {
+                self.broken = true;
+                true
             }
+        }
     }
 }
 
@@ -144,6 +158,7 @@ impl TlsStream {
             state: Mutex::new(TlsState {
                 conn,
                 eof: false,
+                broken: false,
                 close_sent: false,
             }),
         };
@@ -312,13 +327,15 @@ impl PgStream {
         }
     }
 
-    /// Reads into the spare capacity of `buf` (at least one byte of it), as `try_read`.
+    /// Reads into the spare capacity of `buf`, as `try_read`.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             PgStream::Plain(s) => s.try_read_buf(buf),
             PgStream::Tls(t) => {
+                // Zeroed first (rustls reads into initialized bytes): bounded, not all capacity.
                 let len = buf.len();
-                buf.resize(buf.capacity().max(len + 1), 0);
+                let spare = (buf.capacity() - len).clamp(1, TLS_READ_CHUNK);
+                buf.resize(len + spare, 0);
                 let r = t.lock().read(&t.tcp, &mut buf[len..]);
                 buf.truncate(len + *r.as_ref().unwrap_or(&0));
                 r
@@ -449,8 +466,20 @@ mod tests {
                     Err(e) => panic!("{e}"),
                 }
             }
-            // Queued TLS bytes still go out: readable() flushes them while it waits.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.readable()).await;
+            // Queued TLS bytes still go out while the sender only waits to read: the answer
+            // comes only after the receiver has had every byte.
+            let mut answer = [0u8; 4];
+            loop {
+                a.readable().await.unwrap_or_else(|e| panic!("{e}"));
+                match a.try_read(&mut answer) {
+                    Ok(n) => {
+                        assert_eq!(&answer[..n], b"done");
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
         };
         let recv = async {
             let mut got = BytesMut::with_capacity(total);
@@ -467,6 +496,8 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             }
+            b.writable().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(b.try_write(b"done").ok(), Some(4));
             got
         };
         let ((), got) = tokio::join!(send, recv);
