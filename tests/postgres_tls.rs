@@ -436,3 +436,77 @@ fn psql(port: u16, options: &str, script: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
+
+/// Load over TLS on both sides: pgbench clients with `sslmode=require` to the listener, sixteen
+/// tokio-postgres clients in plain, all sharing two `verify-full` server connections.
+#[tokio::test]
+async fn many_clients_over_tls_on_both_sides() {
+    let extra = format!(
+        ", pool_size: 2, server_tls_sslmode: verify-full, server_tls_ca_file: \"{}\"",
+        pki().ca.display()
+    );
+    let p = pooler(&tls_pg().addr(), &extra, &listener_tls("")).await;
+    let port_ = port(&p);
+    let bench = tokio::task::spawn_blocking(move || {
+        let pgbench = format!("{BIN}/pgbench");
+        assert!(
+            std::path::Path::new(&pgbench).exists(),
+            "pgbench is not installed ({pgbench} missing); install it with: sudo apt-get install postgresql-contrib"
+        );
+        let script = pki().dir.join("bench.sql");
+        std::fs::write(
+            &script,
+            "\\set x random(1, 100000)\nselect :x, repeat('r', 20000);\n",
+        )
+        .expect("script");
+        Command::new(&pgbench)
+            .args([
+                "-n",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-t",
+                "200",
+                "-h",
+                "localhost",
+                "-p",
+            ])
+            .arg(port_.to_string())
+            .args(["-U", "alice", "-f"])
+            .arg(&script)
+            .arg("db")
+            .env("PGPASSWORD", "alice-pw")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &pki().ca)
+            .env("HOME", &pki().dir)
+            .output()
+            .expect("run pgbench")
+    });
+    let clients = futures_util::future::join_all((0..16).map(|_| connect(&p))).await;
+    let work = clients.iter().enumerate().map(|(n, c)| async move {
+        let c = c.as_ref().expect("connect");
+        for i in 0..30 {
+            let got = one(c, &format!("select {n} * 1000 + {i}")).await;
+            assert_eq!(got, (n * 1000 + i).to_string());
+        }
+        assert_eq!(server_ssl(c).await, "true");
+    });
+    futures_util::future::join_all(work).await;
+    let out = bench.await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("number of transactions actually processed: 1600/1600"),
+        "pgbench: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // pgbench's eight clients (and its own first connection) all came over TLS.
+    let tls = p
+        .metric(
+            "sidelight_pg_client_tls_total",
+            &[("listener", "postgres"), ("result", "tls")],
+        )
+        .await;
+    assert!(tls >= 8.0, "{tls}");
+}
