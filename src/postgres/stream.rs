@@ -293,6 +293,15 @@ impl PgStream {
         Ok(PgStream::Tls(Box::new(t)))
     }
 
+    /// TLS bytes accepted but not yet taken by the socket (tests).
+    #[cfg(test)]
+    fn tls_pending(&self) -> bool {
+        match self {
+            PgStream::Plain(_) => false,
+            PgStream::Tls(t) => t.lock().conn.wants_write(),
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, PgStream::Tls(_))
     }
@@ -449,8 +458,8 @@ mod tests {
         )
     }
 
-    /// Megabytes each way through the non-blocking calls only, with the reader slower than
-    /// the writer so the socket fills and TLS bytes queue: every byte arrives, in order.
+    /// Megabytes through the non-blocking calls only, with the reader slower than the writer
+    /// so the socket fills and TLS bytes queue: every byte arrives, in order.
     #[tokio::test]
     async fn non_blocking_calls_lose_nothing() {
         let (a, b) = pair().await;
@@ -462,20 +471,6 @@ mod tests {
                 a.writable().await.unwrap_or_else(|e| panic!("{e}"));
                 match a.try_write(&data[at..(at + 100_000).min(total)]) {
                     Ok(n) => at += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            // Queued TLS bytes still go out while the sender only waits to read: the answer
-            // comes only after the receiver has had every byte.
-            let mut answer = [0u8; 4];
-            loop {
-                a.readable().await.unwrap_or_else(|e| panic!("{e}"));
-                match a.try_read(&mut answer) {
-                    Ok(n) => {
-                        assert_eq!(&answer[..n], b"done");
-                        break;
-                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => panic!("{e}"),
                 }
@@ -496,12 +491,66 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             }
-            b.writable().await.unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(b.try_write(b"done").ok(), Some(4));
             got
         };
         let ((), got) = tokio::join!(send, recv);
         assert!(got[..] == data[..], "bytes differ");
+    }
+
+    /// A write rustls accepted while the socket was full: the writer then only waits to read,
+    /// and its queued bytes still reach the peer (readable() flushes them), so the answer that
+    /// needs them comes.
+    #[tokio::test]
+    async fn queued_tls_bytes_go_out_while_waiting_to_read() {
+        let (a, b) = pair().await;
+        let chunk = vec![7u8; 64 * 1024];
+        // Nobody reads yet: write until a write is accepted with TLS bytes left over.
+        let mut sent = 0;
+        loop {
+            match a.try_write(&chunk) {
+                Ok(n) => {
+                    sent += n;
+                    if a.tls_pending() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    panic!("socket full before any write was left queued")
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let recv = async {
+            let mut got = 0;
+            let mut buf = vec![0u8; 32 * 1024];
+            while got < sent {
+                b.readable().await.unwrap_or_else(|e| panic!("{e}"));
+                match b.try_read(&mut buf) {
+                    Ok(0) => panic!("closed early"),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            b.writable().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(b.try_write(b"done").ok(), Some(4));
+        };
+        let wait = async {
+            let mut answer = [0u8; 4];
+            loop {
+                a.readable().await.unwrap_or_else(|e| panic!("{e}"));
+                match a.try_read(&mut answer) {
+                    Ok(n) => return answer[..n].to_vec(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        let both = async { tokio::join!(recv, wait).1 };
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(20), both)
+            .await
+            .unwrap_or_else(|_| panic!("stuck: {sent} bytes written, the queued part never sent"));
+        assert_eq!(answer, b"done");
     }
 
     /// The async traits (startup and auth use them) and close_notify at shutdown.
