@@ -46,7 +46,8 @@ fn leaf(names: &[&str], ca: &(rcgen::Certificate, rcgen::KeyPair)) -> (String, S
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sidelight-pgtls-{}", std::process::id()));
+        // Under support/pg.rs's prefix, so a later run removes it once this process is gone.
+        let dir = std::env::temp_dir().join(format!("sidelight-pg-{}-pki", std::process::id()));
         std::fs::create_dir_all(&dir).expect("pki dir");
         let root = ca("sidelight test CA");
         let other = ca("some other CA");
