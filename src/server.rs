@@ -31,6 +31,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Build(#[from] crate::upstream::BuildError),
+    #[error("postgres TLS: {0}")]
+    PgTls(#[from] crate::postgres::tls::TlsError),
     #[error("cannot start worker thread: {0}")]
     Worker(std::io::Error),
 }
@@ -201,7 +203,7 @@ impl Sidelight {
             let field = format!("postgres.listeners[{i}].address");
             pg_listeners.push(bind_for_workers(&field, l.address, &mut pg_sockets)?);
         }
-        let pg_shared = PgShared::new(&config.postgres, &metrics);
+        let pg_shared = PgShared::new(&config.postgres, &metrics)?;
         let admin_listener = bind("admin.address", config.admin.address, PortUse::Exclusive)?;
         let admin_addr = local_addr("admin.address", &admin_listener, config.admin.address)?;
         // After every bind: a start that fails leaves no probe running.

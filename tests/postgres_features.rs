@@ -402,7 +402,7 @@ async fn deaf_server() -> (
 async fn query_timeout_falls_back_to_closing_when_the_cancel_goes_unanswered() {
     let (addr, cancels) = deaf_server().await;
     let p = pooler(&format!(
-        "    - {{ name: deaf, servers: [\"{addr}\"], user: u, auth_type: trust, query_timeout: 200ms }}\n"
+        "    - {{ name: deaf, servers: [\"{addr}\"], user: u, auth_type: trust, query_timeout: 200ms, server_tls_sslmode: disable }}\n"
     ))
     .await;
     let (c, conn) = connect_watched(&p, "deaf", "").await;

@@ -23,8 +23,8 @@ pub use cache_rules::{CacheRule, PathGlob, PathSegment, Preset};
 pub use llm::*;
 pub use method::{HttpMethod, ReadMethod};
 pub use postgres::{
-    AuthType, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode, PostgresConfig,
-    DEFAULT_MAX_PREPARED_STATEMENTS,
+    AuthType, ClientSslMode, PgListenerConfig, PgPoolConfig, PgUserConfig, PoolMode,
+    PostgresConfig, ServerSslMode, DEFAULT_MAX_PREPARED_STATEMENTS,
 };
 pub use process::*;
 pub use rate::{Rate, RateLimitKey, RatePeriod};

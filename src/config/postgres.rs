@@ -6,6 +6,7 @@ use super::{ByteSize, EnvString, FieldError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,6 +36,58 @@ pub struct PgListenerConfig {
     #[serde(default = "default_pg_listener_name")]
     pub name: String,
     pub address: SocketAddr,
+    /// PEM certificate chain for client TLS (with `client_tls_key_file`).
+    #[serde(default)]
+    pub client_tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_tls_key_file: Option<PathBuf>,
+    /// Default: `prefer` when a certificate is set, else `disable`.
+    #[serde(default)]
+    pub client_tls_sslmode: Option<ClientSslMode>,
+}
+
+impl PgListenerConfig {
+    pub fn client_sslmode(&self) -> ClientSslMode {
+        match (self.client_tls_sslmode, &self.client_tls_cert_file) {
+            (Some(m), _) => m,
+            (None, Some(_)) => ClientSslMode::Prefer,
+            (None, None) => ClientSslMode::Disable,
+        }
+    }
+}
+
+/// How a listener answers clients' SSLRequest.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientSslMode {
+    /// SSLRequest is answered `N`: plain connections only.
+    Disable,
+    /// TLS for clients that ask, plain for the others.
+    Prefer,
+    /// Plain clients are refused with `FATAL 28000 SSL required`.
+    Require,
+}
+
+/// How sidelight secures its server connections, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plain TCP; no SSLRequest.
+    Disable,
+    /// TLS when the server offers it (not verified), plain when it answers `N`.
+    Prefer,
+    /// TLS or fail; the certificate is not verified (libpq's `require`).
+    Require,
+    /// TLS, the certificate chain verified against `server_tls_ca_file`, any host name.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the server's host (or IP address).
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerSslMode::VerifyCa | ServerSslMode::VerifyFull)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +169,11 @@ pub struct PgPoolConfig {
     /// This pool's `max_prepared_statements` (default: the `postgres:` section's).
     #[serde(default)]
     pub max_prepared_statements: Option<usize>,
+    #[serde(default = "default_server_sslmode")]
+    pub server_tls_sslmode: ServerSslMode,
+    /// PEM CA certificates for `verify-ca` and `verify-full` (required by them).
+    #[serde(default)]
+    pub server_tls_ca_file: Option<PathBuf>,
 }
 
 impl PgPoolConfig {
@@ -176,6 +234,9 @@ fn default_server_lifetime() -> Duration {
 fn default_check_delay() -> Duration {
     Duration::from_secs(30)
 }
+fn default_server_sslmode() -> ServerSslMode {
+    ServerSslMode::Prefer
+}
 
 impl PostgresConfig {
     /// Checks and expands `${VARS}`; every problem by its path under `postgres`.
@@ -199,6 +260,40 @@ impl PostgresConfig {
                     format!("postgres.listeners[{i}].address"),
                     format!("{} is also an HTTP listener", l.address),
                 );
+            }
+            let at = format!("postgres.listeners[{i}]");
+            let (cert, key) = (&l.client_tls_cert_file, &l.client_tls_key_file);
+            match (cert, key) {
+                (Some(c), Some(k)) => {
+                    check_pem(
+                        &mut add,
+                        format!("{at}.client_tls_cert_file"),
+                        c,
+                        "CERTIFICATE",
+                    );
+                    check_pem(
+                        &mut add,
+                        format!("{at}.client_tls_key_file"),
+                        k,
+                        "PRIVATE KEY",
+                    );
+                }
+                (Some(_), None) => add(
+                    format!("{at}.client_tls_key_file"),
+                    "required with client_tls_cert_file".into(),
+                ),
+                (None, Some(_)) => add(
+                    format!("{at}.client_tls_cert_file"),
+                    "required with client_tls_key_file".into(),
+                ),
+                (None, None) => {
+                    if l.client_sslmode() != ClientSslMode::Disable {
+                        add(
+                            format!("{at}.client_tls_sslmode"),
+                            "needs client_tls_cert_file and client_tls_key_file".into(),
+                        );
+                    }
+                }
             }
         }
         let mut users = HashSet::new();
@@ -290,6 +385,19 @@ impl PostgresConfig {
                     add(format!("{at}.{field}"), "must be more than 0s".into());
                 }
             }
+            match (&p.server_tls_ca_file, p.server_tls_sslmode.verifies()) {
+                (Some(ca), _) => check_pem(
+                    &mut add,
+                    format!("{at}.server_tls_ca_file"),
+                    ca,
+                    "CERTIFICATE",
+                ),
+                (None, true) => add(
+                    format!("{at}.server_tls_ca_file"),
+                    "required with server_tls_sslmode verify-ca or verify-full".into(),
+                ),
+                (None, false) => {}
+            }
             if p.auth_type == AuthType::Md5 {
                 for (k, u) in self.users.iter().enumerate() {
                     if u.password.value.starts_with("SCRAM-SHA-256$") {
@@ -321,6 +429,22 @@ impl PostgresConfig {
         }
         for p in &mut self.pools {
             hide(&mut p.password);
+        }
+    }
+}
+
+/// A readable file with at least one PEM block whose label ends with `label`.
+fn check_pem(add: &mut impl FnMut(String, String), path: String, file: &Path, label: &str) {
+    match std::fs::read_to_string(file) {
+        Err(e) => add(path, format!("cannot read {}: {e}", file.display())),
+        Ok(text) => {
+            let found = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+                .any(|l| l.trim_end_matches('-').ends_with(label));
+            if !found {
+                add(path, format!("{} has no PEM {label} block", file.display()));
+            }
         }
     }
 }
@@ -395,6 +519,50 @@ mod tests {
             .map(|p| p.max_prepared_statements)
             .collect();
         assert_eq!(got, [Some(7), Some(0)]);
+    }
+
+    #[test]
+    fn tls_files_are_checked_by_path() {
+        let dir = std::env::temp_dir().join(format!("sidelight-tlscfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap_or_else(|e| panic!("{e}"));
+        let errs = errors(&format!(
+            "postgres:\n  listeners:\n    - {{ name: a, address: \"127.0.0.1:6432\", client_tls_cert_file: /nonexistent/c.pem, client_tls_key_file: {np} }}\n    - {{ name: b, address: \"127.0.0.1:6433\", client_tls_cert_file: {np} }}\n    - {{ name: c, address: \"127.0.0.1:6434\", client_tls_sslmode: require }}\n  pools:\n    - {{ name: db, servers: [\"h:5432\"], user: u, server_tls_sslmode: verify-full }}\n    - {{ name: db2, servers: [\"h:5432\"], user: u, server_tls_sslmode: verify-ca, server_tls_ca_file: {np} }}\n",
+            np = not_pem.display()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, text) in [
+            (
+                "postgres.listeners[0].client_tls_cert_file",
+                "cannot read /nonexistent/c.pem",
+            ),
+            (
+                "postgres.listeners[0].client_tls_key_file",
+                "no PEM PRIVATE KEY block",
+            ),
+            (
+                "postgres.listeners[1].client_tls_key_file",
+                "required with client_tls_cert_file",
+            ),
+            (
+                "postgres.listeners[2].client_tls_sslmode",
+                "needs client_tls_cert_file",
+            ),
+            (
+                "postgres.pools[0].server_tls_ca_file",
+                "required with server_tls_sslmode",
+            ),
+            (
+                "postgres.pools[1].server_tls_ca_file",
+                "no PEM CERTIFICATE block",
+            ),
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(path) && e.contains(text)),
+                "{path}: {text} not in {errs:?}"
+            );
+        }
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub const PG_TIMEOUT_KINDS: [&str; 4] =
 pub const PG_PROTOCOL_ERROR_KINDS: [&str; 4] =
     ["malformed", "oversized", "unknown_message", "startup"];
 /// SQLSTATE classes are two characters from a fixed alphabet; anything else counts as `other`.
+/// How a client connection ended up: tls (handshake done), plain, rejected (a plain client
+/// refused by `client_tls_sslmode: require`), error (the handshake failed).
+pub const PG_CLIENT_TLS_RESULTS: [&str; 4] = ["tls", "plain", "rejected", "error"];
+/// How a server connection attempt ended up: tls, plain (`disable`, or `prefer` and the server
+/// answered `N`), refused (the server answered `N` to a mode that requires TLS), error (the
+/// handshake or the certificate check failed).
+pub const PG_SERVER_TLS_RESULTS: [&str; 4] = ["tls", "plain", "refused", "error"];
 pub const PG_AUTH_METHODS: [&str; 3] = ["scram-sha-256", "md5", "trust"];
 /// What became of a client's CancelRequest; `unknown_key` has `pool=""` (the key names no client).
 pub const PG_CANCEL_RESULTS: [&str; 4] = ["forwarded", "no_server", "error", "unknown_key"];
@@ -62,6 +69,8 @@ pub struct PgMetrics {
     pub prepared_server_parses: IntCounterVec,
     pub prepared_cache_hits: IntCounterVec,
     pub prepared_cache_evictions: IntCounterVec,
+    pub client_tls: IntCounterVec,
+    pub server_tls: IntCounterVec,
 }
 
 impl PgMetrics {
@@ -89,6 +98,8 @@ impl PgMetrics {
             prepared_server_parses: counter(r, "sidelight_pg_prepared_server_parses_total", "Parse messages sidelight sent to servers for named statements (prepares actually run).", &["pool"]),
             prepared_cache_hits: counter(r, "sidelight_pg_prepared_cache_hits_total", "Named statements a client's Parse, Bind or Describe found already prepared on its server connection.", &["pool"]),
             prepared_cache_evictions: counter(r, "sidelight_pg_prepared_cache_evictions_total", "Named statements closed on a server connection to stay within max_prepared_statements.", &["pool"]),
+            client_tls: counter(r, "sidelight_pg_client_tls_total", "PostgreSQL client connections past SSLRequest negotiation, by result: tls, plain, rejected (plain refused by client_tls_sslmode: require), error (handshake failed).", &["listener", "result"]),
+            server_tls: counter(r, "sidelight_pg_server_tls_total", "Server connection attempts past TLS negotiation, by result: tls, plain, refused (server without TLS, sslmode requires it), error (handshake or certificate check failed).", &["pool", "result"]),
         }
     }
 
@@ -137,6 +148,9 @@ impl PgMetrics {
         ] {
             c.with_label_values(&[pool]);
         }
+        for r in PG_SERVER_TLS_RESULTS {
+            self.server_tls.with_label_values(&[pool, r]);
+        }
     }
 
     /// A CancelRequest whose key names no live client.
@@ -149,6 +163,9 @@ impl PgMetrics {
         self.clients_accepted.with_label_values(&[listener]);
         for k in PG_PROTOCOL_ERROR_KINDS {
             self.protocol_errors.with_label_values(&[listener, k]);
+        }
+        for r in PG_CLIENT_TLS_RESULTS {
+            self.client_tls.with_label_values(&[listener, r]);
         }
     }
 
@@ -182,6 +199,7 @@ impl PgMetrics {
             disconnects: self.server_disconnects.clone(),
             auth_failures: self.auth_failures.clone(),
             timeouts: self.timeouts.clone(),
+            server_tls: self.server_tls.clone(),
             pool: pool.to_string(),
         }
     }
@@ -216,6 +234,7 @@ pub struct PoolMetrics {
     disconnects: IntCounterVec,
     auth_failures: IntCounterVec,
     timeouts: IntCounterVec,
+    server_tls: IntCounterVec,
     pool: String,
 }
 
@@ -240,6 +259,12 @@ impl PoolMetrics {
     pub fn auth_failure(&self, method: &'static str) {
         self.auth_failures
             .with_label_values(&[&self.pool, method])
+            .inc();
+    }
+    /// One of `PG_SERVER_TLS_RESULTS`.
+    pub fn server_tls(&self, result: &'static str) {
+        self.server_tls
+            .with_label_values(&[&self.pool, result])
             .inc();
     }
     pub fn timeout(&self, kind: &'static str) {

@@ -21,8 +21,9 @@ use super::messages::{self, FrameError, Startup};
 use super::params::{ParamSync, Values};
 use super::pool::{AcquireError, Lease, Pool};
 use super::prepared::{self, ClientStatements, ClientStep, PreparedError};
+use super::stream::PgStream;
 use super::PgShared;
-use crate::config::PoolMode;
+use crate::config::{ClientSslMode, PoolMode};
 use crate::metrics::postgres::PoolMetrics;
 use bytes::{Buf, BytesMut};
 use std::collections::VecDeque;
@@ -52,23 +53,13 @@ pub enum SessionError {
 pub async fn serve(
     shared: Arc<PgShared>,
     listener: Arc<str>,
-    mut stream: TcpStream,
+    tcp: TcpStream,
     stop: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let pg = &shared.metrics.pg;
-    let params = match startup(&mut stream, &shared).await {
-        Ok(Some(p)) => p,
-        Ok(None) => return,
-        Err(e) => {
-            pg.protocol_errors
-                .with_label_values(&[&listener, kind_of(&e)])
-                .inc();
-            let _ = stream
-                .write_all(&PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).bytes())
-                .await;
-            return;
-        }
+    let Some((mut stream, params)) = negotiate(&shared, &listener, tcp).await else {
+        return;
     };
     let user = Startup::param(&params, "user").unwrap_or_default();
     let database = Startup::param(&params, "database").unwrap_or_else(|| user.clone());
@@ -129,23 +120,117 @@ pub async fn serve(
     session.finish(result, &listener, pg).await;
 }
 
-async fn startup(
-    stream: &mut TcpStream,
+/// The startup phase up to the StartupMessage, with TLS when the client asks for it and the
+/// listener has it; None when the client is gone or was answered with an error.
+async fn negotiate(
     shared: &PgShared,
-) -> Result<Option<Vec<(String, String)>>, FrameError> {
+    listener: &str,
+    tcp: TcpStream,
+) -> Option<(PgStream, Vec<(String, String)>)> {
+    let pg = &shared.metrics.pg;
+    let tls = shared.listener_tls.get(listener);
+    let mode = tls.map_or(ClientSslMode::Disable, |t| t.mode);
+    let config = tls.and_then(|t| t.config.clone());
+    let (stream, result) = startup(PgStream::Plain(tcp), config, shared).await;
+    let count = |result: &str| pg.client_tls.with_label_values(&[listener, result]).inc();
+    let fatal = match (result, stream) {
+        (Ok(Some(params)), Some(stream)) => {
+            if stream.is_tls() || mode != ClientSslMode::Require {
+                count(if stream.is_tls() { "tls" } else { "plain" });
+                return Some((stream, params));
+            }
+            count("rejected");
+            let e = PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "SSL required: this listener has client_tls_sslmode require",
+            );
+            Some((e, stream))
+        }
+        (Err(StartupError::Tls(e)), _) => {
+            count("error");
+            tracing::info!(listener = %listener, error = %e, "client TLS handshake failed");
+            None
+        }
+        (Err(StartupError::Frame(e)), stream) => {
+            pg.protocol_errors
+                .with_label_values(&[listener, kind_of(&e)])
+                .inc();
+            let e = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
+            stream.map(|s| (e, s))
+        }
+        _ => None,
+    };
+    if let Some((e, mut stream)) = fatal {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(&e.bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+    None
+}
+
+enum StartupError {
+    Frame(FrameError),
+    Tls(std::io::Error),
+}
+
+impl From<FrameError> for StartupError {
+    fn from(e: FrameError) -> Self {
+        StartupError::Frame(e)
+    }
+}
+
+type Negotiated = (
+    Option<PgStream>,
+    Result<Option<Vec<(String, String)>>, StartupError>,
+);
+
+/// Reads startup packets until the StartupMessage; the stream comes back (upgraded to TLS if
+/// the client asked and the listener has a certificate) unless a TLS handshake consumed it.
+async fn startup(
+    mut stream: PgStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shared: &PgShared,
+) -> Negotiated {
     for _ in 0..3 {
-        match messages::read_startup(stream).await {
-            Ok(Startup::Ssl) | Ok(Startup::GssEnc) => stream.write_all(b"N").await?,
+        let answer: &[u8] = match messages::read_startup(&mut stream).await {
+            Ok(Startup::Ssl) => match (&tls, stream) {
+                (Some(config), PgStream::Plain(mut tcp)) => {
+                    if let Err(e) = tcp.write_all(b"S").await {
+                        return (None, Err(FrameError::from(e).into()));
+                    }
+                    match PgStream::accept_tls(tcp, config.clone()).await {
+                        Ok(s) => stream = s,
+                        Err(e) => return (None, Err(StartupError::Tls(e))),
+                    }
+                    continue;
+                }
+                (_, s @ PgStream::Tls(_)) => {
+                    let e = FrameError::Malformed("SSLRequest inside TLS");
+                    return (Some(s), Err(e.into()));
+                }
+                (None, s) => {
+                    stream = s;
+                    b"N"
+                }
+            },
+            // GSSAPI encryption is not offered: clients fall back to TLS or plain.
+            Ok(Startup::GssEnc) => b"N",
             Ok(Startup::Cancel { pid, key }) => {
                 shared.cancel(pid, key).await;
-                return Ok(None);
+                return (Some(stream), Ok(None));
             }
-            Ok(Startup::Start { params }) => return Ok(Some(params)),
-            Err(FrameError::Closed) => return Ok(None),
-            Err(e) => return Err(e),
+            Ok(Startup::Start { params }) => return (Some(stream), Ok(Some(params))),
+            Err(FrameError::Closed) => return (Some(stream), Ok(None)),
+            Err(e) => return (Some(stream), Err(e.into())),
+        };
+        if let Err(e) = stream.write_all(answer).await {
+            return (None, Err(FrameError::from(e).into()));
         }
     }
-    Err(FrameError::Malformed("too many negotiation requests"))
+    let e = FrameError::Malformed("too many negotiation requests");
+    (Some(stream), Err(e.into()))
 }
 
 fn kind_of(e: &FrameError) -> &'static str {
@@ -204,7 +289,7 @@ impl Drop for ClientGauge<'_> {
 
 struct Session<'a> {
     pool: &'a Pool,
-    client: TcpStream,
+    client: PgStream,
     max_message: usize,
     stop: watch::Receiver<bool>,
     draining: bool,
@@ -276,7 +361,7 @@ enum End {
 impl<'a> Session<'a> {
     fn new(
         pool: &'a Pool,
-        client: TcpStream,
+        client: PgStream,
         max_message: usize,
         stop: watch::Receiver<bool>,
         key: ClientKey,
@@ -1014,14 +1099,14 @@ impl<'a> Session<'a> {
     }
 }
 
-async fn readable(s: Option<&TcpStream>) -> std::io::Result<()> {
+async fn readable(s: Option<&PgStream>) -> std::io::Result<()> {
     match s {
         Some(s) => s.readable().await,
         None => std::future::pending().await,
     }
 }
 
-async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
+async fn writable(s: Option<&PgStream>) -> std::io::Result<()> {
     match s {
         Some(s) => s.writable().await,
         None => std::future::pending().await,

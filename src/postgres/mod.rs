@@ -11,6 +11,7 @@
 //! - `listen`: LISTEN refused in transaction mode; `sql`: a statement's first keyword.
 //! - `params`: client startup parameters applied on the server connections they use.
 //! - `messages`: framing; `errors`: ErrorResponse with SQLSTATE.
+//! - `stream`: the transport (plain TCP or TLS); `tls`: TLS settings and verifiers.
 
 pub mod auth;
 pub mod cancel;
@@ -24,6 +25,8 @@ pub mod pool;
 pub mod prepared;
 pub mod server;
 pub mod sql;
+pub mod stream;
+pub mod tls;
 
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
@@ -41,30 +44,38 @@ pub struct PgShared {
     pub max_message: usize,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<cancel::Registry>,
+    /// Client TLS by listener name.
+    pub listener_tls: HashMap<String, tls::ListenerTls>,
 }
 
 impl PgShared {
-    pub fn new(config: &PostgresConfig, metrics: &Arc<Metrics>) -> Arc<PgShared> {
-        for l in &config.listeners {
+    /// Fails when a certificate, key or CA file cannot be loaded.
+    pub fn new(
+        config: &PostgresConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<PgShared>, tls::TlsError> {
+        let mut listener_tls = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
             metrics.pg.init_listener(&l.name);
+            let t = tls::listener_tls(l, &format!("postgres.listeners[{i}]"))?;
+            listener_tls.insert(l.name.clone(), t);
         }
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| {
-                metrics.pg.init_pool(&p.name);
-                let pool = pool::Pool::new(p, metrics.pg.pool(&p.name));
-                (p.name.clone(), Arc::new(pool))
-            })
-            .collect();
-        Arc::new(PgShared {
+        let mut pools = HashMap::new();
+        for (i, p) in config.pools.iter().enumerate() {
+            metrics.pg.init_pool(&p.name);
+            let t = tls::server_tls(p, &format!("postgres.pools[{i}]"))?;
+            let pool = pool::Pool::new(p, metrics.pg.pool(&p.name), t);
+            pools.insert(p.name.clone(), Arc::new(pool));
+        }
+        Ok(Arc::new(PgShared {
             pools,
             order: config.pools.iter().map(|p| p.name.clone()).collect(),
             users: auth::UserDb::new(&config.users),
             max_message: usize::try_from(config.max_client_message_bytes.0).unwrap_or(usize::MAX),
             metrics: metrics.clone(),
             cancels: Arc::new(cancel::Registry::default()),
-        })
+            listener_tls,
+        }))
     }
 
     /// A CancelRequest that arrived on its own connection (no answer goes back, as with

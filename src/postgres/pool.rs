@@ -4,6 +4,7 @@
 
 use super::prepared::Registry;
 use super::server::{Credentials, ServerConn, ServerError};
+use super::tls::ServerTls;
 use crate::config::{PgPoolConfig, PoolMode};
 use crate::metrics::postgres::PoolMetrics;
 use std::collections::VecDeque;
@@ -27,6 +28,7 @@ pub struct Pool {
     pub config: PgPoolConfig,
     pub metrics: PoolMetrics,
     servers: Vec<String>,
+    tls: ServerTls,
     permits: Arc<Semaphore>,
     idle: Mutex<VecDeque<ServerConn>>,
     /// Open server connections, idle or attached.
@@ -51,10 +53,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pool {
-    pub fn new(config: &PgPoolConfig, metrics: PoolMetrics) -> Pool {
+    pub fn new(config: &PgPoolConfig, metrics: PoolMetrics, tls: ServerTls) -> Pool {
         Pool {
             name: config.name.clone(),
             servers: config.servers.iter().map(|s| s.value.clone()).collect(),
+            tls,
             permits: Arc::new(Semaphore::new(config.pool_size)),
             config: config.clone(),
             metrics,
@@ -166,12 +169,17 @@ impl Pool {
         };
         self.metrics.servers[2].inc();
         let timeout = self.config.server_connect_timeout;
-        let result =
-            tokio::time::timeout(timeout, ServerConn::connect(&self.servers, &creds)).await;
+        let result = tokio::time::timeout(
+            timeout,
+            ServerConn::connect(&self.servers, &creds, &self.tls),
+        )
+        .await;
         self.metrics.servers[2].dec();
         match result {
             Ok(Ok(conn)) => {
                 self.metrics.connect_ok.inc();
+                self.metrics
+                    .server_tls(if conn.stream.is_tls() { "tls" } else { "plain" });
                 self.open.fetch_add(1, Ordering::Relaxed);
                 self.set_health(None);
                 {
@@ -184,6 +192,11 @@ impl Pool {
             }
             Ok(Err(e)) => {
                 self.metrics.connect_error.inc();
+                match e {
+                    ServerError::TlsRefused { .. } => self.metrics.server_tls("refused"),
+                    ServerError::Tls { .. } => self.metrics.server_tls("error"),
+                    _ => {}
+                }
                 tracing::warn!(pool = %self.name, error = %e, "server connect failed");
                 self.set_health(Some(e.to_string()));
                 Err(e.into())

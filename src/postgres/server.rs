@@ -4,10 +4,13 @@
 
 use super::messages::{self, FrameError};
 use super::prepared::ServerStatements;
+use super::stream::PgStream;
+use super::tls::{self, ServerTls};
+use crate::config::ServerSslMode;
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,10 @@ pub enum ServerError {
     Scram(std::io::Error),
     #[error("unexpected message {0:?} from the server")]
     Unexpected(char),
+    #[error("server {addr} does not accept TLS (it answered N) and server_tls_sslmode is {mode}")]
+    TlsRefused { addr: String, mode: &'static str },
+    #[error("TLS with server {addr} failed: {message}")]
+    Tls { addr: String, message: String },
 }
 
 pub struct Credentials<'a> {
@@ -36,7 +43,7 @@ pub struct Credentials<'a> {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: PgStream,
     pub created: Instant,
     pub last_used: Instant,
     /// ParameterStatus values from the server's startup, passed on to clients.
@@ -62,12 +69,14 @@ impl ServerConn {
     pub async fn connect(
         addrs: &[String],
         creds: &Credentials<'_>,
+        tls: &ServerTls,
     ) -> Result<ServerConn, ServerError> {
         let mut last = None;
         for addr in addrs {
             match TcpStream::connect(addr.as_str()).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
+                    let stream = negotiate_tls(stream, addr, tls).await?;
                     return ServerConn::start(stream, creds).await;
                 }
                 Err(source) => {
@@ -82,7 +91,7 @@ impl ServerConn {
     }
 
     async fn start(
-        mut stream: TcpStream,
+        mut stream: PgStream,
         creds: &Credentials<'_>,
     ) -> Result<ServerConn, ServerError> {
         let mut out = BytesMut::with_capacity(256);
@@ -231,4 +240,65 @@ impl ServerConn {
     pub fn terminate(&self) {
         let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
     }
+}
+
+fn mode_name(mode: ServerSslMode) -> &'static str {
+    match mode {
+        ServerSslMode::Disable => "disable",
+        ServerSslMode::Prefer => "prefer",
+        ServerSslMode::Require => "require",
+        ServerSslMode::VerifyCa => "verify-ca",
+        ServerSslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// SSLRequest, then the TLS handshake on `S`; `N` means plain for `prefer` and an error for
+/// the modes that require TLS.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    addr: &str,
+    tls: &ServerTls,
+) -> Result<PgStream, ServerError> {
+    let Some(config) = tls.config.clone() else {
+        return Ok(PgStream::Plain(tcp));
+    };
+    let fail = |message: String| ServerError::Tls {
+        addr: addr.to_string(),
+        message,
+    };
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&messages::SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&request).await.map_err(FrameError::from)?;
+    // One byte exactly: nothing the server sends after it may be read before the handshake.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(FrameError::from)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == ServerSslMode::Prefer => return Ok(PgStream::Plain(tcp)),
+        b'N' => {
+            return Err(ServerError::TlsRefused {
+                addr: addr.to_string(),
+                mode: mode_name(tls.mode),
+            })
+        }
+        other => {
+            return Err(fail(format!(
+                "unexpected answer {:?} to SSLRequest",
+                char::from(other)
+            )))
+        }
+    }
+    let name = match tls::server_name(addr) {
+        Ok(name) => name,
+        Err(e) if tls.mode == ServerSslMode::VerifyFull => {
+            return Err(fail(format!("no host name to verify: {e}")))
+        }
+        Err(_) => tls::placeholder_name(),
+    };
+    PgStream::connect_tls(tcp, config, name)
+        .await
+        .map_err(|e| fail(e.to_string()))
 }

@@ -21,7 +21,12 @@ pub struct Pg {
 static PG: OnceLock<Pg> = OnceLock::new();
 
 pub fn pg() -> &'static Pg {
-    PG.get_or_init(start)
+    PG.get_or_init(|| start(None))
+}
+
+/// Another PostgreSQL (not the shared one) with `ssl=on`, serving this PEM certificate and key.
+pub fn start_with_ssl(cert_pem: &str, key_pem: &str) -> Pg {
+    start(Some((cert_pem, key_pem)))
 }
 
 fn is_root() -> bool {
@@ -49,7 +54,7 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn start() -> Pg {
+fn start(ssl: Option<(&str, &str)>) -> Pg {
     let initdb = format!("{BIN}/initdb");
     assert!(
         std::path::Path::new(&initdb).exists(),
@@ -103,6 +108,25 @@ fn start() -> Pg {
          host all all 127.0.0.1/32 scram-sha-256\n",
     )
     .expect("pg_hba.conf");
+    let mut ssl_args = Vec::new();
+    if let Some((cert, key)) = ssl {
+        use std::os::unix::fs::PermissionsExt;
+        let (crt, k) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&crt, cert).expect("server.crt");
+        std::fs::write(&k, key).expect("server.key");
+        // PostgreSQL refuses a key file others can read.
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["nobody:nogroup"])
+                .arg(&crt)
+                .arg(&k)
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown of the server key failed");
+        }
+        ssl_args = vec!["-c".to_string(), "ssl=on".to_string()];
+    }
     let port = free_port();
     let socket_dir = dir.clone();
     let postgres = format!("{BIN}/postgres");
@@ -130,6 +154,7 @@ fn start() -> Pg {
                 "-c",
                 "log_min_messages=fatal",
             ])
+            .args(&ssl_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
