@@ -1267,3 +1267,6 @@ mod tests {
         assert!(matches!(framing, Framing::Length(3)) && head.matches("date").count() == 1);
     }
 }
+
+#[cfg(test)]
+mod proptests;
