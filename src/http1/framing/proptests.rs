@@ -192,25 +192,24 @@ proptest! {
         sizes in read_sizes(),
     ) {
         // Turn the CRLF ending one chunk-size line (not a data CRLF) into a bare LF.
-        let mut starts = vec![0];
-        let mut pos = 0;
+        // Where each chunk-size line's CRLF is: walk the chunks by their sizes.
         let enc = &chunked.encoded;
-        loop {
-            let Some(end) = enc[pos..].windows(2).position(|w| w == b"\r\n") else { break };
+        let mut ends = Vec::new();
+        let mut pos = 0;
+        while let Some(end) = enc[pos..].windows(2).position(|w| w == b"\r\n") {
             let line_end = pos + end;
-            let size = usize::from_str_radix(
-                std::str::from_utf8(&enc[pos..line_end]).unwrap_or("0")
-                    .split(|c: char| c == ';' || c == ' ').next().unwrap_or("0"),
-                16,
-            ).unwrap_or(0);
+            let digits = std::str::from_utf8(&enc[pos..line_end])
+                .unwrap_or("0")
+                .split([';', ' '])
+                .next()
+                .unwrap_or("0");
+            let size = usize::from_str_radix(digits, 16).unwrap_or(0);
+            ends.push(line_end);
             if size == 0 {
-                starts.push(line_end);
                 break;
             }
-            starts.push(line_end);
             pos = line_end + 2 + size + 2;
         }
-        let ends = &starts[1..];
         let at = ends[line.index(ends.len())];
         let mut input = enc[..at].to_vec();
         input.extend_from_slice(&enc[at + 1..]);

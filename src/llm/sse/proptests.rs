@@ -114,7 +114,7 @@ proptest! {
         for (raw, e) in whole.iter().zip(&events) {
             let parsed = Event::parse(raw).ok_or_else(|| TestCaseError::fail("not UTF-8"))?;
             let data: Vec<&str> = e.lines.iter().filter_map(|l| l.strip_prefix("data:")).map(|v| v.strip_prefix(' ').unwrap_or(v)).collect();
-            let name = e.lines.iter().filter_map(|l| l.strip_prefix("event: ")).last();
+            let name = e.lines.iter().rev().find_map(|l| l.strip_prefix("event: "));
             prop_assert_eq!(parsed.data, data.join("\n"));
             prop_assert_eq!(parsed.name.as_deref(), name);
         }
