@@ -453,7 +453,7 @@ async fn request_smuggling_shapes_are_refused() {
 async fn hosts_codings_and_chunk_lines_that_could_desync_are_refused() {
     let up = echo().await;
     let proxy = proxy::start(&config(&up.url())).await;
-    let cases: [(&str, u16, &str); 5] = [
+    let cases: [(&str, u16, &str); 6] = [
         // RFC 9112 §3.2: HTTP/1.1 needs exactly one Host.
         ("GET /r HTTP/1.1\r\n\r\n", 400, "bad_request"),
         ("GET /r HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400, "bad_request"),
@@ -471,6 +471,13 @@ async fn hosts_codings_and_chunk_lines_that_could_desync_are_refused() {
         // A bare LF inside a chunk extension.
         (
             "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n",
+            400,
+            "client_body_error",
+        ),
+        // A bare LF ending a trailer line: a peer ending lines at LF sees the body end there
+        // and the next request after it (found by the framing proptests).
+        (
+            "POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx: a\n\r\nGET /r/next HTTP/1.1\r\nhost: x\r\n\r\n",
             400,
             "client_body_error",
         ),

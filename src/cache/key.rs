@@ -40,7 +40,8 @@
 //!   top-level object only. Numbers are printed as serde_json prints the parsed value: integers
 //!   that fit in 64 bits as written, anything else as the shortest `f64` form, so `1` and `1.0`
 //!   are different keys, while `1e2` and `100.0` (or two decimals that round to the same `f64`)
-//!   are the same. A body that is not valid JSON, or has an object with a repeated key (upstreams
+//!   are the same. Parsing rounds to the nearest `f64` (serde_json's `float_roundtrip`), so two
+//!   different `f64`s never share a key. A body that is not valid JSON, or has an object with a repeated key (upstreams
 //!   disagree on which one wins), is an error: the caller bypasses the cache rather than guess.
 //! - `body=` carries any other body (and an empty one) as raw bytes.
 //!
@@ -442,6 +443,16 @@ mod tests {
     }
 
     #[test]
+    fn floats_parse_exactly_so_neighbours_keep_their_keys() {
+        // Found by the proptests: without exact parsing this number came out one ULP higher,
+        // as the canonical form of its neighbour, and the two bodies shared a key.
+        let low = canonical_json(b"[9.985356735278827e-131]", &[]).unwrap();
+        let high = canonical_json(b"[9.985356735278829e-131]", &[]).unwrap();
+        assert_eq!(low, b"[9.985356735278827e-131]");
+        assert_eq!(high, b"[9.985356735278829e-131]");
+    }
+
+    #[test]
     fn json_is_canonical() {
         let base = Req::chat(
             r#"{"model":"m","temperature":0.5,"messages":[{"role":"user","content":"Hi"}]}"#,
@@ -634,3 +645,6 @@ mod tests {
         assert_ne!(route("ab", "/c"), route("a", "b/c"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -602,3 +602,6 @@ mod tests {
             .ends_with("content-length: 0\r\n\r\n"));
     }
 }
+
+#[cfg(test)]
+mod proptests;

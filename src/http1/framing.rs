@@ -276,13 +276,20 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, String
         Chunk::Trailers => {
             // Trailer fields are dropped: an HTTP/1 peer that did not ask for them (`TE:
             // trailers`) must not depend on them, and hyper's server drops them too.
-            let Some(end) = memchr::memmem::find(buf, b"\r\n") else {
+            let Some(lf) = memchr::memchr(b'\n', buf) else {
                 return if buf.len() > MAX_HEAD_BYTES {
                     Err("trailers too large".into())
                 } else {
                     Ok(Decoded::NeedMore)
                 };
             };
+            // Only CRLF ends a trailer line: a front proxy that ends lines at a bare LF would
+            // see the body end at `x: a\n\r\n` and the bytes after it as the next request,
+            // which sidelight would read on as trailers (a desync).
+            if lf == 0 || buf[lf - 1] != b'\r' {
+                return Err("bare LF in a trailer line".into());
+            }
+            let end = lf - 1;
             buf.advance(end + 2);
             Ok(if end == 0 {
                 Decoded::End
@@ -491,6 +498,28 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_lf_in_trailers_is_refused() {
+        // Found by the proptests: `x: a\n` was read on to the next CRLF as one trailer line.
+        for text in [
+            "0\r\nx: a\n\r\nGET / HTTP/1.1\r\n\r\n",
+            "0\r\n\n",
+            "0\r\nx: a\n\n",
+        ] {
+            let mut buf = BytesMut::from(text);
+            let mut body = BodyDecoder::Chunked(Chunk::Size);
+            assert_eq!(
+                body.decode(&mut buf).unwrap_err(),
+                "bare LF in a trailer line",
+                "{text:?}"
+            );
+        }
+        let mut buf = BytesMut::from("0\r\nx: a\r\ny: b\r\n\r\nrest");
+        let mut body = BodyDecoder::Chunked(Chunk::Size);
+        assert!(body.decode(&mut buf).unwrap().is_none() && body.is_done());
+        assert_eq!(&buf[..], b"rest");
+    }
+
+    #[test]
     fn body_decoders() {
         let mut buf = BytesMut::from("3\r\nabc\r\n0\r\n\r\nGET");
         let mut body = BodyDecoder::Chunked(Chunk::Size);
@@ -572,3 +601,6 @@ mod tests {
         assert_eq!(content_length(&HeaderMap::new()), Ok(None));
     }
 }
+
+#[cfg(test)]
+mod proptests;

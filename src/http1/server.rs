@@ -1278,3 +1278,6 @@ mod tests {
         assert!(matches!(framing, Framing::Length(3)) && head.matches("date").count() == 1);
     }
 }
+
+#[cfg(test)]
+mod proptests;

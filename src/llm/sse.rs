@@ -277,3 +277,6 @@ mod tests {
         assert_eq!(all, input.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod proptests;
