@@ -575,3 +575,57 @@ async fn an_early_answer_to_a_client_waiting_for_100_continue_skips_the_go_ahead
     assert!(raw.closed().await);
     assert_eq!(up.request_count(), 0);
 }
+
+#[tokio::test]
+async fn a_small_chunked_body_is_read_whole_and_a_long_one_streams() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    // Half the body is in: no upstream connection is held while the rest trickles in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.connections(),
+        0,
+        "an upstream connection held for a trickling chunked body"
+    );
+    raw.send(b"5\r\nworld\r\n0\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = up.last_request();
+    assert_eq!(seen.body, "helloworld".as_bytes());
+    // Read whole, it goes on with its length, as nginx's request buffering sends it.
+    assert_eq!(
+        seen.headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some("10"),
+        "{seen:?}"
+    );
+    proxy
+        .assert_metric_eventually(
+            "sidelight_request_bodies_buffered_total",
+            &[("route", "r")],
+            1.0,
+        )
+        .await;
+
+    // Past limits.request_buffering_bytes (64 KiB) a chunked body streams, nothing lost.
+    let big: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut raw = Raw::connect(&proxy).await;
+    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await;
+    for piece in big.chunks(10_000) {
+        raw.send(format!("{:x}\r\n", piece.len()).as_bytes()).await;
+        raw.send(piece).await;
+        raw.send(b"\r\n").await;
+    }
+    raw.send(b"0\r\n\r\n").await;
+    let reply = raw.response(false).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = up.last_request();
+    assert_eq!(seen.body.len(), big.len());
+    assert!(seen.body == big, "the streamed body differs");
+    assert!(seen.headers.get("content-length").is_none(), "{seen:?}");
+}

@@ -181,8 +181,9 @@ impl Body for Limited {
 }
 
 /// Reads a small request body whole before the request goes on, so a slow client holds no
-/// upstream connection while its body trickles in (nginx's request buffering). Bodies whose
-/// length is unknown (chunked) or larger than `limits.request_buffering_bytes` stream.
+/// upstream connection while its body trickles in (nginx's request buffering). A chunked body
+/// is read up to `limits.request_buffering_bytes`: if it ends there it goes on with a length,
+/// else what was read goes first and the rest streams. Longer known lengths stream.
 #[derive(Clone)]
 pub struct RequestBufferLayer {
     max: u64,
@@ -197,29 +198,73 @@ impl RequestBufferLayer {
 
 impl Around for RequestBufferLayer {
     fn call<S: Inner>(&self, inner: &mut S, req: ProxyRequest) -> ProxyFuture {
-        let small = req
-            .body()
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= self.max);
-        if !small || req.body().is_end_stream() {
+        let exact = req.body().size_hint().exact();
+        if self.max == 0 || req.body().is_end_stream() || exact.is_some_and(|n| n > self.max) {
             return inner.call(req);
         }
         let mut inner = inner.clone();
-        let buffered = self.buffered.clone();
+        let (max, buffered) = (self.max, self.buffered.clone());
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             // A stalled body ends in `client_body_timeout` (408), a broken one in 400.
-            let bytes = crate::http::body::read_whole(body)
-                .await
-                .map_err(ProxyError::from_body)?;
-            buffered.inc();
-            inner
-                .call(http::Request::from_parts(
-                    parts,
-                    crate::http::body::full(bytes),
-                ))
-                .await
+            let body = match exact {
+                Some(_) => {
+                    let bytes = crate::http::body::read_whole(body)
+                        .await
+                        .map_err(ProxyError::from_body)?;
+                    buffered.inc();
+                    crate::http::body::full(bytes)
+                }
+                None => match read_up_to(body, max).await? {
+                    Prefix::Whole(bytes) => {
+                        buffered.inc();
+                        crate::http::body::full(bytes)
+                    }
+                    Prefix::Longer(body) => body,
+                },
+            };
+            inner.call(http::Request::from_parts(parts, body)).await
         })
     }
+}
+
+/// A body of unknown length (chunked), read as far as `max` bytes.
+enum Prefix {
+    /// It ended within `max` (and had no trailers): sent with a length.
+    Whole(Bytes),
+    /// It is longer, or has trailers: what was read, then the rest as it comes.
+    Longer(ProxyBody),
+}
+
+async fn read_up_to(mut body: ProxyBody, max: u64) -> Result<Prefix, ProxyError> {
+    // Data is kept in one buffer, not frame by frame: a body of one-byte chunks costs no more.
+    let mut kept = bytes::BytesMut::new();
+    let mut trailers = None;
+    loop {
+        match body.frame().await {
+            None => return Ok(Prefix::Whole(kept.freeze())),
+            Some(Err(e)) => return Err(ProxyError::from_body(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    kept.extend_from_slice(&data);
+                    if kept.len() as u64 > max {
+                        break;
+                    }
+                }
+                Err(frame) => {
+                    trailers = Some(frame);
+                    break;
+                }
+            },
+        }
+    }
+    let read = [Some(Frame::data(kept.freeze())), trailers]
+        .into_iter()
+        .flatten()
+        .map(Ok::<_, BoxError>);
+    let rest = http_body_util::BodyStream::new(body);
+    let stream = futures_util::StreamExt::chain(futures_util::stream::iter(read), rest);
+    Ok(Prefix::Longer(
+        http_body_util::StreamBody::new(stream).boxed_unsync(),
+    ))
 }
