@@ -454,3 +454,47 @@ async fn header_names_with_underscores_are_dropped_unless_allowed() {
         assert_eq!(r.headers["transfer_encoding"], "chunked");
     }
 }
+
+/// h2c request bodies get HTTP/1's `limits.client_body_timeout`: a body that stalls is the
+/// client's 408, not an upstream timeout.
+#[tokio::test]
+async fn an_h2c_request_body_that_stalls_gets_408() {
+    let up = server::http1().route("/", "ok").run().await;
+    let proxy = proxy::start(
+        &Config::one(&up.url()).set("limits", json!({ "client_body_timeout": "300ms" })),
+    )
+    .await;
+    let h2_client: hyper_util::client::legacy::Client<_, sidelight::http::body::ProxyBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, sidelight::BoxError>>(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+        b"some bytes",
+    ))))
+    .await
+    .unwrap();
+    let body =
+        http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let request = Request::post(proxy.url("/x"))
+        .header("content-length", "100000")
+        .body(body.boxed_unsync())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = h2_client.request(request).await.unwrap();
+    assert_eq!(response.status(), 408);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-sidelight-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("client_body_timeout")
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    drop(tx);
+}

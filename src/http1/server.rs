@@ -1057,8 +1057,20 @@ async fn serve_h2<H: Handler>(
     let idle_limit = client.header_read_timeout;
     let errors = client.errors.clone();
     let counted = streams.clone();
+    let body_timeout = client.client_body_timeout;
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
+        let req = req.map(|body| {
+            let body = body.map_err(BoxError::from).boxed_unsync();
+            if body.is_end_stream() {
+                return body;
+            }
+            IdleBody {
+                inner: body,
+                timeout: body_timeout,
+                idle: None,
+            }
+            .boxed_unsync()
+        });
         let open = StreamOpen::new(counted.clone());
         let response = client.handler.handle(req, client.listener, &client.peer);
         async move {
@@ -1088,6 +1100,49 @@ async fn serve_h2<H: Handler>(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "h2 client connection ended with an error");
+    }
+}
+
+/// An h2 request body under `limits.client_body_timeout`, as HTTP/1's: a body that sends
+/// nothing for that long while it is read ends in `408 client_body_timeout`.
+struct IdleBody {
+    inner: ProxyBody,
+    timeout: Duration,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+impl http_body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.idle = None;
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(idle.as_mut().poll(cx));
+                this.inner = empty();
+                Poll::Ready(Some(Err(ProxyError::ClientBodyTimeout { timeout }.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
