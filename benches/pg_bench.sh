@@ -7,7 +7,8 @@
 #   ROUNDS=5 DURATION=10 CLIENTS=100 POOL=20 bash benches/pg_bench.sh
 #
 # Knobs: ROUNDS (5), DURATION seconds per run (10), CLIENTS (100), THREADS pgbench -j (2),
-# POOL server connections per pooler (20), SCALE pgbench -s (10), MODES ("simple extended
+# POOL server connections per pooler (20), SCALE pgbench -s (10), WORKERS sidelight's
+# runtime.workers (0: one per CPU), MODES ("simple extended
 # prepared"), SCRIPTS ("select-only tpcb"), PGBOUNCER (path; default Debian's
 # /usr/sbin/pgbouncer), SKIP_BUILD=1 to use target/release/sidelight as it is. Needs Debian's
 # postgresql and pgbouncer packages (installed with apt-get when root and missing).
@@ -27,6 +28,7 @@ SCALE=${SCALE:-10}
 MODES=${MODES:-"simple extended prepared"}
 SCRIPTS=${SCRIPTS:-"select-only tpcb"}
 SKIP_BUILD=${SKIP_BUILD:-0}
+WORKERS=${WORKERS:-0}
 PGBIN=/usr/lib/postgresql/15/bin
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -94,6 +96,7 @@ cat >"$TMP/sidelight.yaml" <<YAML
 listeners: [{ address: "127.0.0.1:0" }]
 admin: { address: "127.0.0.1:$SL_ADMIN" }
 log: { level: warn, access_log: false }
+runtime: { workers: $WORKERS }
 postgres:
   listeners: [{ address: "127.0.0.1:$SL_PORT" }]
   users: [{ name: postgres, password: "" }]
