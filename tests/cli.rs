@@ -188,6 +188,19 @@ impl Sidelight {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until stdout has `needle`: the pipe is read by another thread, so a
+    /// line written before the process was ready may not have been collected yet.
+    async fn stdout_eventually_contains(&self, needle: &str) -> bool {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.stdout().contains(needle) {
+            if Instant::now() > end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -846,8 +859,10 @@ async fn an_admin_port_off_loopback_without_a_token_is_warned_about() {
     );
     sl.wait_ready().await;
     assert!(
-        sl.stdout()
-            .contains("the admin port is not on loopback and admin.token is not set"),
+        sl.stdout_eventually_contains(
+            "the admin port is not on loopback and admin.token is not set"
+        )
+        .await,
         "{}",
         sl.output()
     );
