@@ -17,6 +17,7 @@
 //! Raw sockets rather than hyper: hyper cannot be told to reset a connection. Only what the
 //! soak sends is understood: request heads without bodies (GET).
 
+use sidelight::testing::parse_duration;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,17 +53,6 @@ struct Counts {
     reset: AtomicU64,
     stall: AtomicU64,
     error: AtomicU64,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (expected <n>ms or <n>s)");
-    if let Some(ms) = s.strip_suffix("ms") {
-        ms.parse().map(Duration::from_millis).map_err(|_| bad())
-    } else if let Some(secs) = s.strip_suffix('s') {
-        secs.parse().map(Duration::from_secs).map_err(|_| bad())
-    } else {
-        Err(bad())
-    }
 }
 
 fn parse_args() -> Result<(SocketAddr, Mix, u64), String> {

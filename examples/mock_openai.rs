@@ -5,26 +5,14 @@
 //!     --latency 0ms --chunk-delay 20ms --chunks 8 --embedding-dim 8
 //! ```
 
+use sidelight::testing::parse_duration;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use sidelight::testing::mock_openai::{MockConfig, MockServer};
 
 const USAGE: &str = "usage: mock_openai [--listen ADDR] [--latency DUR] [--chunk-delay DUR] \
                      [--chunks N] [--embedding-dim N]   (DUR is <n>ms or <n>s)";
-
-/// Parses `<n>ms` or `<n>s`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (expected <n>ms or <n>s)");
-    if let Some(ms) = s.strip_suffix("ms") {
-        ms.parse().map(Duration::from_millis).map_err(|_| bad())
-    } else if let Some(secs) = s.strip_suffix('s') {
-        secs.parse().map(Duration::from_secs).map_err(|_| bad())
-    } else {
-        Err(bad())
-    }
-}
 
 /// `Ok(None)` means help was requested.
 fn parse_args() -> Result<Option<(SocketAddr, MockConfig)>, String> {

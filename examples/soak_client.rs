@@ -12,6 +12,7 @@
 //! mid-request, a malformed response, a body cut short, no answer within `--hang-after`, or a
 //! failed connect.
 
+use sidelight::testing::parse_duration;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -34,17 +35,6 @@ struct Args {
     duration: Duration,
     hang_after: Duration,
     expect: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (expected <n>ms or <n>s)");
-    if let Some(ms) = s.strip_suffix("ms") {
-        ms.parse().map(Duration::from_millis).map_err(|_| bad())
-    } else if let Some(secs) = s.strip_suffix('s') {
-        secs.parse().map(Duration::from_secs).map_err(|_| bad())
-    } else {
-        Err(bad())
-    }
 }
 
 fn parse_args() -> Result<Args, String> {
