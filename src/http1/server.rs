@@ -863,10 +863,7 @@ impl Body for RequestBody {
             Poll::Ready(read) => read,
             Poll::Pending => {
                 let timeout = this.idle_timeout;
-                let idle = this
-                    .idle
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(idle.as_mut().poll(cx));
+                ready!(poll_idle(&mut this.idle, timeout, cx));
                 this.kind = BodyDecoder::Done;
                 this.reader = None;
                 this.home = None;
@@ -1103,6 +1100,19 @@ async fn serve_h2<H: Handler>(
     }
 }
 
+/// `limits.client_body_timeout` for a request body that has nothing now: the timer starts at
+/// the first wait since the last frame (the caller clears `idle` on each frame) and is ready
+/// once the body has waited `timeout`.
+fn poll_idle(
+    idle: &mut Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+        .as_mut()
+        .poll(cx)
+}
+
 /// An h2 request body under `limits.client_body_timeout`, as HTTP/1's: a body that sends
 /// nothing for that long while it is read ends in `408 client_body_timeout`.
 struct IdleBody {
@@ -1127,10 +1137,7 @@ impl http_body::Body for IdleBody {
             }
             Poll::Pending => {
                 let timeout = this.timeout;
-                let idle = this
-                    .idle
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(idle.as_mut().poll(cx));
+                ready!(poll_idle(&mut this.idle, timeout, cx));
                 this.inner = empty();
                 Poll::Ready(Some(Err(ProxyError::ClientBodyTimeout { timeout }.into())))
             }
