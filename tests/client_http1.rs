@@ -398,13 +398,11 @@ async fn a_request_body_that_stalls_gets_408_and_blames_the_client() {
     );
 }
 
-#[tokio::test]
-async fn a_small_body_is_read_whole_before_an_upstream_connection_is_taken() {
-    let up = echo().await;
-    let proxy = proxy::start(&config(&up.url())).await;
-    let mut raw = Raw::connect(&proxy).await;
-    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhello")
-        .await;
+/// Sends `first` (a head and half a body), checks that no upstream connection is taken while
+/// the rest trickles in, then sends `rest` and expects a 200.
+async fn trickle_in(proxy: &proxy::Proxy, up: &server::Server, first: &[u8], rest: &[u8]) {
+    let mut raw = Raw::connect(proxy).await;
+    raw.send(first).await;
     // Half the body is in: sidelight waits for the rest without holding an upstream connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -412,9 +410,22 @@ async fn a_small_body_is_read_whole_before_an_upstream_connection_is_taken() {
         0,
         "an upstream connection held for a trickling body"
     );
-    raw.send(b"world").await;
+    raw.send(rest).await;
     let reply = raw.response(false).await;
     assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_small_body_is_read_whole_before_an_upstream_connection_is_taken() {
+    let up = echo().await;
+    let proxy = proxy::start(&config(&up.url())).await;
+    trickle_in(
+        &proxy,
+        &up,
+        b"POST /r HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhello",
+        b"world",
+    )
+    .await;
     assert_eq!(up.last_request().body, "helloworld".as_bytes());
     assert_eq!(up.connections(), 1);
     proxy
@@ -580,19 +591,13 @@ async fn an_early_answer_to_a_client_waiting_for_100_continue_skips_the_go_ahead
 async fn a_small_chunked_body_is_read_whole_and_a_long_one_streams() {
     let up = echo().await;
     let proxy = proxy::start(&config(&up.url())).await;
-    let mut raw = Raw::connect(&proxy).await;
-    raw.send(b"POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        .await;
-    // Half the body is in: no upstream connection is held while the rest trickles in.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        up.connections(),
-        0,
-        "an upstream connection held for a trickling chunked body"
-    );
-    raw.send(b"5\r\nworld\r\n0\r\n\r\n").await;
-    let reply = raw.response(false).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
+    trickle_in(
+        &proxy,
+        &up,
+        b"POST /r HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        b"5\r\nworld\r\n0\r\n\r\n",
+    )
+    .await;
     let seen = up.last_request();
     assert_eq!(seen.body, "helloworld".as_bytes());
     // Read whole, it goes on with its length, as nginx's request buffering sends it.
