@@ -17,6 +17,11 @@ pub async fn serve(
     drain: Duration,
 ) -> bool {
     let mut sessions = JoinSet::new();
+    let accepted_total = shared
+        .metrics
+        .pg
+        .clients_accepted
+        .with_label_values(&[&name]);
     loop {
         tokio::select! {
             changed = stop.changed() => {
@@ -24,7 +29,7 @@ pub async fn serve(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    shared.metrics.pg.clients_accepted.with_label_values(&[&name]).inc();
+                    accepted_total.inc();
                     sessions.spawn(super::client::serve(shared.clone(), name.clone(), stream, stop.clone()));
                 }
                 Err(e) => {

@@ -50,12 +50,11 @@ pub async fn serve(task: ListenerTask, mut stop: watch::Receiver<bool>, drain: D
     // Connection tasks, so that those still busy at the drain deadline can be cut.
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break,
             // A finished task keeps its whole allocation (as large as the connection's future)
-            // until it is joined: reap them as they end, not only at the next accept.
+            // until it is joined: reap them as they end (as the PostgreSQL listener does).
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
