@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Most plaintext one `try_read_buf` takes on TLS (a few TLS records).
@@ -337,9 +337,31 @@ impl PgStream {
     }
 
     /// Reads into the spare capacity of `buf`, as `try_read`.
+    ///
+    /// On plain TCP a read that fills less than the space offered has drained the socket, so it
+    /// clears the readiness it was made on, as tokio's own `poll_read` does: the next
+    /// `readable()` then waits for new bytes instead of returning at once for a read that
+    /// could only fail with EAGAIN (two wasted syscalls and loop turns per request and answer).
+    /// Bytes arriving between the read and the clear carry a newer readiness event, which the
+    /// clear leaves alone, so no wake-up is lost.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            PgStream::Plain(s) => s.try_read_buf(buf),
+            PgStream::Plain(s) => {
+                let offered = buf.capacity() - buf.len();
+                let mut got = 0;
+                let r = s.try_io(Interest::READABLE, || {
+                    got = s.try_read_buf(buf)?;
+                    if got > 0 && got < offered {
+                        Err(would_block())
+                    } else {
+                        Ok(got)
+                    }
+                });
+                match r {
+                    Err(e) if got > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(got),
+                    r => r,
+                }
+            }
             PgStream::Tls(t) => {
                 // Zeroed first (rustls reads into initialized bytes): bounded, not all capacity.
                 let len = buf.len();
