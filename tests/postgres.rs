@@ -617,6 +617,79 @@ async fn a_killed_server_backend_is_detected_and_replaced() {
 }
 
 #[tokio::test]
+async fn a_restarted_server_is_detected_and_the_pool_recovers() {
+    // Its own PostgreSQL: stopping the shared one would fail the other tests.
+    let server = support::pg::start_private();
+    server.create_db("t_restart", "app_scram");
+    let p = pooler(&format!(
+        "    - {{ name: restart, dbname: t_restart, servers: [\"{}\"], user: app_scram, password: scram-pw, pool_size: 2 }}\n",
+        server.addr()
+    ))
+    .await;
+    let a = connect(&p, "restart").await;
+    let b = connect(&p, "restart").await;
+    a.batch_execute("CREATE TABLE t (v int)")
+        .await
+        .expect("create");
+    b.query_one("select 1", &[])
+        .await
+        .expect("b warms a connection");
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .expect("a opens a transaction");
+
+    server.stop();
+    // The client in a transaction gets an error at once, not a hang.
+    let in_txn = tokio::time::timeout(Duration::from_secs(10), a.query_one("select 1", &[]))
+        .await
+        .expect("the client in a transaction got an answer");
+    assert!(in_txn.is_err(), "a query on a dead server succeeded");
+    // While the server is down: an idle client's query fails with a connection error, and
+    // /readyz says which pool is down.
+    let down = tokio::time::timeout(Duration::from_secs(10), b.query_one("select 1", &[]))
+        .await
+        .expect("the idle client got an answer")
+        .expect_err("server down");
+    assert_eq!(code(&down), "08001", "{down:?}");
+    let ready = support::get(&p.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready.body.contains("postgres pool restart"),
+        "{}",
+        ready.body
+    );
+    p.assert_metric_eventually("sidelight_pg_pool_healthy", &[("pool", "restart")], 0.0)
+        .await;
+
+    server.start_again();
+    // New clients are served on fresh server connections; the uncommitted insert is gone.
+    let c = connect(&p, "restart").await;
+    let n: i64 = c
+        .query_one("select count(*) from t", &[])
+        .await
+        .expect("served after the restart")
+        .get(0);
+    assert_eq!(n, 0, "a transaction cut by the restart left a row");
+    let ready = support::get(&p.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(
+        p.metric("sidelight_pg_pool_healthy", &[("pool", "restart")])
+            .await,
+        1.0
+    );
+    assert!(
+        p.metric(
+            "sidelight_pg_server_disconnects_total",
+            &[("pool", "restart"), ("reason", "server_closed")]
+        )
+        .await
+            >= 2.0,
+        "both server connections were counted as closed by the server"
+    );
+    server.stop();
+}
+
+#[tokio::test]
 async fn session_mode_resets_connections() {
     pg().create_db("t_sess", "app_scram");
     let p = pooler(&pool(

@@ -16,6 +16,9 @@ pub const BIN: &str = "/usr/lib/postgresql/15/bin";
 pub struct Pg {
     pub port: u16,
     pub socket_dir: PathBuf,
+    data: PathBuf,
+    /// `-c` settings beyond the common ones (ssl).
+    extra: Vec<String>,
 }
 
 static PG: OnceLock<Pg> = OnceLock::new();
@@ -27,6 +30,11 @@ pub fn pg() -> &'static Pg {
 /// Another PostgreSQL (not the shared one) with `ssl=on`, serving this PEM certificate and key.
 pub fn start_with_ssl(cert_pem: &str, key_pem: &str) -> Pg {
     start(Some((cert_pem, key_pem)))
+}
+
+/// Another PostgreSQL of its own, for a test that stops or restarts the whole server.
+pub fn start_private() -> Pg {
+    start(None)
 }
 
 fn is_root() -> bool {
@@ -127,63 +135,13 @@ fn start(ssl: Option<(&str, &str)>) -> Pg {
         }
         ssl_args = vec!["-c".to_string(), "ssl=on".to_string()];
     }
-    let port = free_port();
-    let socket_dir = dir.clone();
-    let postgres = format!("{BIN}/postgres");
-    let (data2, sock2) = (data.clone(), socket_dir.clone());
-    // The thread that starts postgres lives as long as the process, so the death signal only
-    // comes when the test binary exits.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let child = as_pg_user(&postgres)
-            .arg("-D")
-            .arg(&data2)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-            ])
-            .arg(format!("unix_socket_directories={}", sock2.display()))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-                "-c",
-                "log_min_messages=fatal",
-            ])
-            .args(&ssl_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let _ = tx.send(child.map(|_| ()).map_err(|e| e.to_string()));
-        loop {
-            std::thread::park();
-        }
-    });
-    rx.recv().expect("postgres thread").expect("spawn postgres");
-    let pg = Pg { port, socket_dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = Command::new(format!("{BIN}/pg_isready"))
-            .args(["-h"])
-            .arg(&pg.socket_dir)
-            .args(["-p", &port.to_string(), "-U", "postgres"])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "postgres did not start within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pg = Pg {
+        port: free_port(),
+        socket_dir: dir,
+        data,
+        extra: ssl_args,
+    };
+    pg.launch();
     pg.psql(
         "postgres",
         "CREATE ROLE app_scram LOGIN PASSWORD 'scram-pw';
@@ -214,6 +172,80 @@ fn remove_stale_dirs() {
 }
 
 impl Pg {
+    /// Starts postgres on this data dir and port and waits until it accepts connections.
+    fn launch(&self) {
+        let postgres = format!("{BIN}/postgres");
+        let mut args: Vec<String> = vec![
+            "-D".into(),
+            self.data.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            format!("unix_socket_directories={}", self.socket_dir.display()),
+        ];
+        for setting in ["fsync=off", "max_connections=200", "log_min_messages=fatal"] {
+            args.extend(["-c".to_string(), setting.to_string()]);
+        }
+        args.extend(self.extra.iter().cloned());
+        // The thread that starts postgres lives as long as the process, so the death signal
+        // only comes when the test binary exits.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let child = as_pg_user(&postgres)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let _ = tx.send(child.map(|_| ()).map_err(|e| e.to_string()));
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("postgres thread").expect("spawn postgres");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.is_ready() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        Command::new(format!("{BIN}/pg_isready"))
+            .args(["-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Stops the whole server as an operator would (`pg_ctl stop -m fast`: every backend is
+    /// terminated with 57P01); returns once the postmaster is gone.
+    pub fn stop(&self) {
+        let out = as_pg_user(&format!("{BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-t", "30", "stop"])
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again, same data and port.
+    pub fn start_again(&self) {
+        self.launch();
+    }
+
     /// Runs SQL as the superuser over the unix socket; panics with psql's output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(format!("{BIN}/psql"))
