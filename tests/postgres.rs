@@ -468,7 +468,24 @@ async fn query_and_idle_transaction_timeouts() {
 
 /// Authenticates a raw socket to a trust pool and returns it after the first ReadyForQuery.
 async fn raw_client(p: &Proxy, db: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
+    let mut s = send_startup(p, db).await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("startup answer")
+            .expect("read");
+        assert!(n > 0, "closed during startup");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// A raw socket that has sent its StartupMessage as alice, nothing more.
+async fn send_startup(p: &Proxy, db: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(pg_addr(p))
         .await
         .expect("connect");
@@ -482,16 +499,6 @@ async fn raw_client(p: &Proxy, db: &str) -> tokio::net::TcpStream {
     let mut msg = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
     msg.extend(startup);
     s.write_all(&msg).await.expect("startup");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("startup answer")
-            .expect("read");
-        assert!(n > 0, "closed during startup");
-        seen.extend_from_slice(&buf[..n]);
-    }
     s
 }
 
@@ -564,6 +571,56 @@ async fn malformed_and_oversized_messages_end_only_that_client() {
             >= 1.0,
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn clients_that_never_finish_their_startup_are_disconnected() {
+    pg().create_db("t_login", "app_scram");
+    let yaml = format!(
+        "postgres:\n  listeners: [{{ address: \"127.0.0.1:0\" }}]\n  users:\n    - {{ name: alice, password: alice-pw }}\n  client_login_timeout: 300ms\n  pools:\n{}",
+        pool("login", "t_login", "")
+    );
+    let p = proxy::start(&yaml).await;
+
+    // Connects and says nothing: closed without a word (no protocol chosen yet).
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(pg_addr(&p))
+        .await
+        .expect("connect");
+    assert!(read_to_close(&mut silent).await.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Sends its StartupMessage, gets the SCRAM challenge and never answers it.
+    let mut stalled = send_startup(&p, "login").await;
+    let answer = read_to_close(&mut stalled).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.contains("08P01") && text.contains("client_login_timeout"),
+        "{text}"
+    );
+
+    // A client that logged in is not cut off later.
+    let c = connect(&p, "login").await;
+    c.batch_execute("select pg_sleep(0.5)")
+        .await
+        .expect("sleep");
+    assert_eq!(
+        c.query_one("select 1", &[])
+            .await
+            .expect("still served")
+            .get::<_, i32>(0),
+        1
+    );
+    p.assert_metric_eventually(
+        "sidelight_pg_protocol_errors_total",
+        &[("kind", "login_timeout")],
+        2.0,
+    )
+    .await;
 }
 
 #[tokio::test]

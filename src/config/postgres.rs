@@ -21,6 +21,10 @@ pub struct PostgresConfig {
     /// Client messages larger than this end that client with a protocol error.
     #[serde(default = "default_max_message")]
     pub max_client_message_bytes: ByteSize,
+    /// A client that has not finished its startup (TLS, StartupMessage, authentication) this
+    /// long after connecting is disconnected (PgBouncer's name and default); 0s: off.
+    #[serde(default = "default_login_timeout", with = "humantime_serde")]
+    pub client_login_timeout: Duration,
     /// Named prepared statements kept per server connection in transaction mode (PgBouncer's
     /// name and default); 0: named Parse/Bind pass through untouched. Pools may override it.
     #[serde(default = "default_max_prepared")]
@@ -188,12 +192,16 @@ impl Default for PostgresConfig {
             listeners: Vec::new(),
             users: Vec::new(),
             max_client_message_bytes: default_max_message(),
+            client_login_timeout: default_login_timeout(),
             max_prepared_statements: default_max_prepared(),
             pools: Vec::new(),
         }
     }
 }
 
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_message() -> ByteSize {
     ByteSize::mib(64)
 }

@@ -32,8 +32,13 @@ pub const PG_DISCONNECT_REASONS: [&str; 7] = [
 pub const PG_TIMEOUT_KINDS: [&str; 4] =
     ["query_wait", "query", "idle_transaction", "server_connect"];
 /// Why a client was ended for its input.
-pub const PG_PROTOCOL_ERROR_KINDS: [&str; 4] =
-    ["malformed", "oversized", "unknown_message", "startup"];
+pub const PG_PROTOCOL_ERROR_KINDS: [&str; 5] = [
+    "malformed",
+    "oversized",
+    "unknown_message",
+    "startup",
+    "login_timeout",
+];
 /// SQLSTATE classes are two characters from a fixed alphabet; anything else counts as `other`.
 /// How a client connection ended up: tls (handshake done), plain, rejected (a plain client
 /// refused by `client_tls_sslmode: require`), error (the handshake failed).

@@ -58,7 +58,20 @@ pub async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     let pg = &shared.metrics.pg;
-    let Some((mut stream, params)) = negotiate(&shared, &listener, tcp).await else {
+    let login_deadline = shared
+        .login_timeout
+        .map(|t| tokio::time::Instant::now() + t);
+    let login_timed_out = || {
+        pg.protocol_errors
+            .with_label_values(&[&listener, "login_timeout"])
+            .inc();
+        tracing::info!(listener = %listener, "client_login_timeout: the client did not finish its startup in time");
+    };
+    let Ok(negotiated) = within(login_deadline, negotiate(&shared, &listener, tcp)).await else {
+        login_timed_out();
+        return;
+    };
+    let Some((mut stream, params)) = negotiated else {
         return;
     };
     let user = Startup::param(&params, "user").unwrap_or_default();
@@ -72,7 +85,20 @@ pub async fn serve(
         return;
     };
     let method = pool.config.auth_type;
-    match auth::authenticate(&mut stream, method, &shared.users, &user).await {
+    let auth = auth::authenticate(&mut stream, method, &shared.users, &user);
+    let Ok(auth) = within(login_deadline, auth).await else {
+        login_timed_out();
+        let e = PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!(
+                "client_login_timeout ({:?}): authentication did not finish in time",
+                shared.login_timeout.unwrap_or_default()
+            ),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&e.bytes())).await;
+        return;
+    };
+    match auth {
         Ok(()) => {}
         Err(AuthError::Refused(e)) => {
             pool.metrics.auth_failure(method_label(method));
@@ -1096,6 +1122,17 @@ impl<'a> Session<'a> {
             }
         }
         self.pool.release(lease);
+    }
+}
+
+/// `f`, unless `deadline` passes first.
+async fn within<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await,
+        None => Ok(f.await),
     }
 }
 

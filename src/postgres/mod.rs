@@ -42,6 +42,8 @@ pub struct PgShared {
     order: Vec<String>,
     pub users: auth::UserDb,
     pub max_message: usize,
+    /// `client_login_timeout`; None: off.
+    pub login_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<cancel::Registry>,
     /// Client TLS by listener name.
@@ -72,6 +74,7 @@ impl PgShared {
             order: config.pools.iter().map(|p| p.name.clone()).collect(),
             users: auth::UserDb::new(&config.users),
             max_message: usize::try_from(config.max_client_message_bytes.0).unwrap_or(usize::MAX),
+            login_timeout: Some(config.client_login_timeout).filter(|t| !t.is_zero()),
             metrics: metrics.clone(),
             cancels: Arc::new(cancel::Registry::default()),
             listener_tls,
