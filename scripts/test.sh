@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Packages the integration tests start servers from: `postgresql` (initdb, postgres, psql) for
-# tests/postgres.rs (the Redis shared tier will add `redis-server` here).
-packages=(postgresql)
+# Packages the integration tests use: `postgresql` (initdb, postgres, psql) for
+# tests/postgres*.rs, `prometheus` for promtool, which checks and unit-tests the alert rules
+# (tests/metrics.rs). The Redis shared tier will add `redis-server` here.
+packages=(postgresql prometheus)
 missing=()
 for pkg in "${packages[@]+"${packages[@]}"}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -17,7 +18,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     else
         echo "warning: missing packages ${missing[*]}; install them with: sudo apt-get install ${missing[*]}" >&2
     fi

@@ -4,7 +4,6 @@
 mod support;
 
 use serde_json::json;
-use std::collections::BTreeSet;
 use support::{metric, proxy, server, Config, Route, Upstream};
 
 /// One of each kind of route, all to `up` but the LLM route (to `llm_up`).
@@ -224,69 +223,60 @@ async fn metric_names_follow_conventions() {
     assert!(!text.contains("/cached/x"));
 }
 
-/// Metric names queried by a dashboard's expressions and template variables.
-fn dashboard_metrics(json: &serde_json::Value, out: &mut BTreeSet<String>) {
-    match json {
-        serde_json::Value::String(s) => {
-            let re = regex::Regex::new(r"sidelight_[a-z0-9_]+").unwrap();
-            for m in re.find_iter(s) {
-                out.insert(m.as_str().to_string());
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_metrics(v, out)),
-        serde_json::Value::Object(map) => map.values().for_each(|v| dashboard_metrics(v, out)),
-        _ => {}
-    }
-}
-
 #[tokio::test]
-async fn every_metric_a_dashboard_queries_is_exported() {
+async fn every_metric_a_dashboard_or_alert_queries_is_exported() {
+    use support::contract;
     let (proxy, _up) = exercised().await;
-    let text = proxy.metrics().await;
-    let exported: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let exported = contract::exported(&proxy.metrics().await);
+    let queried = contract::queried("sidelight_");
+    for file in contract::contract_files() {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            queried.iter().any(|(f, _)| *f == name),
+            "{name} queries no sidelight metric"
+        );
+    }
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+    for (file, name) in &queried {
+        // The PostgreSQL family is exported once a pool exists; tests/postgres.rs checks it.
+        if name.starts_with("sidelight_pg_") {
             continue;
         }
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
-        let mut queried = BTreeSet::new();
-        dashboard_metrics(&json, &mut queried);
         assert!(
-            !queried.is_empty(),
-            "{} queries no sidelight metric",
-            path.display()
+            contract::family(&exported, name).is_some(),
+            "{file} queries {name}, which sidelight does not export"
         );
-        for name in queried {
-            // The PostgreSQL family is exported once a pool exists; tests/postgres.rs checks it.
-            if name.starts_with("sidelight_pg_") {
-                continue;
-            }
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| {
-                    name.strip_suffix(suffix)
-                        .filter(|base| exported.contains(*base))
-                })
-                .unwrap_or(&name);
-            assert!(
-                exported.contains(family),
-                "{} queries {name}, which sidelight does not export",
-                path.display()
-            );
-            checked += 1;
-        }
+        checked += 1;
     }
     assert!(checked >= 10, "only {checked} metric references found");
+}
+
+/// The alert rules are valid Prometheus rules and fire (or stay quiet) as their promtool unit
+/// tests say: `promtool check rules` and `promtool test rules`.
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool not runnable ({e}); install it with: sudo apt-get install prometheus"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// `sidelight_overhead_seconds` of `route`: (count, sum).

@@ -822,10 +822,11 @@ async fn psql_end_to_end() {
     );
 }
 
-/// The dashboards' contract for the PostgreSQL family: every `sidelight_pg_*` name a dashboard
-/// queries is exported by a sidelight with a pool, and the names follow the conventions.
+/// The dashboards' and alerts' contract for the PostgreSQL family: every `sidelight_pg_*` name
+/// they query is exported by a sidelight with a pool, and the names follow the conventions.
 #[tokio::test]
-async fn every_postgres_metric_a_dashboard_queries_is_exported() {
+async fn every_postgres_metric_a_dashboard_or_alert_queries_is_exported() {
+    use support::contract;
     pg().create_db("t_dash", "app_scram");
     let p = pooler(&pool("dash", "t_dash", "")).await;
     let c = connect(&p, "dash").await;
@@ -834,47 +835,29 @@ async fn every_postgres_metric_a_dashboard_queries_is_exported() {
         .await
         .expect_err("an error, counted by class");
     let text = p.metrics().await;
-    let exported: std::collections::BTreeSet<String> = text
+    for l in text
         .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let (name, kind) = (parts.next()?, parts.next()?);
-            if name.starts_with("sidelight_pg_") {
-                if kind == "counter" {
-                    assert!(name.ends_with("_total"), "{name}");
-                }
-                if kind == "histogram" {
-                    assert!(name.ends_with("_seconds"), "{name}");
-                }
-            }
-            Some(name.to_string())
-        })
-        .collect();
-    let re = regex::Regex::new(r"sidelight_pg_[a-z0-9_]+").expect("regex");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
-    let mut checked = 0;
-    let mut queried = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(&dir).expect("dashboards") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
+        .filter_map(|l| l.strip_prefix("# TYPE sidelight_pg_"))
+    {
+        let mut parts = l.split_whitespace();
+        let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{name}");
         }
-        let text = std::fs::read_to_string(&path).expect("read");
-        for m in re.find_iter(&text) {
-            let name = m.as_str();
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|b| exported.contains(*b)))
-                .unwrap_or(name);
-            assert!(
-                exported.contains(family),
-                "{} queries {name}, not exported",
-                path.display()
-            );
-            checked += 1;
+        if kind == "histogram" {
+            assert!(name.ends_with("_seconds"), "{name}");
+        }
+    }
+    let exported = contract::exported(&text);
+    let mut queried = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    for (file, name) in contract::queried("sidelight_pg_") {
+        let family = contract::family(&exported, &name)
+            .unwrap_or_else(|| panic!("{file} queries {name}, not exported"));
+        if file.ends_with(".json") {
             queried.insert(family.to_string());
         }
+        checked += 1;
     }
     // Prepared statements (issue 16) have their panels too.
     for name in [

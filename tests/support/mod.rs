@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod config;
+pub mod contract;
 pub mod pg;
 pub mod pgclient;
 pub mod proxy;
