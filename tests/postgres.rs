@@ -624,6 +624,47 @@ async fn clients_that_never_finish_their_startup_are_disconnected() {
 }
 
 #[tokio::test]
+async fn clients_past_max_client_conn_are_refused_until_one_leaves() {
+    pg().create_db("t_maxconn", "app_scram");
+    let yaml = format!(
+        "postgres:\n  listeners: [{{ address: \"127.0.0.1:0\" }}]\n  users:\n    - {{ name: alice, password: alice-pw }}\n  max_client_conn: 2\n  pools:\n{}",
+        pool("maxconn", "t_maxconn", "")
+    );
+    let p = proxy::start(&yaml).await;
+    let first = connect(&p, "maxconn").await;
+    let _second = connect(&p, "maxconn").await;
+    let e = refused(
+        connect_as(&p, "maxconn", "alice", "alice-pw").await,
+        "53300",
+    );
+    assert_eq!(code(&e), "53300");
+    assert!(db_message(&e).contains("max_client_conn"), "{e}");
+    p.assert_metric_eventually("sidelight_pg_client_connections_refused_total", &[], 1.0)
+        .await;
+
+    // The place is free again once a client has left.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let third = loop {
+        match connect_as(&p, "maxconn", "alice", "alice-pw").await {
+            Ok(c) => break c,
+            Err(e) if code(&e) == "53300" && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("no place after a client left: {e}"),
+        }
+    };
+    assert_eq!(
+        third
+            .query_one("select 3", &[])
+            .await
+            .expect("served")
+            .get::<_, i32>(0),
+        3
+    );
+}
+
+#[tokio::test]
 async fn a_killed_server_backend_is_detected_and_replaced() {
     pg().create_db("t_kill", "app_scram");
     let p = pooler(&pool("kill", "t_kill", ", pool_size: 1")).await;

@@ -21,6 +21,10 @@ pub struct PostgresConfig {
     /// Client messages larger than this end that client with a protocol error.
     #[serde(default = "default_max_message")]
     pub max_client_message_bytes: ByteSize,
+    /// PostgreSQL client connections open at once, over all listeners (PgBouncer's name); past
+    /// it a new client gets FATAL 53300 after its startup packet.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
     /// A client that has not finished its startup (TLS, StartupMessage, authentication) this
     /// long after connecting is disconnected (PgBouncer's name and default); 0s: off.
     #[serde(default = "default_login_timeout", with = "humantime_serde")]
@@ -193,12 +197,18 @@ impl Default for PostgresConfig {
             users: Vec::new(),
             max_client_message_bytes: default_max_message(),
             client_login_timeout: default_login_timeout(),
+            max_client_conn: default_max_client_conn(),
             max_prepared_statements: default_max_prepared(),
             pools: Vec::new(),
         }
     }
 }
 
+/// The HTTP side's `limits.max_client_connections` default: a sidecar serves one app, whose
+/// worker processes may each keep a pool of their own (PgBouncer's 100 is too few for that).
+fn default_max_client_conn() -> usize {
+    10_000
+}
 fn default_login_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -255,6 +265,12 @@ impl PostgresConfig {
     ) -> Vec<FieldError> {
         let mut errs = Vec::new();
         let mut add = |path: String, msg: String| errs.push(FieldError::new(path, msg));
+        if self.max_client_conn == 0 {
+            add(
+                "postgres.max_client_conn".to_string(),
+                "must be at least 1".to_string(),
+            );
+        }
         let mut names = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             if !names.insert(l.name.clone()) {
@@ -481,7 +497,12 @@ mod tests {
     #[test]
     fn fields_are_checked_by_path() {
         let errs = errors(
-            "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: \"${MISSING}\" }]\n  pools:\n    - { name: db, servers: [\"nohost\"], user: u, pool_size: 0 }\n",
+            "postgres:\n  listeners: [{ address: \"127.0.0.1:6432\" }]\n  users: [{ name: app, password: \"${MISSING}\" }]\n  max_client_conn: 0\n  pools:\n    - { name: db, servers: [\"nohost\"], user: u, pool_size: 0 }\n",
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("postgres.max_client_conn")),
+            "{errs:?}"
         );
         assert!(
             errs.iter()

@@ -54,6 +54,7 @@ pub const PG_CANCEL_RESULTS: [&str; 4] = ["forwarded", "no_server", "error", "un
 pub struct PgMetrics {
     pub client_connections: IntGaugeVec,
     pub clients_accepted: IntCounterVec,
+    pub clients_refused: IntCounterVec,
     pub server_connections: IntGaugeVec,
     pub wait: HistogramVec,
     pub transaction_duration: HistogramVec,
@@ -83,6 +84,7 @@ impl PgMetrics {
         PgMetrics {
             client_connections: gauge(r, "sidelight_pg_client_connections", "PostgreSQL client connections, by state: active (holding a server connection), waiting (for one), idle.", &["pool", "state"]),
             clients_accepted: counter(r, "sidelight_pg_client_connections_total", "PostgreSQL client connections accepted, by listener.", &["listener"]),
+            clients_refused: counter(r, "sidelight_pg_client_connections_refused_total", "PostgreSQL clients refused with FATAL 53300 because postgres.max_client_conn clients were connected.", &["listener"]),
             server_connections: gauge(r, "sidelight_pg_server_connections", "Server connections, by state: active (attached to a client), idle (in the pool), connecting.", &["pool", "state"]),
             wait: histogram(r, "sidelight_pg_wait_seconds", "Time a client waited for a server connection.", &["pool"], PG_WAIT_BUCKETS),
             transaction_duration: histogram(r, "sidelight_pg_transaction_duration_seconds", "Time from a transaction's first request to the server reporting idle again.", &["pool"], PG_QUERY_BUCKETS),
@@ -166,6 +168,7 @@ impl PgMetrics {
     pub fn init_listener(&self, listener: &str) {
         self.cancel_unknown_key();
         self.clients_accepted.with_label_values(&[listener]);
+        self.clients_refused.with_label_values(&[listener]);
         for k in PG_PROTOCOL_ERROR_KINDS {
             self.protocol_errors.with_label_values(&[listener, k]);
         }

@@ -74,6 +74,18 @@ pub async fn serve(
     let Some((mut stream, params)) = negotiated else {
         return;
     };
+    // Counted after the startup packet, so that the refusal reaches the client as an error its
+    // driver shows (a cancel request, answered above, takes no place).
+    let Some(_slot) = shared.client_slot() else {
+        pg.clients_refused.with_label_values(&[&listener]).inc();
+        tracing::warn!(listener = %listener, "max_client_conn reached: client refused");
+        let e = PgError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already (sidelight's max_client_conn)",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&e.bytes())).await;
+        return;
+    };
     let user = Startup::param(&params, "user").unwrap_or_default();
     let database = Startup::param(&params, "database").unwrap_or_else(|| user.clone());
     let Some(pool) = shared.pools.get(&database).cloned() else {

@@ -31,9 +31,19 @@ pub mod tls;
 use crate::config::PostgresConfig;
 use crate::metrics::Metrics;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
+
+/// One connected client's share of `max_client_conn`.
+pub struct ClientSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// What every worker's PostgreSQL listeners share: the pools, the users and the metrics.
 pub struct PgShared {
@@ -44,6 +54,9 @@ pub struct PgShared {
     pub max_message: usize,
     /// `client_login_timeout`; None: off.
     pub login_timeout: Option<Duration>,
+    max_client_conn: usize,
+    /// Client connections open now, over all listeners and workers.
+    clients: AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<cancel::Registry>,
     /// Client TLS by listener name.
@@ -75,10 +88,22 @@ impl PgShared {
             users: auth::UserDb::new(&config.users),
             max_message: usize::try_from(config.max_client_message_bytes.0).unwrap_or(usize::MAX),
             login_timeout: Some(config.client_login_timeout).filter(|t| !t.is_zero()),
+            max_client_conn: config.max_client_conn,
+            clients: AtomicUsize::new(0),
             metrics: metrics.clone(),
             cancels: Arc::new(cancel::Registry::default()),
             listener_tls,
         }))
+    }
+
+    /// A place among `max_client_conn` clients, held until the slot is dropped; None when all
+    /// are taken.
+    pub fn client_slot(&self) -> Option<ClientSlot<'_>> {
+        if self.clients.fetch_add(1, Ordering::Relaxed) >= self.max_client_conn {
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ClientSlot(&self.clients))
     }
 
     /// A CancelRequest that arrived on its own connection (no answer goes back, as with
