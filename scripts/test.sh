@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 packages=(postgresql prometheus)
 missing=()
 for pkg in "${packages[@]+"${packages[@]}"}"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    # "install ok installed" only: a removed package keeps its config and `dpkg -s` still finds it.
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
